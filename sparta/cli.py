@@ -5,6 +5,7 @@ Bad input (a ``SpartaError``) is one line on stderr and exit code 2, never a tra
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import warnings
@@ -56,10 +57,44 @@ def table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
     return "\n".join(lines)
 
 
+def launch_torchrun(nproc: int, args: argparse.Namespace) -> int:
+    """``sparta train --nproc N ...``: the same command as N local processes under torchrun
+    (``torch.distributed.run --standalone``); returns the workers' exit code (2 for bad input)."""
+    import logging
+
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    if "WORLD_SIZE" in os.environ:
+        raise SpartaError("--nproc starts torchrun itself; under torchrun (WORLD_SIZE is set) leave it out")
+    child = ["train", *([args.config] if args.config else []), *args.overrides,
+             *(["--resume", args.resume] if args.resume else []), *(["--overwrite"] if args.overwrite else []),
+             *(["--force"] if args.force else [])]
+    # the workers print their own one-line errors; torchrun's failure report would repeat them as a traceback
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        torchrun.run(torchrun.get_args_parser().parse_args(
+            ["--standalone", f"--nproc_per_node={nproc}", "--module", "sparta", *child]))
+    except ChildFailedError as e:
+        return next(iter(e.failures.values())).exitcode or 1
+    return 0
+
+
+def rank() -> int:
+    """This process's rank under torchrun (0 otherwise): only rank 0 prints progress and results."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
+    from .distributed import shutdown
     from .experiment import prepare_resume, train
 
+    if args.nproc is not None:
+        if args.nproc < 1:
+            raise SpartaError(f"--nproc must be >= 1, got {args.nproc}")
+        if args.nproc > 1:
+            return launch_torchrun(args.nproc, args)
     if args.resume:
         if args.config:  # `sparta train --resume DIR key=value`: the first word is an override
             args.overrides = [args.config, *args.overrides]
@@ -68,11 +103,20 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not args.config:
             raise SpartaError("sparta train needs a CONFIG file (see configs/) or --resume RUN_DIR")
         cfg = load_config(args.config, args.overrides)
-    print(f"run directory: {cfg.run_dir}", flush=True)
-    summary = train(cfg, resume=bool(args.resume), overwrite=args.overwrite,
-                    progress=ConsoleProgress(cfg.progress), on_epoch=lambda r: print(epoch_line(r), flush=True)
-                    if cfg.progress != "none" else None)
-    print(table([summary], SUMMARY_COLUMNS))
+    main_rank = rank() == 0
+    if main_rank:
+        print(f"run directory: {cfg.run_dir}", flush=True)
+    try:
+        summary = train(cfg, resume=bool(args.resume), overwrite=args.overwrite,
+                        progress=ConsoleProgress(cfg.progress if main_rank else "none"),
+                        on_epoch=lambda r: print(epoch_line(r), flush=True)
+                        if cfg.progress != "none" and main_rank else None)
+    except BaseException:
+        shutdown(clean=False)  # the other ranks may be gone: do not wait for them
+        raise
+    shutdown()
+    if main_rank:
+        print(table([summary], SUMMARY_COLUMNS))
     return 0
 
 
@@ -118,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from checkpoints/last.pt")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.add_argument("--force", action="store_true", help="with --resume: accept overrides that change the config")
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="train with N local processes (DistributedDataParallel) by launching torchrun; "
+                        "batch_size stays the global batch")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="clean and robust accuracy of a checkpoint on the test set")
@@ -158,12 +205,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
-    warnings.showwarning = lambda message, category, *rest, **kw: print(
+    where = f" (rank {rank()})" if rank() else ""
+    warnings.showwarning = lambda message, category, *rest, **kw: None if where else print(
         f"warning: {message}", file=sys.stderr)
     try:
         return args.func(args)
     except SpartaError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error{where}: {e}", file=sys.stderr)  # on every rank: a rank-local failure must be seen
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -146,6 +146,13 @@ class LoggingConfig:
 
 
 @dataclass
+class DistributedConfig:
+    # torchrun runs: convert BatchNorm to SyncBatchNorm for training, so each step normalises with
+    # the statistics of the whole global batch rather than of the rank's share (CUDA only)
+    sync_batchnorm: bool = False
+
+
+@dataclass
 class Config:
     name: str = "run"
     seed: int = 0
@@ -163,6 +170,7 @@ class Config:
     method: MethodConfig = field(default_factory=MethodConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     @property
     def run_dir(self) -> Path:

@@ -13,24 +13,29 @@ from torch import Tensor, nn
 
 from .data.base import ImageSet
 from .data.loader import DeviceLoader
+from .distributed import SINGLE, Distributed
 
 Attack = Callable[[nn.Module, Tensor, Tensor], Tensor]
 
 
 def evaluate(model: nn.Module, data: ImageSet, attack: Attack, *, batch_size: int,
-             device: torch.device) -> dict[str, float]:
+             device: torch.device, dist: Distributed = SINGLE) -> dict[str, float]:
     """Clean/robust accuracy (percent) and mean clean/robust cross-entropy over ``data``.
 
     ``attack(model, x, y) -> x_adv`` is run on every batch; the robust numbers are measured on its
-    output. All sums stay on the device and are read once at the end (no per-batch sync).
+    output. All sums stay on the device and are read once at the end (no per-batch sync). Under
+    torchrun every rank evaluates its contiguous slice of ``data`` (``batch_size`` per rank) and the
+    sums are all-reduced, so every rank returns the same numbers over the whole of ``data``.
     """
     was_training = model.training
     model.eval()
     # sums: clean correct, robust correct, clean loss, robust loss, count
     sums = torch.zeros(5, dtype=torch.float64, device=device)
-    loader = DeviceLoader(data, min(batch_size, len(data)), device=device, shuffle=False, augment=False)
+    part = data.subset(*dist.shard(len(data)))
+    batches = DeviceLoader(part, min(batch_size, len(part)), device=device, shuffle=False,
+                           augment=False).epoch(0) if len(part) else iter(())
     try:
-        for x, y in loader.epoch(0):
+        for x, y in batches:
             x_adv = attack(model, x, y)
             with torch.no_grad():
                 logits_clean = model(x)
@@ -44,7 +49,7 @@ def evaluate(model: nn.Module, data: ImageSet, attack: Attack, *, batch_size: in
                 ])
     finally:
         model.train(was_training)
-    clean, robust, clean_loss, robust_loss, n = sums.tolist()
+    clean, robust, clean_loss, robust_loss, n = dist.all_reduce_sum_(sums).tolist()
     n = max(n, 1.0)
     return {
         "clean_acc": 100.0 * clean / n,

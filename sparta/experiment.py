@@ -22,6 +22,7 @@ from .config import Config, dump_yaml, from_dict, load_config, with_overrides
 from .data import load_dataset
 from .data.base import DatasetSplits, ImageSet
 from .data.loader import DeviceLoader
+from .distributed import Distributed, resolve_device, setup
 from .errors import CheckpointError, ConfigError
 from .evaluate import evaluate
 from .flops import (dense_training_flops, forward_flops_by_layer, inference_flops, mask_densities, savings,
@@ -32,16 +33,9 @@ from .objectives import build_objective
 from .rundir import RunDir, TensorBoardLog, dumps, write_text_atomic
 from .schedules import LrSchedule
 from .sparse.controllers import SparsityController
+from .sparse.masks import MaskSet
 from .stages import RunContext, Stage
 from .train import EpochStats, Progress, Silent, TrainState, fit
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device=cuda but CUDA is not available here; use device=cpu or device=auto")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
@@ -108,71 +102,82 @@ def _changed_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
 def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, progress: Progress = Silent(),
           on_epoch: Callable[[dict[str, Any]], None] = lambda record: None) -> dict[str, Any]:
     """Run (or resume) every stage of the configured method; returns the summary also written to
-    summary.json. ``on_epoch`` gets each evaluated epoch's metrics record, after it was saved."""
-    device = resolve_device(cfg.device)
+    summary.json. ``on_epoch`` gets each evaluated epoch's metrics record, after it was saved.
+
+    Under torchrun (``WORLD_SIZE`` > 1) every rank calls this and gets the same records and summary;
+    only rank 0 writes the run directory (see ``sparta.distributed``).
+    """
+    dist = setup(cfg)  # checks the config against the torchrun world before any collective
+    device = dist.device
     data = load_dataset(cfg.data.name, cfg.data.root, val_size=cfg.data.val_size, train_subset=cfg.data.train_subset)
     stages = build_recipe(cfg)
     torch.manual_seed(cfg.seed)
     spec = model_spec(cfg, data)
     run = RunContext(build_model(spec).to(device), spec, device)
+    dist.seed_ranks(cfg.seed)
     rd = RunDir(cfg.run_dir)
     ckpt = None
     if resume:
         ckpt = checkpoint.load(rd.last, map_location=device)
         run.load_state_dict(ckpt["run"], ckpt["model_spec"], ckpt["model"])
-        rd.truncate_metrics(run.records)  # records written after this checkpoint will be written again
+        # records written after this checkpoint will be written again
+        dist.on_main(lambda: rd.truncate_metrics(run.records))
     if data.val is None:
         warnings.warn("data.val_size is 0: there is no validation set, so the best epoch is the final one")
-    if cfg.logging.tensorboard:
+    if cfg.logging.tensorboard and dist.is_main:
         board, report = TensorBoardLog(rd.path, rd.read_metrics() if resume else []), on_epoch
         on_epoch = lambda record: (board.add(record), report(record))
     for index in range(ckpt["stage_index"] if ckpt else 0, len(stages)):
         resumed = ckpt if ckpt is not None and index == ckpt["stage_index"] else None
-        controller = _run_stage(stages, index, run, data, rd, resumed, progress=progress, on_epoch=on_epoch,
+        controller = _run_stage(stages, index, run, data, rd, resumed, progress=progress, on_epoch=on_epoch, dist=dist,
                                 create=None if resume or index else (lambda: rd.create(dump_yaml(cfg), overwrite=overwrite)))
-    if cfg.logging.tensorboard:
+    if cfg.logging.tensorboard and dist.is_main:
         board.close()
-    summary = summarize(cfg, stages, run, rd.read_metrics(), data, controller.mask_state())
-    rd.write_summary(summary)
+    masks = controller.mask_state()
+    summary = summarize(cfg, stages, run, dist.on_main(rd.read_metrics), data, masks, dist=dist)
+    summary.update(dist.report(run.model, masks))
+    dist.on_main(lambda: rd.write_summary(summary))
     return summary
 
 
 def _run_stage(stages: list[Stage], index: int, run: RunContext, data: DatasetSplits, rd: RunDir,
                ckpt: dict[str, Any] | None, *, progress: Progress, on_epoch: Callable[[dict[str, Any]], None],
-               create: Callable[[], None] | None) -> SparsityController:
+               create: Callable[[], None] | None, dist: Distributed) -> SparsityController:
     """Train one stage (or finish it from ``ckpt``), apply its transition to ``run``; returns its controller."""
     stage, cfg, device = stages[index], stages[index].cfg, run.device
     if ckpt is None and stage.before is not None:
         stage.before(run)
     model = run.model
     optimizer = build_optimizer(cfg, model)
-    loader = DeviceLoader(data.train, cfg.batch_size, device=device, shuffle=True, augment=cfg.data.augment, seed=cfg.seed)
+    loader = DeviceLoader(data.train, cfg.batch_size, device=device, shuffle=True, augment=cfg.data.augment, seed=cfg.seed,
+                          rank=dist.rank, world_size=dist.world_size)
     controller = stage.controller(cfg, run, optimizer, len(loader))
     schedule = LrSchedule(cfg.optim, steps_per_epoch=len(loader), epochs=cfg.epochs)
     objective = build_objective(cfg, len(loader))
     attack = eval_attack(cfg)
     val, test = _first(data.val, cfg.eval.val_subset), _first(data.test, cfg.eval.test_subset)
     if create is not None:
-        create()  # the run directory is written only once the first stage proved buildable
+        dist.on_main(create)  # the run directory is written only once the first stage proved buildable
     run.start_cost(cfg, ckpt["run"]["cost"] if ckpt is not None else None)
     state = TrainState()
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])  # again: building the controller applied its initial masks
         optimizer.load_state_dict(ckpt["optimizer"])
         controller.load_state_dict(ckpt["controller"])
-        _set_rng(ckpt["rng"])
         state = TrainState(**ckpt["train_state"])
+        dist.set_rng_state(ckpt["rng"], seed=cfg.seed, step=state.step)
+    if isinstance(getattr(controller, "masks", None), MaskSet):  # initial random masks, tickets, resumes
+        dist.sync_masks_(controller.masks, f"the start of stage {stage.name}")
+    train_model = dist.wrap(model, sync_batchnorm=cfg.distributed.sync_batchnorm)  # DDP broadcasts rank 0's weights
 
     def save(path: Path) -> None:
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        checkpoint.save_atomic({
+        rng = dist.rng_state()  # a collective: every rank calls save
+        dist.on_main(lambda: checkpoint.save_atomic({
             "model": model.state_dict(), "masks": controller.mask_state(), "config": stages[-1].cfg.to_dict(),
             "model_spec": run.spec, "stage_index": index, "stage": stage.name, "epoch": state.epoch,
             "step": state.step, "optimizer": optimizer.state_dict(), "controller": controller.state_dict(),
-            "train_state": asdict(state), "run": run.state_dict(), "rng": rng,
-            "torch_version": str(torch.__version__)}, path)
+            "train_state": asdict(state), "run": run.state_dict(), "rng": rng, "world_size": dist.world_size,
+            "torch_version": str(torch.__version__)}, path))
 
     def end_epoch(stats: EpochStats) -> bool:
         start = time.perf_counter()
@@ -182,7 +187,8 @@ def _run_stage(stages: list[Stage], index: int, run: RunContext, data: DatasetSp
                   "train_flops": run.cost.total}
         evaluated = stats.epoch % cfg.eval.every == 0 or last
         if evaluated:
-            ev = lambda d: evaluate(model, d, attack, batch_size=cfg.eval.batch_size, device=device)
+            dist.broadcast_buffers_(model)  # evaluate (and save) with rank 0's BN statistics everywhere
+            ev = lambda d: evaluate(model, d, attack, batch_size=cfg.eval.batch_size, device=device, dist=dist)
             v, t = (ev(val) if val is not None else None), ev(test)
             record.update({"val_clean_acc": v and v["clean_acc"], "val_robust_acc": v and v["robust_acc"],
                            "val_robust_loss": v and v["robust_loss"], "test_clean_acc": t["clean_acc"],
@@ -199,8 +205,10 @@ def _run_stage(stages: list[Stage], index: int, run: RunContext, data: DatasetSp
         state.wall_time_s += stats.epoch_time_s + eval_time
         record.update(epoch_time_s=stats.epoch_time_s, eval_time_s=eval_time,
                       wall_time_s=run.wall_time_s(excluding=stage.name) + state.wall_time_s)
+        stop = stage.stop(controller)
+        dist.agree(f"at the end of epoch {stats.epoch}", best=is_best, stop=stop)
         if evaluated:
-            rd.append_metrics(record)
+            dist.on_main(lambda: rd.append_metrics(record))
             run.records += 1
         if is_best:
             save(rd.best)
@@ -208,12 +216,13 @@ def _run_stage(stages: list[Stage], index: int, run: RunContext, data: DatasetSp
             save(rd.last)
         if evaluated:
             on_epoch(record)
-        return stage.stop(controller)
+        return stop
 
     if not stage.stop(controller):  # a resumed stage may have met its stop condition already
         # (a stage resumed after its last epoch trains no further, unless its epochs were raised)
-        fit(model, optimizer, controller, loader, schedule, objective, attack_bn_mode=cfg.attack.bn_mode,
-            epochs=cfg.epochs, state=state, end_epoch=end_epoch, cost=run.cost, progress=progress)
+        fit(train_model, optimizer, dist.watch(controller), loader, schedule, objective, attack_bn_mode=cfg.attack.bn_mode,
+            epochs=cfg.epochs, state=state, end_epoch=end_epoch, cost=run.cost, progress=progress,
+            all_reduce=dist.all_reduce_sum_)
     run.record_stage({"name": stage.name, "epochs": state.epoch, "steps": state.step,
                       "wall_time_s": state.wall_time_s, "train_flops": run.cost.stage_total})
     save(rd.last)  # the stage's cost is in; a kill during the transition below repeats it from here
@@ -231,14 +240,8 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     return make(model.parameters(), lr=o.lr, betas=(o.momentum, 0.999), weight_decay=o.weight_decay)
 
 
-def _set_rng(rng: dict[str, Any]) -> None:
-    torch.set_rng_state(rng["torch"].cpu())
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
-
-
 def summarize(cfg: Config, stages: list[Stage], run: RunContext, records: list[dict[str, Any]],
-              data: DatasetSplits, masks: dict[str, torch.Tensor]) -> dict[str, Any]:
+              data: DatasetSplits, masks: dict[str, torch.Tensor], *, dist: Distributed) -> dict[str, Any]:
     """Final numbers of the last stage (the one that produces the model); accuracies in percent.
 
     best = the first epoch with the highest validation robust accuracy (the final epoch when there
@@ -266,7 +269,8 @@ def summarize(cfg: Config, stages: list[Stage], run: RunContext, records: list[d
     n = final_cfg.eval.gap_subset
     if n is not None:
         subset = data.train.subset(0, min(n, len(data.train)))
-        g = evaluate(run.model, subset, eval_attack(final_cfg), batch_size=final_cfg.eval.batch_size, device=run.device)
+        g = evaluate(run.model, subset, eval_attack(final_cfg), batch_size=final_cfg.eval.batch_size, device=run.device,
+                     dist=dist)
         summary.update(gap_subset=g["n"], train_clean_acc=g["clean_acc"], train_robust_acc=g["robust_acc"],
                        robust_gap=g["robust_acc"] - final["test_robust_acc"],
                        clean_gap=g["clean_acc"] - final["test_clean_acc"])

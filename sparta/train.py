@@ -19,6 +19,7 @@ from .flops import TrainingCostMeter
 from .objectives import Objective
 from .schedules import LrSchedule
 from .sparse.controllers import SparsityController
+from .sparse.select import unwrap
 
 
 @dataclass
@@ -71,13 +72,18 @@ def bn_mode(model: nn.Module, mode: str):
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, controller: SparsityController,
                objective: Objective, x: torch.Tensor, y: torch.Tensor, *, step: int,
-               attack_bn_mode: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """One adversarial training step on a batch x (B, C, H, W) in [0, 1], y (B,); returns (loss, logits)."""
+               attack_bn_mode: str, loss_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One adversarial training step on a batch x (B, C, H, W) in [0, 1], y (B,); returns (loss, logits).
+
+    ``model`` may be DDP-wrapped: the attack runs on the bare module (input gradients only, DDP's
+    reducer stays out of it), the training loss through the wrapper; its gradient is scaled by
+    ``loss_weight`` (a rank's share of the global batch times the world size).
+    """
     with bn_mode(model, attack_bn_mode):
-        x_adv = objective.attack(model, x, y, step)
+        x_adv = objective.attack(unwrap(model), x, y, step)
     loss, logits = objective.loss(model, x_adv, x, y)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    (loss * loss_weight).backward()  # with DDP, returns once the gradients are all-reduced (averaged)
     controller.after_backward(step)  # may change topology from dense grads; masks grads
     optimizer.step()
     controller.after_step(step)  # keeps pruned weights at exactly zero
@@ -87,28 +93,30 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, controller: S
 def fit(model: nn.Module, optimizer: torch.optim.Optimizer, controller: SparsityController,
         loader: DeviceLoader, schedule: LrSchedule, objective: Objective, *, attack_bn_mode: str,
         epochs: int, state: TrainState, end_epoch: Callable[[EpochStats], bool],
-        cost: TrainingCostMeter | None = None, progress: Progress = Silent()) -> TrainState:
+        cost: TrainingCostMeter | None = None, progress: Progress = Silent(),
+        all_reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> TrainState:
     """Train from ``state`` until ``epochs`` epochs are completed or ``end_epoch`` (which evaluates,
-    logs and saves) returns True to stop early."""
+    logs and saves) returns True to stop early. ``all_reduce`` sums the epoch's statistics over ranks."""
     device = next(model.parameters()).device
     model.train()
     for epoch in range(state.epoch, epochs):
         start = time.perf_counter()
         sums = torch.zeros(2, device=device)  # sum over batches of loss * B, robust correct
         count = 0
-        for x, y in progress.batches(loader.epoch(epoch), len(loader), epoch):
+        for b, (x, y) in enumerate(progress.batches(loader.epoch(epoch), len(loader), epoch)):
             lr = schedule.lr_at(state.step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            n_global = loader.global_batch_size(b)  # == len(y) in one process
             loss, logits = train_step(model, optimizer, controller, objective, x, y, step=state.step,
-                                      attack_bn_mode=attack_bn_mode)
+                                      attack_bn_mode=attack_bn_mode, loss_weight=len(y) * loader.world_size / n_global)
             with torch.no_grad():
                 sums += torch.stack([loss.detach().float() * len(y), (logits.argmax(1) == y).sum().float()])
             count += len(y)
             if cost is not None:  # FLOPs at the densities in force for this step; no host sync
-                cost.step(len(y), getattr(controller, "masks", None))
+                cost.step(n_global, getattr(controller, "masks", None))
             state.step += 1
-        loss_sum, correct = sums.tolist()
+        loss_sum, correct, count = all_reduce(torch.cat([sums, sums.new_tensor([count])])).tolist()
         state.epoch = epoch + 1
         stop = end_epoch(EpochStats(epoch=state.epoch, train_loss=loss_sum / max(count, 1),
                                     train_robust_acc=100.0 * correct / max(count, 1),

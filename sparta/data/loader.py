@@ -60,6 +60,10 @@ class DeviceLoader:
         """Batches per epoch (global batches: the same on every rank)."""
         return self._num_batches
 
+    def global_batch_size(self, b: int) -> int:
+        """Images in global batch b (all ranks together): batch_size, or fewer for a final short one."""
+        return min(self.batch_size, len(self.labels) - b * self.batch_size)
+
     @property
     def num_examples(self) -> int:
         """Images this rank yields per epoch (len(data) for one process when nothing is dropped)."""
