@@ -1,0 +1,53 @@
+"""A worker that tests/test_distributed.py runs under torchrun (not collected by pytest).
+
+``crash CONFIG EPOCH [overrides]``: train and raise on every rank once EPOCH was saved (a kill).
+``mismatch``: rank 1 flips one mask bit; the consistency check must name that layer on every rank.
+"""
+import sys
+
+import torch
+
+from sparta import distributed
+from sparta.config import load_config
+from sparta.experiment import train
+
+
+class Crash(Exception):
+    pass
+
+
+def crash(config: str, epoch: str, *overrides: str) -> None:
+    def on_epoch(record):
+        if record["epoch"] == int(epoch):
+            raise Crash
+
+    try:
+        train(load_config(config, list(overrides)), on_epoch=on_epoch)
+    except Crash:
+        distributed.shutdown()  # every rank crashed at the same point: a clean exit
+        sys.exit(3)
+
+
+def mismatch() -> None:
+    from sparta.models.small import SmallCNN
+    from sparta.sparse.masks import MaskSet
+
+    cfg = load_config(None, ["batch_size=2", "device=cpu"])
+    dist = distributed.setup(cfg)
+    torch.manual_seed(0)
+    masks = MaskSet.random(SmallCNN(10, 1, base_width=4), 0.5, seed=0)
+    dist.sync_masks_(masks, "a check that passes")
+    if dist.rank == 1:
+        layer = masks["features.2.weight"].view(-1)
+        layer[0] = ~layer[0]
+    try:
+        dist.check_masks(masks, "a deliberate flip")
+    except distributed.MaskMismatchError as e:
+        print(f"rank {dist.rank}: {e}", flush=True)
+        distributed.shutdown()
+        sys.exit(0)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+    {"crash": crash, "mismatch": mismatch}[sys.argv[1]](*sys.argv[2:])
