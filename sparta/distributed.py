@@ -18,7 +18,7 @@ What is shared and how (see the README's "Distributed training" section):
   counts and losses are all-reduced, so every rank holds the same metrics;
 - masks: topology decisions read DDP's all-reduced gradients and a generator seeded alike on every
   rank; after every topology change and at the start of every stage (ticket draws, resumes) the
-  ranks compare per-layer (kept count, position checksum) and stop with ``MaskMismatchError`` naming
+  ranks compare per-layer (kept count, position checksum) and stop with ``RankMismatchError`` naming
   the layer if they differ, then rank 0's masks and masked weights are broadcast;
 - only rank 0 writes the run directory (``on_main``); its outcome, or its error, reaches every rank.
 """
@@ -41,8 +41,8 @@ T = TypeVar("T")
 _HASH_MUL, _HASH_MOD = 2654435761, 2147483647  # Knuth's multiplicative hash, mod the prime 2^31 - 1
 
 
-class MaskMismatchError(RuntimeError):
-    """The ranks' masks differ: a bug (a rank-local random draw, or gradients that were not reduced)."""
+class RankMismatchError(RuntimeError):
+    """The ranks' masks or decisions differ: a bug (a rank-local random draw, unreduced gradients)."""
 
 
 def env_world() -> tuple[int, int, int, int]:
@@ -62,7 +62,7 @@ def mask_layer_checksums(masks: Mapping[str, Tensor]) -> Tensor:
     for m in masks.values():
         flat = m.reshape(-1)
         pos = torch.arange(flat.numel(), device=flat.device, dtype=torch.int64)  # (numel,)
-        hashed = pos * _HASH_MUL % _HASH_MOD  # < 2^31, so the sum stays in int64 for < 2^32 weights
+        hashed = (pos + 1) * _HASH_MUL % _HASH_MOD  # in [0, 2^31): the sum stays in int64 for < 2^32 weights
         rows.append(torch.stack([flat.sum(dtype=torch.int64), torch.where(flat, hashed, 0).sum()]))
     return torch.stack(rows) if rows else torch.zeros(0, 2, dtype=torch.int64)
 
@@ -138,7 +138,7 @@ class Distributed:
         """Stop at once if the ranks took different decisions (best epoch, early stop)."""
         seen = self.all_gather(decisions)
         if any(s != seen[0] for s in seen):
-            raise MaskMismatchError(f"ranks disagree {where}: {seen}")
+            raise RankMismatchError(f"ranks disagree {where}: {seen}")
 
     # -- model and masks -----------------------------------------------------------------------
     def shard(self, n: int) -> tuple[int, int]:
@@ -179,7 +179,7 @@ class Distributed:
         if bool(differs.any()):
             i = int(differs.nonzero()[0])
             name = list(masks.masks)[i]
-            raise MaskMismatchError(
+            raise RankMismatchError(
                 f"masks differ across ranks after {where}: layer {name} has kept counts {table[:, i, 0].tolist()} "
                 f"and position checksums {table[:, i, 1].tolist()} on ranks 0..{self.world_size - 1}")
 
@@ -268,8 +268,8 @@ class _SyncedTopology:
             self.dist.sync_masks_(self.inner.masks, f"the topology update at step {step}")
 
 
-def resolve_device(name: str, local_rank: int = 0, local_world: int = 1) -> torch.device:
-    """``auto`` -> cuda if available; with CUDA each local rank takes ``cuda:LOCAL_RANK``."""
+def resolve_device(name: str, local_rank: int = 0, local_world: int = 1, world: int = 1) -> torch.device:
+    """``auto`` -> cuda if available; distributed, each local rank takes ``cuda:LOCAL_RANK``."""
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but CUDA is not available here; use device=cpu or device=auto")
     if name == "auto":
@@ -279,7 +279,7 @@ def resolve_device(name: str, local_rank: int = 0, local_world: int = 1) -> torc
     if local_world > 1 and torch.cuda.device_count() < local_world:
         raise ConfigError(f"device=cuda with {local_world} processes on this node but only "
                           f"{torch.cuda.device_count()} GPUs visible; use --nproc_per_node <= the GPU count")
-    return torch.device("cuda", local_rank) if local_world > 1 else torch.device("cuda")
+    return torch.device("cuda", local_rank) if world > 1 else torch.device("cuda")
 
 
 def setup(cfg: Any) -> Distributed:
@@ -289,7 +289,7 @@ def setup(cfg: Any) -> Distributed:
     the same ConfigError before any collective: none is left waiting for the others.
     """
     rank, world, local_rank, local_world = env_world()
-    device = resolve_device(cfg.device, local_rank, local_world)
+    device = resolve_device(cfg.device, local_rank, local_world, world)
     if world == 1:
         return SINGLE if device.type == "cpu" else Distributed(device=device)
     if cfg.batch_size % world:

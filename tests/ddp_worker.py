@@ -1,7 +1,7 @@
 """A worker that tests/test_distributed.py runs under torchrun (not collected by pytest).
 
 ``crash CONFIG EPOCH [overrides]``: train and raise on every rank once EPOCH was saved (a kill).
-``mismatch``: rank 1 flips one mask bit; the consistency check must name that layer on every rank.
+``mismatch``: rank 1 moves one kept weight; the consistency check must name that layer on every rank.
 """
 import sys
 
@@ -37,12 +37,13 @@ def mismatch() -> None:
     torch.manual_seed(0)
     masks = MaskSet.random(SmallCNN(10, 1, base_width=4), 0.5, seed=0)
     dist.sync_masks_(masks, "a check that passes")
-    if dist.rank == 1:
+    if dist.rank == 1:  # move one kept weight: the count stays, only the position checksum sees it
         layer = masks["features.2.weight"].view(-1)
-        layer[0] = ~layer[0]
+        kept, free = int(layer.nonzero()[0]), int((~layer).nonzero()[0])
+        layer[kept], layer[free] = False, True
     try:
         dist.check_masks(masks, "a deliberate flip")
-    except distributed.MaskMismatchError as e:
+    except distributed.RankMismatchError as e:
         print(f"rank {dist.rank}: {e}", flush=True)
         distributed.shutdown()
         sys.exit(0)
