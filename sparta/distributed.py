@@ -34,7 +34,7 @@ import torch
 import torch.distributed as tdist
 from torch import Tensor, nn
 
-from .errors import ConfigError
+from .errors import ConfigError, SpartaError
 from .sparse.masks import MaskSet
 
 T = TypeVar("T")
@@ -124,8 +124,8 @@ class Distributed:
         if self.is_main:
             try:
                 box[0] = ("ok", fn())
-            except Exception as e:  # sent on, then raised here too
-                box[0] = ("error", e)
+            except Exception as e:  # sent on (bad input as itself, a bug as its message), then raised here too
+                box[0] = ("error", e if isinstance(e, SpartaError) else RuntimeError(f"rank 0: {type(e).__name__}: {e}"))
                 tdist.broadcast_object_list(box, src=0)
                 raise
         tdist.broadcast_object_list(box, src=0)
@@ -156,7 +156,9 @@ class Distributed:
             # parameter names, the optimizer and the MaskSet all still hold (the root is never a BN).
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=True)
+        # the default syncs buffers from rank 0 at every forward (``broadcast_buffers``, renamed
+        # ``forward_sync_buffers`` in recent torch): left implicit so that older CUDA builds work too
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
     @torch.no_grad()
     def broadcast_buffers_(self, model: nn.Module) -> None:
