@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from .errors import SpartaError
+from .errors import Interrupted, SpartaError
 
 
 class ConsoleProgress:
@@ -162,6 +162,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"warning: {message}", file=sys.stderr)
     try:
         return args.func(args)
+    except Interrupted as e:  # a stop signal: checkpoint saved, resumable; the shell's 128 + signal code
+        print(f"{e}", file=sys.stderr)
+        return 128 + e.signum
     except SpartaError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

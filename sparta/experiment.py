@@ -22,7 +22,7 @@ from .config import Config, dump_yaml, from_dict, load_config, with_overrides
 from .data import load_dataset
 from .data.base import DatasetSplits, ImageSet
 from .data.loader import DeviceLoader
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, DivergedError
 from .evaluate import evaluate
 from .flops import (dense_training_flops, forward_flops_by_layer, inference_flops, mask_densities, savings,
                     step_multiplier)
@@ -31,6 +31,7 @@ from .netspec import build_model, input_shape, model_spec
 from .objectives import build_objective
 from .rundir import RunDir, TensorBoardLog, dumps, write_text_atomic
 from .schedules import LrSchedule
+from .signals import StopRequests
 from .sparse.controllers import SparsityController
 from .stages import RunContext, Stage
 from .train import EpochStats, Progress, Silent, TrainState, fit
@@ -126,10 +127,12 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, progres
     if cfg.logging.tensorboard:
         board, report = TensorBoardLog(rd.path, rd.read_metrics() if resume else []), on_epoch
         on_epoch = lambda record: (board.add(record), report(record))
-    for index in range(ckpt["stage_index"] if ckpt else 0, len(stages)):
-        resumed = ckpt if ckpt is not None and index == ckpt["stage_index"] else None
-        controller = _run_stage(stages, index, run, data, rd, resumed, progress=progress, on_epoch=on_epoch,
-                                create=None if resume or index else (lambda: rd.create(dump_yaml(cfg), overwrite=overwrite)))
+    with StopRequests() as stop:  # SIGTERM/SIGINT: save at the next step, then stop
+        for index in range(ckpt["stage_index"] if ckpt else 0, len(stages)):
+            resumed = ckpt if ckpt is not None and index == ckpt["stage_index"] else None
+            controller = _run_stage(stages, index, run, data, rd, resumed, progress=progress, on_epoch=on_epoch,
+                                    stop=stop, create=None if resume or index else
+                                    (lambda: rd.create(dump_yaml(cfg), overwrite=overwrite)))
     if cfg.logging.tensorboard:
         board.close()
     summary = summarize(cfg, stages, run, rd.read_metrics(), data, controller.mask_state())
@@ -139,7 +142,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, progres
 
 def _run_stage(stages: list[Stage], index: int, run: RunContext, data: DatasetSplits, rd: RunDir,
                ckpt: dict[str, Any] | None, *, progress: Progress, on_epoch: Callable[[dict[str, Any]], None],
-               create: Callable[[], None] | None) -> SparsityController:
+               stop: StopRequests, create: Callable[[], None] | None) -> SparsityController:
     """Train one stage (or finish it from ``ckpt``), apply its transition to ``run``; returns its controller."""
     stage, cfg, device = stages[index], stages[index].cfg, run.device
     if ckpt is None and stage.before is not None:
@@ -164,6 +167,11 @@ def _run_stage(stages: list[Stage], index: int, run: RunContext, data: DatasetSp
         state = TrainState(**ckpt["train_state"])
 
     def save(path: Path) -> None:
+        """Write a checkpoint of the state now; a non-finite state is never written (the last good one stays)."""
+        state.check_finite()
+        if not bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()):
+            raise DivergedError(f"the weights became NaN or infinite by step {state.step}; stopped without saving them, "
+                                "so checkpoints/last.pt holds the last good state: lower optim.lr (or check the data)")
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -204,16 +212,23 @@ def _run_stage(stages: list[Stage], index: int, run: RunContext, data: DatasetSp
             run.records += 1
         if is_best:
             save(rd.best)
-        if stats.epoch % cfg.checkpoint.every_epochs == 0 or last:
+        if stats.epoch % cfg.checkpoint.every_epochs == 0 or last or stop.signum is not None:
             save(rd.last)
         if evaluated:
             on_epoch(record)
+        stop.raise_if_requested(state.step, rd.path)
         return stage.stop(controller)
+
+    def end_step(_: TrainState) -> None:  # the same object as `state`
+        every = cfg.checkpoint.every_steps
+        if stop.signum is not None or (every is not None and state.step % every == 0):
+            save(rd.last)  # mid-epoch: the loader position and epoch sums are in train_state
+            stop.raise_if_requested(state.step, rd.path)
 
     if not stage.stop(controller):  # a resumed stage may have met its stop condition already
         # (a stage resumed after its last epoch trains no further, unless its epochs were raised)
         fit(model, optimizer, controller, loader, schedule, objective, attack_bn_mode=cfg.attack.bn_mode,
-            epochs=cfg.epochs, state=state, end_epoch=end_epoch, cost=run.cost, progress=progress)
+            epochs=cfg.epochs, state=state, end_epoch=end_epoch, end_step=end_step, cost=run.cost, progress=progress)
     run.record_stage({"name": stage.name, "epochs": state.epoch, "steps": state.step,
                       "wall_time_s": state.wall_time_s, "train_flops": run.cost.stage_total})
     save(rd.last)  # the stage's cost is in; a kill during the transition below repeats it from here
