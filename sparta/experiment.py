@@ -343,9 +343,13 @@ def evaluate_checkpoint(path: str | Path, *, attack: str = "pgd", overrides: lis
         cfg.eval.test_subset = n_examples
     device = resolve_device(cfg.device)
     data = load_dataset(cfg.data.name, cfg.data.root, val_size=cfg.data.val_size, train_subset=cfg.data.train_subset)
-    if data.num_classes != state["model_spec"]["num_classes"]:
-        raise ConfigError(f"{cfg.data.name} has {data.num_classes} classes but the checkpoint's model has "
-                          f"{state['model_spec']['num_classes']}; evaluate on the dataset it was trained on")
+    spec = state["model_spec"]
+    for what, have, want in (("classes", data.num_classes, spec["num_classes"]),
+                             ("input channels", data.in_channels, spec["in_channels"]),
+                             ("pixels a side", data.image_size, spec["image_size"])):
+        if have != want:  # a network with adaptive pooling would run, on the wrong task
+            raise ConfigError(f"{cfg.data.name} has {have} {what} but the checkpoint's model was trained with {want}; "
+                              "evaluate on the dataset it was trained on")
     model = load_model(path, device)
     protocol = eval_protocol(cfg)
     e = cfg.eval
