@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from .errors import SpartaError
+from .errors import Interrupted, SpartaError
 
 
 class ConsoleProgress:
@@ -111,8 +111,10 @@ def cmd_train(args: argparse.Namespace) -> int:
                         progress=ConsoleProgress(cfg.progress if main_rank else "none"),
                         on_epoch=lambda r: print(epoch_line(r), flush=True)
                         if cfg.progress != "none" and main_rank else None)
-    except BaseException:
-        shutdown(clean=False)  # the other ranks may be gone: do not wait for them
+    except BaseException as e:
+        # bad input and stop signals stop every rank at the same point (sparta.distributed): leave
+        # together; after a bug the other ranks may be gone, so do not wait for them
+        shutdown(clean=isinstance(e, SpartaError))
         raise
     shutdown()
     if main_rank:
@@ -152,8 +154,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (like every other bad input), exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sparta", description="Sparse adversarial training in PyTorch")
+    parser = OneLineParser(prog="sparta", description="Sparse adversarial training in PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train from a YAML config (plus key=value overrides)")
@@ -210,6 +219,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"warning: {message}", file=sys.stderr)
     try:
         return args.func(args)
+    except Interrupted as e:  # a stop signal: checkpoint saved, resumable; the shell's 128 + signal code
+        print(f"{e}", file=sys.stderr)
+        return 128 + e.signum
     except SpartaError as e:
         print(f"error{where}: {e}", file=sys.stderr)  # on every rank: a rank-local failure must be seen
         return 2

@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -138,6 +139,7 @@ class MethodConfig:
 @dataclass
 class CheckpointConfig:
     every_epochs: int = 1  # write checkpoints/last.pt every N epochs (and at the end)
+    every_steps: Optional[int] = None  # also every N optimizer steps, mid-epoch (resume continues there)
 
 
 @dataclass
@@ -356,12 +358,15 @@ def validate(cfg: Config) -> None:
         need(eps is None or eps >= 0, f"{prefix}.eps must be >= 0, got {eps}")
         need(a.alpha > 0, f"{prefix}.alpha (step size) must be > 0, got {a.alpha}")
         need(a.steps >= 0, f"{prefix}.steps must be >= 0, got {a.steps}")
+    _warn_large_steps(cfg)
     need(cfg.attack.eps_warmup_epochs >= 0, f"attack.eps_warmup_epochs must be >= 0, got {cfg.attack.eps_warmup_epochs}")
     need(cfg.eval.restarts >= 1, f"eval.restarts must be >= 1, got {cfg.eval.restarts}")
     need(cfg.eval.every >= 1, f"eval.every must be >= 1, got {cfg.eval.every}")
     need(cfg.eval.batch_size >= 1, f"eval.batch_size must be >= 1, got {cfg.eval.batch_size}")
     need(cfg.objective.beta >= 0, f"objective.beta must be >= 0, got {cfg.objective.beta}")
     need(cfg.checkpoint.every_epochs >= 1, f"checkpoint.every_epochs must be >= 1, got {cfg.checkpoint.every_epochs}")
+    need(cfg.checkpoint.every_steps is None or cfg.checkpoint.every_steps >= 1,
+         f"checkpoint.every_steps must be >= 1 (or null for epoch ends only), got {cfg.checkpoint.every_steps}")
     m = cfg.method
     need(0 < m.density <= 1, f"method.density must be in (0, 1] (fraction of weights kept), got {m.density}")
     need(0 < m.drop_fraction <= 1 and 0 <= m.drop_fraction_final <= 1,
@@ -386,6 +391,18 @@ def validate(cfg: Config) -> None:
          "method.name=flying_bird_plus needs a validation split evaluated under attack (data.val_size > 0, eval.attack != none)")
     need(cfg.objective.name != "trades" or cfg.attack.name == "pgd",
          "objective.name=trades generates its own KL attack: set attack.name=pgd (its eps/alpha/steps are used)")
+
+
+def _warn_large_steps(cfg: Config) -> None:
+    """A PGD step larger than the budget overshoots the eps-ball and is projected back every step:
+    legal, but usually a typo (alpha=8/255 for eps=2/255). FGSM with a random start is exempt: fast
+    AT (Wong et al. 2020) uses alpha = 1.25 * eps on purpose."""
+    settings = [("attack", cfg.attack.name, cfg.attack.eps, cfg.attack.alpha, cfg.attack.random_start),
+                ("eval", cfg.eval.attack, cfg.attack.eps if cfg.eval.eps is None else cfg.eval.eps, cfg.eval.alpha, True)]
+    for prefix, name, eps, alpha, random_start in settings:
+        if name != "none" and alpha > eps > 0 and not (name == "fgsm" and random_start):
+            warnings.warn(f"{prefix}.alpha {alpha:.4g} is larger than its eps {eps:.4g}: every step overshoots the "
+                          "eps-ball and is projected back (the usual step is eps/4, e.g. 2/255 for 8/255)", stacklevel=3)
 
 
 def dump_yaml(cfg: Config) -> str:

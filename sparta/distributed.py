@@ -140,6 +140,47 @@ class Distributed:
         if any(s != seen[0] for s in seen):
             raise RankMismatchError(f"ranks disagree {where}: {seen}")
 
+    def share_signal(self, signum: int | None) -> int | None:
+        """A stop signal any rank received (the largest number), so that all ranks save and stop at the
+        same step. One tiny all-reduce (and host sync) per step, distributed only."""
+        if not self.enabled:
+            return signum
+        flag = torch.tensor([signum or 0], device=self.device)
+        tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
+        return int(flag.item()) or None
+
+    # -- the epoch's running statistics (TrainState.sums, (3,): loss * B, correct, finite steps) ----
+    def agree_finite_(self, state: Any) -> None:
+        """The ranks' count of leading finite steps becomes its minimum, so that a loss that turned
+        non-finite on one rank stops every rank alike (``TrainState.check_finite``)."""
+        if self.enabled and state.sums is not None:
+            finite = state.sums[2:3].clone()
+            tdist.all_reduce(finite, op=tdist.ReduceOp.MIN)
+            state.sums[2] = finite[0]
+
+    def gather_epoch_sums(self, state: Any) -> list[tuple[Tensor | None, int]] | None:
+        """For a checkpoint: every rank's (sums, examples) of the epoch so far (None in one process)."""
+        if not self.enabled:
+            return None
+        return self.all_gather((None if state.sums is None else state.sums.cpu(), state.examples))
+
+    def restore_epoch_sums_(self, state: Any, saved: list[tuple[Tensor | None, int]] | None) -> None:
+        """This rank's share of a checkpoint's epoch-so-far statistics: its own with the same world
+        size; otherwise rank 0 carries the totals and the others start from zero (same finite count)."""
+        if saved is not None and len(saved) == self.world_size:
+            sums, state.examples = saved[self.rank]
+            state.sums = None if sums is None else sums.to(self.device)
+            return
+        if state.sums is None or (saved is None and not self.enabled):
+            return
+        if saved is not None:  # totals over the saving ranks
+            state.sums = torch.stack([s for s, _ in saved]).sum(0).to(self.device)
+            state.sums[2] = min(float(s[2]) for s, _ in saved)
+            state.examples = sum(n for _, n in saved)
+        if not self.is_main:
+            state.sums = torch.stack([state.sums.new_zeros(()), state.sums.new_zeros(()), state.sums[2]])
+            state.examples = 0
+
     # -- model and masks -----------------------------------------------------------------------
     def shard(self, n: int) -> tuple[int, int]:
         """[start, stop) of this rank's contiguous slice of n items (sizes differ by at most one)."""

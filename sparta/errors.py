@@ -19,3 +19,15 @@ class DataError(SpartaError):
 
 class CheckpointError(SpartaError):
     """A checkpoint or run directory is missing, corrupted or does not fit."""
+
+
+class DivergedError(SpartaError):
+    """Training produced a non-finite loss or weights; the last good checkpoint is kept."""
+
+
+class Interrupted(SpartaError):
+    """A stop signal (SIGTERM, SIGINT) arrived; a checkpoint was saved and the run can be resumed."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum

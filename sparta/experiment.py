@@ -23,7 +23,7 @@ from .data import load_dataset
 from .data.base import DatasetSplits, ImageSet
 from .data.loader import DeviceLoader
 from .distributed import Distributed, resolve_device, setup
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, DivergedError
 from .evaluate import evaluate
 from .flops import (dense_training_flops, forward_flops_by_layer, inference_flops, mask_densities, savings,
                     step_multiplier)
@@ -32,6 +32,7 @@ from .netspec import build_model, input_shape, model_spec
 from .objectives import build_objective
 from .rundir import RunDir, TensorBoardLog, dumps, write_text_atomic
 from .schedules import LrSchedule
+from .signals import StopRequests
 from .sparse.controllers import SparsityController
 from .sparse.masks import MaskSet
 from .stages import RunContext, Stage
@@ -107,10 +108,12 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, progres
     Under torchrun (``WORLD_SIZE`` > 1) every rank calls this and gets the same records and summary;
     only rank 0 writes the run directory (see ``sparta.distributed``).
     """
-    dist = setup(cfg)  # checks the config against the torchrun world before any collective
-    device = dist.device
     data = load_dataset(cfg.data.name, cfg.data.root, val_size=cfg.data.val_size, train_subset=cfg.data.train_subset)
     stages = build_recipe(cfg)
+    # after the checks every rank does alike, before any collective: a bad config or missing data
+    # stops each rank on its own, none waits in the process group for the others
+    dist = setup(cfg)
+    device = dist.device
     torch.manual_seed(cfg.seed)
     spec = model_spec(cfg, data)
     run = RunContext(build_model(spec).to(device), spec, device)
@@ -127,10 +130,12 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, progres
     if cfg.logging.tensorboard and dist.is_main:
         board, report = TensorBoardLog(rd.path, rd.read_metrics() if resume else []), on_epoch
         on_epoch = lambda record: (board.add(record), report(record))
-    for index in range(ckpt["stage_index"] if ckpt else 0, len(stages)):
-        resumed = ckpt if ckpt is not None and index == ckpt["stage_index"] else None
-        controller = _run_stage(stages, index, run, data, rd, resumed, progress=progress, on_epoch=on_epoch, dist=dist,
-                                create=None if resume or index else (lambda: rd.create(dump_yaml(cfg), overwrite=overwrite)))
+    with StopRequests() as stop:  # SIGTERM/SIGINT: save at the next step, then stop
+        for index in range(ckpt["stage_index"] if ckpt else 0, len(stages)):
+            resumed = ckpt if ckpt is not None and index == ckpt["stage_index"] else None
+            controller = _run_stage(stages, index, run, data, rd, resumed, progress=progress, on_epoch=on_epoch,
+                                    stop=stop, dist=dist, create=None if resume or index else
+                                    (lambda: rd.create(dump_yaml(cfg), overwrite=overwrite)))
     if cfg.logging.tensorboard and dist.is_main:
         board.close()
     masks = controller.mask_state()
@@ -142,7 +147,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, progres
 
 def _run_stage(stages: list[Stage], index: int, run: RunContext, data: DatasetSplits, rd: RunDir,
                ckpt: dict[str, Any] | None, *, progress: Progress, on_epoch: Callable[[dict[str, Any]], None],
-               create: Callable[[], None] | None, dist: Distributed) -> SparsityController:
+               stop: StopRequests, create: Callable[[], None] | None, dist: Distributed) -> SparsityController:
     """Train one stage (or finish it from ``ckpt``), apply its transition to ``run``; returns its controller."""
     stage, cfg, device = stages[index], stages[index].cfg, run.device
     if ckpt is None and stage.before is not None:
@@ -166,17 +171,26 @@ def _run_stage(stages: list[Stage], index: int, run: RunContext, data: DatasetSp
         controller.load_state_dict(ckpt["controller"])
         state = TrainState(**ckpt["train_state"])
         dist.set_rng_state(ckpt["rng"], seed=cfg.seed, step=state.step)
+        dist.restore_epoch_sums_(state, ckpt.get("epoch_sums"))  # a mid-epoch checkpoint: this rank's share
     if isinstance(getattr(controller, "masks", None), MaskSet):  # initial random masks, tickets, resumes
         dist.sync_masks_(controller.masks, f"the start of stage {stage.name}")
     train_model = dist.wrap(model, sync_batchnorm=cfg.distributed.sync_batchnorm)  # DDP broadcasts rank 0's weights
 
     def save(path: Path) -> None:
-        rng = dist.rng_state()  # a collective: every rank calls save
+        """Write a checkpoint of the state now; a non-finite state is never written (the last good one stays).
+        A collective: every rank calls it (the ranks agree on finiteness, rank 0 writes)."""
+        dist.agree_finite_(state)
+        state.check_finite()
+        if not bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()):
+            raise DivergedError(f"the weights became NaN or infinite by step {state.step}; stopped without saving them, "
+                                "so checkpoints/last.pt holds the last good state: lower optim.lr (or check the data)")
+        rng, epoch_sums = dist.rng_state(), dist.gather_epoch_sums(state)
         dist.on_main(lambda: checkpoint.save_atomic({
             "model": model.state_dict(), "masks": controller.mask_state(), "config": stages[-1].cfg.to_dict(),
             "model_spec": run.spec, "stage_index": index, "stage": stage.name, "epoch": state.epoch,
             "step": state.step, "optimizer": optimizer.state_dict(), "controller": controller.state_dict(),
-            "train_state": asdict(state), "run": run.state_dict(), "rng": rng, "world_size": dist.world_size,
+            "train_state": asdict(state), "epoch_sums": epoch_sums, "run": run.state_dict(), "rng": rng,
+            "world_size": dist.world_size,
             "torch_version": str(torch.__version__)}, path))
 
     def end_epoch(stats: EpochStats) -> bool:
@@ -205,24 +219,32 @@ def _run_stage(stages: list[Stage], index: int, run: RunContext, data: DatasetSp
         state.wall_time_s += stats.epoch_time_s + eval_time
         record.update(epoch_time_s=stats.epoch_time_s, eval_time_s=eval_time,
                       wall_time_s=run.wall_time_s(excluding=stage.name) + state.wall_time_s)
-        stop = stage.stop(controller)
-        dist.agree(f"at the end of epoch {stats.epoch}", best=is_best, stop=stop)
+        done = stage.stop(controller)
+        stop.signum = dist.share_signal(stop.signum)  # a signal any rank got stops all of them here
+        dist.agree(f"at the end of epoch {stats.epoch}", best=is_best, stop=done)
         if evaluated:
             dist.on_main(lambda: rd.append_metrics(record))
             run.records += 1
         if is_best:
             save(rd.best)
-        if stats.epoch % cfg.checkpoint.every_epochs == 0 or last:
+        if stats.epoch % cfg.checkpoint.every_epochs == 0 or last or stop.signum is not None:
             save(rd.last)
         if evaluated:
             on_epoch(record)
-        return stop
+        return done
+
+    def end_step(_: TrainState) -> None:  # the same object as `state`
+        every = cfg.checkpoint.every_steps
+        stop.signum = dist.share_signal(stop.signum)
+        if stop.signum is not None or (every is not None and state.step % every == 0):
+            save(rd.last)  # mid-epoch: the loader position and epoch sums are in train_state
+            stop.raise_if_requested(state.step, rd.path)
 
     if not stage.stop(controller):  # a resumed stage may have met its stop condition already
         # (a stage resumed after its last epoch trains no further, unless its epochs were raised)
         fit(train_model, optimizer, dist.watch(controller), loader, schedule, objective, attack_bn_mode=cfg.attack.bn_mode,
-            epochs=cfg.epochs, state=state, end_epoch=end_epoch, cost=run.cost, progress=progress,
-            all_reduce=dist.all_reduce_sum_)
+            epochs=cfg.epochs, state=state, end_epoch=end_epoch, end_step=end_step, cost=run.cost, progress=progress,
+            dist=dist)
     run.record_stage({"name": stage.name, "epochs": state.epoch, "steps": state.step,
                       "wall_time_s": state.wall_time_s, "train_flops": run.cost.stage_total})
     save(rd.last)  # the stage's cost is in; a kill during the transition below repeats it from here
@@ -332,9 +354,13 @@ def evaluate_checkpoint(path: str | Path, *, attack: str = "pgd", overrides: lis
         cfg.eval.test_subset = n_examples
     device = resolve_device(cfg.device)
     data = load_dataset(cfg.data.name, cfg.data.root, val_size=cfg.data.val_size, train_subset=cfg.data.train_subset)
-    if data.num_classes != state["model_spec"]["num_classes"]:
-        raise ConfigError(f"{cfg.data.name} has {data.num_classes} classes but the checkpoint's model has "
-                          f"{state['model_spec']['num_classes']}; evaluate on the dataset it was trained on")
+    spec = state["model_spec"]
+    for what, have, want in (("classes", data.num_classes, spec["num_classes"]),
+                             ("input channels", data.in_channels, spec["in_channels"]),
+                             ("pixels a side", data.image_size, spec["image_size"])):
+        if have != want:  # a network with adaptive pooling would run, on the wrong task
+            raise ConfigError(f"{cfg.data.name} has {have} {what} but the checkpoint's model was trained with {want}; "
+                              "evaluate on the dataset it was trained on")
     model = load_model(path, device)
     protocol = eval_protocol(cfg)
     e = cfg.eval

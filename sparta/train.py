@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 from .data.loader import DeviceLoader
+from .distributed import SINGLE, Distributed
+from .errors import DivergedError
 from .flops import TrainingCostMeter
 from .objectives import Objective
 from .schedules import LrSchedule
@@ -24,14 +26,30 @@ from .sparse.select import unwrap
 
 @dataclass
 class TrainState:
-    """Loop position and bookkeeping; all of it goes into the checkpoint."""
+    """Loop position and bookkeeping; all of it goes into the checkpoint, so a run can resume from
+    any step, mid-epoch included."""
 
     epoch: int = 0  # epochs completed
     step: int = 0  # optimizer steps completed
+    batch: int = 0  # batches of the current epoch completed (0 between epochs)
+    # (3,) float32 on the device, this epoch so far: sum of loss * B, robust correct, and the number
+    # of leading steps whose loss was finite; read on the host only at epoch ends and checkpoints
+    sums: torch.Tensor | None = None
+    examples: int = 0  # images seen this epoch so far
+    epoch_time_s: float = 0.0  # training time of the current epoch so far
     best_val_robust_acc: float = float("-inf")
     best_epoch: int = 0
     wall_time_s: float = 0.0  # summed over resumed segments
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def check_finite(self) -> None:
+        """Raise ``DivergedError`` if a loss of this epoch so far was NaN or infinite (one host sync)."""
+        finite = self.batch if self.sums is None else int(self.sums[2].item())
+        if finite < self.batch:
+            raise DivergedError(
+                f"the training loss became NaN or infinite at step {self.step - self.batch + finite} (epoch "
+                f"{self.epoch + 1}); stopped without saving that state, so checkpoints/last.pt holds the last good "
+                "one: lower optim.lr (or check the data), then --resume RUN_DIR optim.lr=... --force")
 
 
 @dataclass
@@ -93,34 +111,41 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, controller: S
 def fit(model: nn.Module, optimizer: torch.optim.Optimizer, controller: SparsityController,
         loader: DeviceLoader, schedule: LrSchedule, objective: Objective, *, attack_bn_mode: str,
         epochs: int, state: TrainState, end_epoch: Callable[[EpochStats], bool],
-        cost: TrainingCostMeter | None = None, progress: Progress = Silent(),
-        all_reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> TrainState:
-    """Train from ``state`` until ``epochs`` epochs are completed or ``end_epoch`` (which evaluates,
-    logs and saves) returns True to stop early. ``all_reduce`` sums the epoch's statistics over ranks."""
+        end_step: Callable[[TrainState], None] = lambda state: None,
+        cost: TrainingCostMeter | None = None, progress: Progress = Silent(), dist: Distributed = SINGLE) -> TrainState:
+    """Train from ``state`` (possibly mid-epoch) until ``epochs`` epochs are completed or
+    ``end_epoch`` (which evaluates, logs and saves) returns True to stop early. ``end_step`` runs
+    after every step (mid-epoch checkpoints, stop requests). Under torchrun the epoch statistics are
+    summed over the ranks (``dist``)."""
     device = next(model.parameters()).device
     model.train()
     for epoch in range(state.epoch, epochs):
-        start = time.perf_counter()
-        sums = torch.zeros(2, device=device)  # sum over batches of loss * B, robust correct
-        count = 0
-        for b, (x, y) in enumerate(progress.batches(loader.epoch(epoch), len(loader), epoch)):
+        start = time.perf_counter() - state.epoch_time_s  # a resumed epoch's clock continues
+        if state.batch == 0:
+            state.sums, state.examples = torch.zeros(3, device=device), 0
+        for x, y in progress.batches(loader.epoch(epoch, start_batch=state.batch), len(loader), epoch):
             lr = schedule.lr_at(state.step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            n_global = loader.global_batch_size(b)  # == len(y) in one process
+            n_global = loader.global_batch_size(state.batch)  # == len(y) in one process
             loss, logits = train_step(model, optimizer, controller, objective, x, y, step=state.step,
                                       attack_bn_mode=attack_bn_mode, loss_weight=len(y) * loader.world_size / n_global)
-            with torch.no_grad():
-                sums += torch.stack([loss.detach().float() * len(y), (logits.argmax(1) == y).sum().float()])
-            count += len(y)
+            with torch.no_grad():  # on the device, no host sync: the finite count grows only while unbroken
+                finite = (torch.isfinite(loss) & (state.sums[2] == state.batch)).float()
+                state.sums += torch.stack([loss.detach().float() * len(y), (logits.argmax(1) == y).sum().float(), finite])
             if cost is not None:  # FLOPs at the densities in force for this step; no host sync
                 cost.step(n_global, getattr(controller, "masks", None))
-            state.step += 1
-        loss_sum, correct, count = all_reduce(torch.cat([sums, sums.new_tensor([count])])).tolist()
-        state.epoch = epoch + 1
-        stop = end_epoch(EpochStats(epoch=state.epoch, train_loss=loss_sum / max(count, 1),
-                                    train_robust_acc=100.0 * correct / max(count, 1),
-                                    epoch_time_s=time.perf_counter() - start, lr=lr))
-        if stop:
+            state.step, state.batch, state.examples = state.step + 1, state.batch + 1, state.examples + len(y)
+            state.epoch_time_s = time.perf_counter() - start
+            end_step(state)
+        dist.agree_finite_(state)
+        state.check_finite()
+        loss_sum, correct, examples = dist.all_reduce_sum_(
+            torch.cat([state.sums[:2], state.sums.new_tensor([state.examples])])).tolist()
+        stats = EpochStats(epoch=epoch + 1, train_loss=loss_sum / max(examples, 1),
+                           train_robust_acc=100.0 * correct / max(examples, 1),
+                           epoch_time_s=state.epoch_time_s, lr=schedule.lr_at(state.step - 1))
+        state.epoch, state.batch, state.epoch_time_s = epoch + 1, 0, 0.0
+        if end_epoch(stats):
             break
     return state

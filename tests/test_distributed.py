@@ -4,8 +4,11 @@ Each two-process run trains a small_cnn (no BatchNorm) on a few hundred 8x8 digi
 """
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -180,3 +183,44 @@ def test_shards_cover_every_item_once_and_checksums_see_positions():
     a, b = mask_layer_checksums({"w": mask}), mask_layer_checksums({"w": moved})
     assert a[0, 0] == b[0, 0] == 2 and a[0, 1] != b[0, 1]  # same count, different positions
     assert mask_checksum({}) == 0 and mask_checksum({"w": mask}) != mask_checksum({"w": moved})
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_stop_signal_on_one_rank_stops_both_mid_epoch_and_resume_is_bit_identical(tmp_path):
+    # the stop saves a mid-epoch checkpoint, which must hold each rank's epoch-so-far statistics
+    extra = {**FLYING_BIRD, "epochs": 2, "checkpoint": {"every_steps": 3}}
+    config = write_config(tmp_path, extra)
+    sparta_train("--nproc", "2", str(config), f"out_dir={tmp_path / 'full'}")
+    part = tmp_path / "part"
+    port, env = free_port(), {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    ranks = [subprocess.Popen([sys.executable, "-m", "sparta", "train", str(config), f"out_dir={part}"],
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+                                   "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    steps_per_epoch = 16  # 499 images, global batch 32
+    deadline = time.monotonic() + 120
+    while step_in(part) < steps_per_epoch + 2:  # in epoch 2
+        assert all(p.poll() is None for p in ranks), [p.communicate()[1][-2000:] for p in ranks]
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    ranks[1].send_signal(signal.SIGTERM)  # rank 0 gets nothing: it must stop all the same
+    codes = [p.wait(timeout=60) for p in ranks]
+    assert codes == [143, 143], [p.communicate()[1][-2000:] for p in ranks]
+    stopped = step_in(part)
+    assert steps_per_epoch + 2 <= stopped < 2 * steps_per_epoch
+    sparta_train("--nproc", "2", "--resume", str(part))
+    a, b = torch.load(RunDir(tmp_path / "full").last, weights_only=True), torch.load(RunDir(part).last, weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), f"stopped after step {stopped}"
+    assert records(tmp_path / "full") == records(part), f"stopped after step {stopped}"
+
+
+def step_in(run_dir):
+    try:
+        return int(torch.load(RunDir(run_dir).last, weights_only=True)["step"])
+    except (FileNotFoundError, RuntimeError, EOFError):
+        return -1

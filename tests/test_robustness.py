@@ -177,8 +177,10 @@ def test_masked_gradients_are_caught(model, digits, attack):
     row = next(r for r in result["rows"] if r["kind"] == "large-eps")
     assert row["eps"] == 1.0 and row["steps"] == 20 and row["robust_acc"] > 0
     assert any("suspected gradient masking" in w and "eps=1" in w for w in result["warnings"]), result["warnings"]
-    # PGD finds nothing at the config eps either: robust accuracy stays at clean accuracy
-    assert result["robust_acc"] >= result["clean_acc"] - 100 / 64
+    # PGD finds nothing at the config eps either: only its random start (which moves a few pixels
+    # across a rounding boundary) changes predictions, a few of 64 images, where the same attack
+    # on the unmasked model removes about half of the accuracy
+    assert result["robust_acc"] >= result["clean_acc"] - 4 * 100 / 64
 
 
 def test_detached_model_is_one_line_error(model, digits):

@@ -1,0 +1,134 @@
+"""The bad-input catalogue, through the real CLI as subprocesses: each case is one line on stderr
+saying what is wrong and how to fix it, exit code 2, no traceback, and nothing already written
+is changed.
+
+The subprocesses are started together (a few at a time) by one fixture, since each spends most of
+its time importing torch; each case is still its own test.
+"""
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from sparta.config import from_dict, with_overrides
+from sparta.experiment import train
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+DEMO = str(ROOT / "configs" / "demo.yaml")
+TINY = ["epochs=1", "batch_size=32", "data.train_subset=256", "data.val_size=64", "model.base_width=8",
+        "attack.steps=2", "eval.steps=2", "eval.test_subset=64", "eval.gap_subset=64", "progress=none"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+# id -> (argv with {run}, {tmp}, {new} placeholders, text the error line must contain)
+CASES = {
+    "missing_data_folder": (["train", DEMO, "data.name=mnist", "data.root={tmp}/nowhere"],
+                            "{tmp}/nowhere is not a directory"),
+    "no_data_root": (["train", DEMO, "data.name=mnist", "data.root=null"], "data.root"),
+    "data_in_wrong_layout": (["train", DEMO, "data.name=cifar10", "data.root={tmp}/cifar", "model.name=preact_resnet18"],
+                             "cifar-10-batches-py/data_batch_1..5"),
+    "wrong_dataset_for_the_models_classes": (["eval", "{run}/checkpoints/best.pt", "data.name=cifar100",
+                                              f"data.root={SHARED / 'cifar100-subset'}"], "has 100 classes"),
+    "wrong_image_size_for_the_model": (["eval", "{run}/checkpoints/best.pt", "data.name=mnist",
+                                        f"data.root={SHARED / 'mnist'}"], "28 pixels a side"),
+    "unknown_model": (["train", DEMO, "model.name=resnet9000"], "unknown model 'resnet9000'; valid: "),
+    "unknown_method": (["train", DEMO, "method.name=magic"], "method.name must be one of dense, static"),
+    "unknown_attack": (["train", DEMO, "attack.name=cw"], "attack.name must be one of pgd, fgsm, none"),
+    "unknown_dataset": (["train", DEMO, "data.name=imagenet"], "unknown dataset 'imagenet'; valid: "),
+    "unknown_eval_attack": (["eval", "{run}/checkpoints/best.pt", "--attack", "fab"], "invalid choice: 'fab'"),
+    "density_zero": (["train", DEMO, "method.name=static", "method.density=0"], "method.density must be in (0, 1]"),
+    "density_above_one": (["train", DEMO, "method.name=static", "method.density=1.5"], "method.density must be in (0, 1]"),
+    "negative_eps": (["train", DEMO, "attack.eps=-8/255"], "attack.eps must be >= 0"),
+    "negative_alpha": (["train", DEMO, "attack.alpha=-0.01"], "attack.alpha (step size) must be > 0"),
+    "negative_steps": (["train", DEMO, "attack.steps=-1"], "attack.steps must be >= 0"),
+    "batch_larger_than_dataset": (["train", DEMO, "batch_size=100000"], "larger than the 256 images"),
+    "zero_epochs": (["train", DEMO, "epochs=0"], "epochs must be >= 1"),
+    "malformed_yaml": (["train", "{tmp}/broken.yaml"], "is not valid YAML at line"),
+    "yaml_not_a_mapping": (["train", "{tmp}/list.yaml"], "must hold a mapping"),
+    "unknown_key_with_suggestion": (["train", DEMO, "optim.lrr=0.1"], "did you mean optim.lr?"),
+    "wrong_value_type": (["train", DEMO, "optim.lr=fast"], "optim.lr must be of type float"),
+    "override_without_equals": (["train", DEMO, "optim.lr"], "must look like key=value"),
+    "out_dir_exists": (["train", DEMO, "out_dir={run}"], "already exists; pass --resume"),
+    "resume_of_a_non_run": (["train", "--resume", "{tmp}"], "not a sparta run"),
+    "resume_of_a_missing_folder": (["train", "--resume", "{tmp}/nowhere"], "the folder does not exist"),
+    "resume_with_changed_config": (["train", "--resume", "{run}", "optim.lr=0.5", "attack.steps=7"],
+                                   "resume would change optim.lr, attack.steps of"),
+    "checkpoint_of_another_architecture": (["eval", "{tmp}/other_arch.pt"], "does not fit its recorded architecture"),
+    "truncated_checkpoint": (["eval", "{tmp}/truncated.pt"], "cannot be read"),
+    "not_a_checkpoint": (["eval", "{tmp}/broken.yaml"], "cannot be read"),
+    "missing_checkpoint": (["eval", "{tmp}/missing.pt"], "does not exist"),
+    "zero_eval_examples": (["eval", "{run}/checkpoints/best.pt", "--n-examples", "0"], "--n-examples must be >= 1"),
+    "cuda_without_cuda": (["train", DEMO, "device=cuda"], "CUDA is not available"),
+}
+TRAIN_EXTRA = [*TINY, "out_dir={new}"]  # appended to `train CONFIG` cases (before the case's own overrides)
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bad")
+    run = tmp / "run"
+    train(from_dict(with_overrides({}, [f"out_dir={run}", "data.name=digits", "device=cpu", *TINY])))
+    (tmp / "cifar" / "cifar-10-batches-py").mkdir(parents=True)
+    (tmp / "cifar" / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"not a pickle")
+    (tmp / "broken.yaml").write_text("epochs: [1, 2\nname: x\n")
+    (tmp / "list.yaml").write_text("- epochs\n- 3\n")
+    state = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+    state["model_spec"] = {**state["model_spec"], "kwargs": {"base_width": 16}}  # weights are base_width 8
+    torch.save(state, tmp / "other_arch.pt")
+    data = (run / "checkpoints" / "best.pt").read_bytes()
+    (tmp / "truncated.pt").write_bytes(data[: len(data) // 2])
+    before = digest(run)
+
+    def launch(case: str) -> tuple[int, str]:
+        argv, _ = CASES[case]
+        if argv[0] == "train" and argv[1] != "--resume":
+            argv = [*argv[:2], *TRAIN_EXTRA, *argv[2:]]
+        argv = [a.format(run=run, tmp=tmp, new=tmp / f"new_{case}") for a in argv]
+        done = subprocess.run([sys.executable, "-m", "sparta", *argv], env=ENV, capture_output=True, text=True,
+                              timeout=300)
+        return done.returncode, done.stderr
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        results = dict(zip(CASES, pool.map(launch, CASES)))
+    return {"tmp": tmp, "run": run, "before": before, "results": results}
+
+
+def test_catalogue_has_at_least_twenty_cases():
+    assert len(CASES) >= 20
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_clear_line(world, case):
+    if case == "cuda_without_cuda" and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    code, err = world["results"][case]
+    expect = CASES[case][1].format(tmp=world["tmp"], run=world["run"])
+    assert "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if not line.startswith("warning: ")]
+    assert code == 2, err
+    assert len(errors) == 1 and errors[0].startswith("error: "), err
+    assert expect in errors[0], err
+    new = world["tmp"] / f"new_{case}"
+    assert not (new / "checkpoints").exists()  # a refused run leaves no run behind
+
+
+def test_nothing_already_written_changed(world):
+    assert digest(world["run"]) == world["before"]
+
+
+def test_large_step_warns_but_trains(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "sparta", "train", DEMO, *TINY, f"out_dir={tmp_path / 'r'}",
+                           "attack.eps=0.05", "attack.alpha=0.1"], env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "warning: attack.alpha 0.1 is larger than its eps 0.05" in done.stderr
