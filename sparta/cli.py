@@ -87,7 +87,6 @@ def rank() -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .distributed import shutdown
     from .experiment import prepare_resume, train
 
     if args.nproc is not None:
@@ -106,17 +105,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     main_rank = rank() == 0
     if main_rank:
         print(f"run directory: {cfg.run_dir}", flush=True)
-    try:
-        summary = train(cfg, resume=bool(args.resume), overwrite=args.overwrite,
-                        progress=ConsoleProgress(cfg.progress if main_rank else "none"),
-                        on_epoch=lambda r: print(epoch_line(r), flush=True)
-                        if cfg.progress != "none" and main_rank else None)
-    except BaseException as e:
-        # bad input and stop signals stop every rank at the same point (sparta.distributed): leave
-        # together; after a bug the other ranks may be gone, so do not wait for them
-        shutdown(clean=isinstance(e, SpartaError))
-        raise
-    shutdown()
+    summary = train(cfg, resume=bool(args.resume), overwrite=args.overwrite,
+                    progress=ConsoleProgress(cfg.progress if main_rank else "none"),
+                    on_epoch=lambda r: print(epoch_line(r), flush=True)
+                    if cfg.progress != "none" and main_rank else None)
     if main_rank:
         print(table([summary], SUMMARY_COLUMNS))
     return 0
@@ -217,17 +209,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     where = f" (rank {rank()})" if rank() else ""
     warnings.showwarning = lambda message, category, *rest, **kw: None if where else print(
         f"warning: {message}", file=sys.stderr)
+    clean = False  # bad input and stop signals end every rank at the same point; a bug may not
     try:
-        return args.func(args)
+        code, clean = args.func(args), True
+        return code
     except Interrupted as e:  # a stop signal: checkpoint saved, resumable; the shell's 128 + signal code
         print(f"{e}", file=sys.stderr)
+        clean = True
         return 128 + e.signum
     except SpartaError as e:
         print(f"error{where}: {e}", file=sys.stderr)  # on every rank: a rank-local failure must be seen
+        clean = True
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:  # after printing: torchrun stops the other workers as soon as one has exited
+        leave_process_group(clean=clean)
+
+
+def leave_process_group(*, clean: bool) -> None:
+    """Under torchrun: leave together after a clean end (waiting for the other ranks), at once otherwise."""
+    if "torch.distributed" in sys.modules:  # never imports torch for commands that did not
+        from .distributed import shutdown
+
+        shutdown(clean=clean)
 
 
 if __name__ == "__main__":

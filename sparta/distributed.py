@@ -25,6 +25,7 @@ What is shared and how (see the README's "Distributed training" section):
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
 import warnings
 from dataclasses import dataclass
@@ -344,8 +345,10 @@ def setup(cfg: Any) -> Distributed:
     if not tdist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
+        # device_id binds NCCL to this rank's GPU at once (torch >= 2.3; older builds bind lazily)
+        bind = device.type == "cuda" and "device_id" in inspect.signature(tdist.init_process_group).parameters
         tdist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
-                                 **({"device_id": device} if device.type == "cuda" else {}))
+                                 **({"device_id": device} if bind else {}))
     return Distributed(rank=rank, world_size=world, local_rank=local_rank, device=device)
 
 

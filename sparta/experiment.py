@@ -231,6 +231,7 @@ def _run_stage(stages: list[Stage], index: int, run: RunContext, data: DatasetSp
             save(rd.last)
         if evaluated:
             on_epoch(record)
+        stop.raise_if_requested(state.step, rd.path)
         return done
 
     def end_step(_: TrainState) -> None:  # the same object as `state`

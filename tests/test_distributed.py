@@ -94,7 +94,8 @@ def test_flying_bird_two_ranks_keep_identical_masks_and_exact_density(flying_bir
     again = run(["-m", "sparta", "train", "--nproc", "2", str(config), f"out_dir={run_dir}"], timeout=60)
     # rank 0 meets the error creating out_dir; every rank reports it and stops (no rank left waiting)
     assert again.returncode == 2 and "Traceback" not in again.stderr
-    assert sum("already exists" in line for line in again.stderr.splitlines() if line.startswith("error")) == 2
+    errors = [line for line in again.stderr.splitlines() if line.startswith("error")]
+    assert sum("already exists" in line for line in errors) == 2, again.stderr[-3000:]
 
 
 def test_resume_of_two_ranks_equals_uninterrupted(flying_bird_two_ranks, tmp_path):
