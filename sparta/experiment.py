@@ -123,8 +123,8 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, progres
     if resume:
         ckpt = checkpoint.load(rd.last, map_location=device)
         run.load_state_dict(ckpt["run"], ckpt["model_spec"], ckpt["model"])
-        # records written after this checkpoint will be written again
-        dist.on_main(lambda: rd.truncate_metrics(run.records))
+        # records written after this checkpoint will be written again; a write cut by a kill left a temporary file
+        dist.on_main(lambda: (rd.truncate_metrics(run.records), rd.remove_torn_writes()))
     if data.val is None:
         warnings.warn("data.val_size is 0: there is no validation set, so the best epoch is the final one")
     if cfg.logging.tensorboard and dist.is_main:

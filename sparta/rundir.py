@@ -108,6 +108,13 @@ class RunDir:
         write_text_atomic(self.metrics, "".join(json.dumps(_jsonable(r)) + "\n" for r in records))
         return records
 
+    def remove_torn_writes(self) -> None:
+        """Delete the temporary files of writes a kill cut short (``checkpoint.atomic_write`` names them
+        ``.<file>.<random>.tmp``); the files they were to replace are intact."""
+        for folder in (self.path, self.path / "checkpoints"):
+            for tmp in folder.glob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
+
     def write_summary(self, summary: dict[str, Any]) -> None:
         write_text_atomic(self.summary, dumps(summary))
 

@@ -164,7 +164,10 @@ def test_crash_mid_epoch_resumes_from_the_step_checkpoint(tmp_path, monkeypatch,
     state = torch.load(RunDir(tmp_path / "b").last, weights_only=True)
     assert state["step"] == 15 and state["train_state"]["batch"] == 3  # mid-epoch
     monkeypatch.setattr(loop, "train_step", real_step)
+    torn = tmp_path / "b" / "checkpoints" / ".last.pt.k1ll3d.tmp"  # as a kill during a write leaves it
+    torn.write_bytes(b"half a checkpoint")
     train(prepare_resume(tmp_path / "b", [], force=False), resume=True)
+    assert not torn.exists()
     assert_same_run(tmp_path / "a", tmp_path / "b")
 
 
