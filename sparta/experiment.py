@@ -29,6 +29,7 @@ from .flops import (dense_training_flops, forward_flops_by_layer, inference_flop
 from .methods import build_recipe
 from .netspec import build_model, input_shape, model_spec
 from .objectives import build_objective
+from .precision import StepPrecision, resolve_precision
 from .rundir import RunDir, TensorBoardLog, dumps, write_text_atomic
 from .schedules import LrSchedule
 from .sparse.controllers import SparsityController
@@ -75,7 +76,7 @@ def eval_protocol(cfg: Config) -> dict[str, Any]:
     e = cfg.eval
     return {"attack": e.attack, "norm": e.norm or cfg.attack.norm, "eps": cfg.attack.eps if e.eps is None else e.eps,
             "alpha": e.alpha, "steps": e.steps, "restarts": e.restarts, "random_start": True,
-            "val_subset": e.val_subset, "test_subset": e.test_subset, "bn": "eval", "precision": "fp32"}
+            "val_subset": e.val_subset, "test_subset": e.test_subset, "bn": "eval", "precision": e.precision}
 
 
 def _first(data: ImageSet | None, n: int | None) -> ImageSet | None:
@@ -110,6 +111,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, progres
     """Run (or resume) every stage of the configured method; returns the summary also written to
     summary.json. ``on_epoch`` gets each evaluated epoch's metrics record, after it was saved."""
     device = resolve_device(cfg.device)
+    precision, rule = resolve_precision(cfg.train.precision, device)  # fp16 without CUDA fails here, before any work
     data = load_dataset(cfg.data.name, cfg.data.root, val_size=cfg.data.val_size, train_subset=cfg.data.train_subset)
     stages = build_recipe(cfg)
     torch.manual_seed(cfg.seed)
@@ -121,6 +123,8 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, progres
         ckpt = checkpoint.load(rd.last, map_location=device)
         run.load_state_dict(ckpt["run"], ckpt["model_spec"], ckpt["model"])
         rd.truncate_metrics(run.records)  # records written after this checkpoint will be written again
+    if not (cfg.train.precision == "auto" and "train_precision" in run.info):  # auto is decided once per run
+        run.info.update(train_precision=precision, train_precision_rule=rule)
     if data.val is None:
         warnings.warn("data.val_size is 0: there is no validation set, so the best epoch is the final one")
     if cfg.logging.tensorboard:
@@ -146,6 +150,7 @@ def _run_stage(stages: list[Stage], index: int, run: RunContext, data: DatasetSp
         stage.before(run)
     model = run.model
     optimizer = build_optimizer(cfg, model)
+    precision = StepPrecision(run.info["train_precision"], device)
     loader = DeviceLoader(data.train, cfg.batch_size, device=device, shuffle=True, augment=cfg.data.augment, seed=cfg.seed)
     controller = stage.controller(cfg, run, optimizer, len(loader))
     schedule = LrSchedule(cfg.optim, steps_per_epoch=len(loader), epochs=cfg.epochs)
@@ -160,6 +165,7 @@ def _run_stage(stages: list[Stage], index: int, run: RunContext, data: DatasetSp
         model.load_state_dict(ckpt["model"])  # again: building the controller applied its initial masks
         optimizer.load_state_dict(ckpt["optimizer"])
         controller.load_state_dict(ckpt["controller"])
+        precision.load_state_dict(ckpt.get("precision", {}))  # the fp16 loss scale; older checkpoints have none
         _set_rng(ckpt["rng"])
         state = TrainState(**ckpt["train_state"])
 
@@ -171,7 +177,7 @@ def _run_stage(stages: list[Stage], index: int, run: RunContext, data: DatasetSp
             "model": model.state_dict(), "masks": controller.mask_state(), "config": stages[-1].cfg.to_dict(),
             "model_spec": run.spec, "stage_index": index, "stage": stage.name, "epoch": state.epoch,
             "step": state.step, "optimizer": optimizer.state_dict(), "controller": controller.state_dict(),
-            "train_state": asdict(state), "run": run.state_dict(), "rng": rng,
+            "train_state": asdict(state), "run": run.state_dict(), "rng": rng, "precision": precision.state_dict(),
             "torch_version": str(torch.__version__)}, path)
 
     def end_epoch(stats: EpochStats) -> bool:
@@ -182,7 +188,8 @@ def _run_stage(stages: list[Stage], index: int, run: RunContext, data: DatasetSp
                   "train_flops": run.cost.total}
         evaluated = stats.epoch % cfg.eval.every == 0 or last
         if evaluated:
-            ev = lambda d: evaluate(model, d, attack, batch_size=cfg.eval.batch_size, device=device)
+            ev = lambda d: evaluate(model, d, attack, batch_size=cfg.eval.batch_size, device=device,
+                                    precision=cfg.eval.precision)
             v, t = (ev(val) if val is not None else None), ev(test)
             record.update({"val_clean_acc": v and v["clean_acc"], "val_robust_acc": v and v["robust_acc"],
                            "val_robust_loss": v and v["robust_loss"], "test_clean_acc": t["clean_acc"],
@@ -212,8 +219,12 @@ def _run_stage(stages: list[Stage], index: int, run: RunContext, data: DatasetSp
 
     if not stage.stop(controller):  # a resumed stage may have met its stop condition already
         # (a stage resumed after its last epoch trains no further, unless its epochs were raised)
-        fit(model, optimizer, controller, loader, schedule, objective, attack_bn_mode=cfg.attack.bn_mode,
-            epochs=cfg.epochs, state=state, end_epoch=end_epoch, cost=run.cost, progress=progress)
+        # torch.compile wraps the module without copying it: controller, optimizer and checkpoints keep
+        # the plain model (parameter names without an `_orig_mod.` prefix); evaluation runs it uncompiled
+        step_model = torch.compile(model) if cfg.train.compile else model
+        fit(step_model, optimizer, controller, loader, schedule, objective, attack_bn_mode=cfg.attack.bn_mode,
+            epochs=cfg.epochs, state=state, end_epoch=end_epoch, cost=run.cost, progress=progress,
+            precision=precision)
     run.record_stage({"name": stage.name, "epochs": state.epoch, "steps": state.step,
                       "wall_time_s": state.wall_time_s, "train_flops": run.cost.stage_total})
     save(rd.last)  # the stage's cost is in; a kill during the transition below repeats it from here
@@ -266,7 +277,8 @@ def summarize(cfg: Config, stages: list[Stage], run: RunContext, records: list[d
     n = final_cfg.eval.gap_subset
     if n is not None:
         subset = data.train.subset(0, min(n, len(data.train)))
-        g = evaluate(run.model, subset, eval_attack(final_cfg), batch_size=final_cfg.eval.batch_size, device=run.device)
+        g = evaluate(run.model, subset, eval_attack(final_cfg), batch_size=final_cfg.eval.batch_size, device=run.device,
+                     precision=final_cfg.eval.precision)
         summary.update(gap_subset=g["n"], train_clean_acc=g["clean_acc"], train_robust_acc=g["robust_acc"],
                        robust_gap=g["robust_acc"] - final["test_robust_acc"],
                        clean_gap=g["clean_acc"] - final["test_clean_acc"])
@@ -298,7 +310,8 @@ def training_cost(run: RunContext, masks: dict[str, torch.Tensor], cfg: Config) 
             "inference_flops_dense": dense.total,
             "flops_convention": "2 FLOPs per multiply-add; attack step = forward + input-only backward (2F), "
                                 "training step = forward + full backward (3F), at the densities in force; "
-                                "paper convention counts every attack step as 3F"}
+                                "paper convention counts every attack step as 3F; the same at every train.precision "
+                                f"(this run: {run.info['train_precision']})"}
 
 
 def evaluate_checkpoint(path: str | Path, *, attack: str = "pgd", overrides: list[str] | tuple[str, ...] = (),
@@ -332,7 +345,7 @@ def evaluate_checkpoint(path: str | Path, *, attack: str = "pgd", overrides: lis
         raise ConfigError(f"{cfg.data.name} has {data.num_classes} classes but the checkpoint's model has "
                           f"{state['model_spec']['num_classes']}; evaluate on the dataset it was trained on")
     model = load_model(path, device)
-    protocol = eval_protocol(cfg)
+    protocol = {**eval_protocol(cfg), "precision": "fp32"}  # evaluate_robustness always runs in float32
     e = cfg.eval
     result = evaluate_robustness(model, _first(data.test, e.test_subset), attack=attack, eps=protocol["eps"],
                                  alpha=e.alpha, steps=e.steps, restarts=e.restarts, norm=protocol["norm"],

@@ -17,6 +17,7 @@ from torch import nn
 from .data.loader import DeviceLoader
 from .flops import TrainingCostMeter
 from .objectives import Objective
+from .precision import FP32, StepPrecision
 from .schedules import LrSchedule
 from .sparse.controllers import SparsityController
 
@@ -71,23 +72,25 @@ def bn_mode(model: nn.Module, mode: str):
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, controller: SparsityController,
                objective: Objective, x: torch.Tensor, y: torch.Tensor, *, step: int,
-               attack_bn_mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+               attack_bn_mode: str, precision: StepPrecision = FP32) -> tuple[torch.Tensor, torch.Tensor]:
     """One adversarial training step on a batch x (B, C, H, W) in [0, 1], y (B,); returns (loss, logits)."""
-    with bn_mode(model, attack_bn_mode):
-        x_adv = objective.attack(model, x, y, step)
-    loss, logits = objective.loss(model, x_adv, x, y)
+    with precision.autocast():  # attack, forward and loss (fp32 weights, bf16/fp16 matmuls); no-op in fp32
+        with bn_mode(model, attack_bn_mode):
+            x_adv = objective.attack(model, x, y, step)
+        loss, logits = objective.loss(model, x_adv, x, y)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    controller.after_backward(step)  # may change topology from dense grads; masks grads
-    optimizer.step()
-    controller.after_step(step)  # keeps pruned weights at exactly zero
+    if precision.backward(loss, optimizer):  # False only for an fp16 overflow: skip the step whole
+        controller.after_backward(step)  # may change topology from dense grads; masks grads
+        precision.step(optimizer)
+        controller.after_step(step)  # keeps pruned weights at exactly zero
     return loss, logits
 
 
 def fit(model: nn.Module, optimizer: torch.optim.Optimizer, controller: SparsityController,
         loader: DeviceLoader, schedule: LrSchedule, objective: Objective, *, attack_bn_mode: str,
         epochs: int, state: TrainState, end_epoch: Callable[[EpochStats], bool],
-        cost: TrainingCostMeter | None = None, progress: Progress = Silent()) -> TrainState:
+        cost: TrainingCostMeter | None = None, progress: Progress = Silent(),
+        precision: StepPrecision = FP32) -> TrainState:
     """Train from ``state`` until ``epochs`` epochs are completed or ``end_epoch`` (which evaluates,
     logs and saves) returns True to stop early."""
     device = next(model.parameters()).device
@@ -101,7 +104,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, controller: Sparsity
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss, logits = train_step(model, optimizer, controller, objective, x, y, step=state.step,
-                                      attack_bn_mode=attack_bn_mode)
+                                      attack_bn_mode=attack_bn_mode, precision=precision)
             with torch.no_grad():
                 sums += torch.stack([loss.detach().float() * len(y), (logits.argmax(1) == y).sum().float()])
             count += len(y)
