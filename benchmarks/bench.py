@@ -63,6 +63,7 @@ class PeakMemory:
     def __init__(self, device: torch.device):
         self.device = device
         self.start_mb = 0.0
+        self.measure = "cuda max_memory_allocated (tensors)" if device.type == "cuda" else ""
 
     @staticmethod
     def _status_mb(field: str) -> float:
@@ -88,14 +89,13 @@ class PeakMemory:
     def read(self) -> dict[str, float | str]:
         if self.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated() / 2**20
-            measure = "cuda max_memory_allocated (tensors)"
         elif self.measure.startswith("cpu peak RSS (VmHWM"):
-            peak, measure = self._status_mb("VmHWM"), self.measure
+            peak = self._status_mb("VmHWM")
         else:
             import resource
 
-            peak, measure = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, self.measure
-        return {"peak_mb": peak, "increase_mb": peak - self.start_mb, "measure": measure}
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+        return {"peak_mb": peak, "increase_mb": peak - self.start_mb, "measure": self.measure}
 
 
 def timed(fn: Callable[[], object], *, warmup: int, repeats: int, device: torch.device) -> dict[str, object]:
