@@ -15,13 +15,18 @@ Measured (ids as in the performance issue):
 - B3  one Flying Bird topology update / one dense training step.
 - B4  channel ticket (~20% of the weights, physically slimmed) step speedup / its FLOPs ratio.
 - B5  DeviceLoader images/s with augmentation / training step images/s.
+- B6  dense PGD-10 AT step under bf16 autocast (``train.precision: bf16``) / the fp32 step; also the
+      bf16 step with channels_last weights and inputs (tried for speed, see the README).
+
+Each measurement also records the peak memory while it ran (see :class:`PeakMemory`).
+``--profile`` adds the top operators of one fp32 and one bf16 dense step (torch.profiler) to the JSON.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -37,15 +42,67 @@ from sparta.data.loader import DeviceLoader
 from sparta.flops import forward_flops_by_layer
 from sparta.models import create_model
 from sparta.objectives import build_objective
+from sparta.precision import StepPrecision, fast_bf16
 from sparta.sparse.channels import bn_channel_masks, slim
 from sparta.sparse.controllers import Dense, DynamicSparse
 from sparta.sparse.masks import MaskSet
 from sparta.train import train_step
 
 
-def timed(fn: Callable[[], object], *, warmup: int, repeats: int, device: torch.device) -> dict[str, float]:
-    """Median and quartiles of ``fn``'s wall time in seconds."""
+class PeakMemory:
+    """Peak memory while one measurement runs, in MiB.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` (live tensors) after ``reset_peak_memory_stats``. CPU: the
+    process's peak resident set size (``VmHWM`` in ``/proc/self/status``), reset before each measurement
+    by writing 5 to ``/proc/self/clear_refs`` (Linux >= 4.0), and its rise over the resident set at the
+    reset. RSS counts everything the process holds (interpreter, libraries, model, data, allocator
+    caches), so ``increase_mb`` is the honest per-benchmark figure; where the reset is not possible the
+    process-lifetime peak (``ru_maxrss``) is reported and ``measure`` says so.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.start_mb = 0.0
+        self.measure = "cuda max_memory_allocated (tensors)" if device.type == "cuda" else ""
+
+    @staticmethod
+    def _status_mb(field: str) -> float:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024  # kB
+        raise KeyError(field)
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.start_mb = torch.cuda.memory_allocated() / 2**20
+            return
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
+            self.start_mb = self._status_mb("VmRSS")
+            self.measure = "cpu peak RSS (VmHWM, reset before the measurement)"
+        except OSError:
+            self.start_mb = 0.0
+            self.measure = "cpu peak RSS of the process so far (ru_maxrss; VmHWM could not be reset)"
+
+    def read(self) -> dict[str, float | str]:
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated() / 2**20
+        elif self.measure.startswith("cpu peak RSS (VmHWM"):
+            peak = self._status_mb("VmHWM")
+        else:
+            import resource
+
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+        return {"peak_mb": peak, "increase_mb": peak - self.start_mb, "measure": self.measure}
+
+
+def timed(fn: Callable[[], object], *, warmup: int, repeats: int, device: torch.device) -> dict[str, object]:
+    """Median and quartiles of ``fn``'s wall time in seconds, and the peak memory while it ran."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    memory = PeakMemory(device)
+    memory.reset()
     for _ in range(warmup):
         fn()
     sync()
@@ -56,13 +113,32 @@ def timed(fn: Callable[[], object], *, warmup: int, repeats: int, device: torch.
         sync()
         times.append(time.perf_counter() - start)
     q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
-    return {"median_s": statistics.median(times), "p25_s": q[0], "p75_s": q[2], "repeats": repeats}
+    return {"median_s": statistics.median(times), "p25_s": q[0], "p75_s": q[2], "repeats": repeats,
+            "memory": memory.read()}
 
 
-def peak_memory_mb(device: torch.device) -> float:
+def profile_table(fn: Callable[[], object], device: torch.device, rows: int = 15) -> str:
+    """torch.profiler's operator table (sorted by self time) of one call of ``fn`` after a warm-up call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn()
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows)
+
+
+def device_name(device: torch.device) -> str:
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (kB on Linux)
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=None, help="batch size (default 128 on CUDA, 32 on CPU)")
     parser.add_argument("--repeats", type=int, default=None, help="timed iterations per measurement")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench-<device>[-quick].json)")
+    parser.add_argument("--profile", action="store_true", help="add torch.profiler tables of a fp32 and a bf16 dense step")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
@@ -91,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     y = torch.randint(0, 10, (batch,), device=device)
     results: dict[str, object] = {}
 
-    def dense_step() -> None:
-        train_step(model, optimizer, Dense(), objective, x, y, step=1, attack_bn_mode="train")
+    def dense_step(precision: StepPrecision = StepPrecision("fp32", device)) -> None:
+        train_step(model, optimizer, Dense(), objective, x, y, step=1, attack_bn_mode="train", precision=precision)
 
     def input_grad_pass() -> None:  # what one attack step costs at least
         x_in = x.detach().requires_grad_(True)
@@ -111,14 +188,27 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(11):
             full_pass()
 
+    # channels_last copy for B6: NHWC weights and input (the Normalize layer keeps the input's layout)
+    model_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    opt_cl = torch.optim.SGD(model_cl.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    bf16 = StepPrecision("bf16", device)
+    bf16_cl_step = lambda: train_step(model_cl, opt_cl, Dense(), objective, x_cl, y, step=1, attack_bn_mode="train",
+                                      precision=bf16)
+
     model.train()
+    model_cl.train()
+    # fp32 and bf16 steps back to back, so a change in the machine's load affects both alike
     dense = timed(dense_step, warmup=warmup, repeats=repeats, device=device)
+    bf16_t = timed(lambda: dense_step(bf16), warmup=warmup, repeats=repeats, device=device)
+    bf16_cl = timed(bf16_cl_step, warmup=warmup, repeats=repeats, device=device)
     floor_t = timed(floor, warmup=warmup, repeats=repeats, device=device)
     eleven = timed(eleven_full_passes, warmup=warmup, repeats=repeats, device=device)
     results["B1_dense_pgd10_step"] = {"step": dense, "floor": floor_t, "eleven_full_passes": eleven,
                                       "ratio_step_over_floor": dense["median_s"] / floor_t["median_s"],
                                       "ratio_step_over_eleven_full": dense["median_s"] / eleven["median_s"],
-                                      "target": "<= 1.10", "peak_memory_mb": peak_memory_mb(device)}
+                                      "target": "<= 1.10", "peak_memory_mb": dense["memory"]["peak_mb"]}
+    del model_cl, opt_cl
 
     controller = DynamicSparse(model, optimizer, MaskSet.random(model, 0.2, "igq", seed=0), total_steps=200 * 391,
                                update_every=900)
@@ -126,13 +216,13 @@ def main(argv: list[str] | None = None) -> int:
     fb = timed(fb_step, warmup=warmup, repeats=repeats, device=device)
     results["B2_flying_bird_step"] = {"step": fb, "dense_step": dense, "ratio_sparse_over_dense": fb["median_s"] / dense["median_s"],
                                       "density": controller.masks.density(), "target": "<= 1.03",
-                                      "peak_memory_mb": peak_memory_mb(device)}
+                                      "peak_memory_mb": fb["memory"]["peak_mb"]}
 
     full_pass()  # dense gradients for growth
     update_step = controller.update_every  # a step at which after_backward changes the topology
     update = timed(lambda: controller.after_backward(update_step), warmup=1, repeats=max(3, repeats // 3), device=device)
     results["B3_topology_update"] = {"update": update, "ratio_update_over_dense_step": update["median_s"] / dense["median_s"],
-                                     "growth": controller.growth, "target": "<= 1.0", "peak_memory_mb": peak_memory_mb(device)}
+                                     "growth": controller.growth, "target": "<= 1.0", "peak_memory_mb": update["memory"]["peak_mb"]}
 
     # B4: a channel ticket keeping ~20% of the weights (sqrt(0.2) of the channels, random |gamma|),
     # physically slimmed, against the dense network: same batch, same attack
@@ -149,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     results["B4_channel_ticket"] = {"step": slim_t, "dense_step": dense, "speedup": speedup, "flops_ratio": flops_ratio,
                                     "speedup_over_flops_ratio": speedup / flops_ratio,
                                     "params_ratio": sum(p.numel() for p in slim_model.parameters()) / sum(p.numel() for p in model.parameters()),
-                                    "target": ">= 0.6", "peak_memory_mb": peak_memory_mb(device)}
+                                    "target": ">= 0.6", "peak_memory_mb": slim_t["memory"]["peak_mb"]}
 
     n_images = 2048 if args.quick else 50_000
     images = ImageSet(torch.randint(0, 256, (n_images, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (n_images,)))
@@ -165,13 +255,22 @@ def main(argv: list[str] | None = None) -> int:
     step_ips = batch / dense["median_s"]
     results["B5_data_path"] = {"loader_images_per_s": loader_ips, "train_step_images_per_s": step_ips,
                                "ratio_loader_over_step": loader_ips / step_ips, "target": ">= 20",
-                               "peak_memory_mb": peak_memory_mb(device)}
+                               "peak_memory_mb": load["memory"]["peak_mb"]}
 
-    report = {"device": str(device), "device_name": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
-              "threads": torch.get_num_threads(), "torch": str(torch.__version__), "python": platform.python_version(),
+    fast, why = fast_bf16(device)
+    results["B6_bf16_step"] = {"step": bf16_t, "fp32_step": dense, "channels_last_step": bf16_cl,
+                               "ratio_bf16_over_fp32": bf16_t["median_s"] / dense["median_s"],
+                               "ratio_bf16_channels_last_over_fp32": bf16_cl["median_s"] / dense["median_s"],
+                               "fast_bf16": fast, "fast_bf16_rule": why, "target": "<= 0.5",
+                               "peak_memory_mb": bf16_t["memory"]["peak_mb"]}
+
+    report = {"device": str(device), "device_name": device_name(device), "threads": torch.get_num_threads(), "torch": str(torch.__version__), "python": platform.python_version(),
               "quick": args.quick, "model": f"preact_resnet18(base_width={width})", "batch": batch, "image": "3x32x32",
               "date": time.strftime("%Y-%m-%d"), "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
               "results": results}
+    if args.profile:
+        report["profile"] = {"fp32_step": profile_table(dense_step, device),
+                             "bf16_step": profile_table(lambda: dense_step(bf16), device)}
     default_name = f"bench-{device.type}-b{batch}{'-quick' if args.quick else ''}.json"
     out = Path(args.out or Path(__file__).parent / "results" / default_name)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -181,14 +280,19 @@ def main(argv: list[str] | None = None) -> int:
             ("B2 FB step (d=0.2) / dense step", results["B2_flying_bird_step"]["ratio_sparse_over_dense"], "<= 1.03"),
             ("B3 topology update / dense step", results["B3_topology_update"]["ratio_update_over_dense_step"], "<= 1.0"),
             ("B4 channel ticket speedup / FLOPs ratio", results["B4_channel_ticket"]["speedup_over_flops_ratio"], ">= 0.6"),
-            ("B5 loader img/s / step img/s", results["B5_data_path"]["ratio_loader_over_step"], ">= 20")]
+            ("B5 loader img/s / step img/s", results["B5_data_path"]["ratio_loader_over_step"], ">= 20"),
+            ("B6 bf16 step / fp32 step", results["B6_bf16_step"]["ratio_bf16_over_fp32"], "<= 0.5"),
+            ("    bf16 channels_last step / fp32 step", results["B6_bf16_step"]["ratio_bf16_channels_last_over_fp32"], "")]
+    memory = {"B1": dense, "B2": fb, "B3": update, "B4": slim_t, "B5": load, "B6": bf16_t}
     print(f"device {report['device']} ({report['device_name']}), {report['model']}, batch {batch}")
     print(f"dense step {dense['median_s'] * 1e3:.1f} ms, floor {floor_t['median_s'] * 1e3:.1f} ms, "
           f"11 full passes {eleven['median_s'] * 1e3:.1f} ms, FB step {fb['median_s'] * 1e3:.1f} ms, "
           f"update {update['median_s'] * 1e3:.1f} ms, channel-ticket step {slim_t['median_s'] * 1e3:.1f} ms "
-          f"(speedup {speedup:.2f}x, FLOPs ratio {flops_ratio:.2f}x)")
+          f"(speedup {speedup:.2f}x, FLOPs ratio {flops_ratio:.2f}x), bf16 step {bf16_t['median_s'] * 1e3:.1f} ms")
     for name, value, target in rows:
-        print(f"{name:36s} {value:8.3f}  {target}")
+        print(f"{name:40s} {value:8.3f}  {target}")
+    print(f"peak memory ({dense['memory']['measure']}), MiB peak / increase: " + ", ".join(
+        f"{k} {t['memory']['peak_mb']:.0f}/{t['memory']['increase_mb']:.0f}" for k, t in memory.items()))
     print(f"written: {out}")
     return 0
 

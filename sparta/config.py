@@ -75,6 +75,16 @@ class AttackConfig:
 
 
 @dataclass
+class TrainConfig:
+    """How the training step runs (not what it computes): arithmetic precision and compilation."""
+
+    # bf16: autocast around the training attack and step, fp32 weights and optimizer state;
+    # fp16: CUDA only, with a gradient scaler; auto: bf16 where it is fast (sparta.precision.fast_bf16)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
+    compile: bool = False  # torch.compile the model for the training step (evaluation runs it uncompiled)
+
+
+@dataclass
 class ObjectiveConfig:
     name: Literal["ce", "trades"] = "ce"  # ce: Madry (CE on x_adv); trades: Zhang et al. 2019
     beta: float = 6.0  # TRADES robustness weight
@@ -95,6 +105,9 @@ class EvalConfig:
     # robust generalization gap at the end: accuracy on the first N training images (eval mode, no
     # augmentation) minus test accuracy; null skips it
     gap_subset: Optional[int] = 1000
+    # arithmetic of validation/test/gap evaluation (attack and forwards); fp32 keeps robustness
+    # numbers free of precision effects, bf16 autocast is faster where supported
+    precision: Literal["fp32", "bf16"] = "fp32"
 
 
 @dataclass
@@ -165,6 +178,7 @@ class Config:
     progress: Literal["auto", "bar", "lines", "none"] = "auto"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)

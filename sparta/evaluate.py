@@ -1,7 +1,8 @@
 """Clean and robust accuracy of a model on a fixed set of images. Returns dicts; never prints.
 
 Evaluation runs the model in eval mode (BatchNorm running statistics), without augmentation, in
-float32, and restores the model's previous mode afterwards.
+float32 (or under bfloat16 autocast with ``precision="bf16"``), and restores the model's previous mode
+afterwards.
 """
 from __future__ import annotations
 
@@ -14,18 +15,20 @@ from torch import Tensor, nn
 from .data.base import ImageSet
 from .data.loader import DeviceLoader
 from .distributed import SINGLE, Distributed
+from .precision import autocast
 
 Attack = Callable[[nn.Module, Tensor, Tensor], Tensor]
 
 
 def evaluate(model: nn.Module, data: ImageSet, attack: Attack, *, batch_size: int,
-             device: torch.device, dist: Distributed = SINGLE) -> dict[str, float]:
+             device: torch.device, dist: Distributed = SINGLE, precision: str = "fp32") -> dict[str, float]:
     """Clean/robust accuracy (percent) and mean clean/robust cross-entropy over ``data``.
 
     ``attack(model, x, y) -> x_adv`` is run on every batch; the robust numbers are measured on its
     output. All sums stay on the device and are read once at the end (no per-batch sync). Under
     torchrun every rank evaluates its contiguous slice of ``data`` (``batch_size`` per rank) and the
     sums are all-reduced, so every rank returns the same numbers over the whole of ``data``.
+    ``precision`` ("fp32" or "bf16") is the arithmetic of the attack and of every forward pass.
     """
     was_training = model.training
     model.eval()
@@ -36,17 +39,18 @@ def evaluate(model: nn.Module, data: ImageSet, attack: Attack, *, batch_size: in
                            augment=False).epoch(0) if len(part) else iter(())
     try:
         for x, y in batches:
-            x_adv = attack(model, x, y)
-            with torch.no_grad():
-                logits_clean = model(x)
-                logits_adv = model(x_adv)
-                sums += torch.stack([
-                    (logits_clean.argmax(1) == y).sum().double(),
-                    (logits_adv.argmax(1) == y).sum().double(),
-                    F.cross_entropy(logits_clean, y, reduction="sum").double(),
-                    F.cross_entropy(logits_adv, y, reduction="sum").double(),
-                    torch.tensor(float(len(y)), dtype=torch.float64, device=device),
-                ])
+            with autocast(precision, device):
+                x_adv = attack(model, x, y)
+                with torch.no_grad():
+                    logits_clean = model(x).float()  # (B, K); bf16 under autocast
+                    logits_adv = model(x_adv).float()
+            sums += torch.stack([
+                (logits_clean.argmax(1) == y).sum().double(),
+                (logits_adv.argmax(1) == y).sum().double(),
+                F.cross_entropy(logits_clean, y, reduction="sum").double(),
+                F.cross_entropy(logits_adv, y, reduction="sum").double(),
+                torch.tensor(float(len(y)), dtype=torch.float64, device=device),
+            ])
     finally:
         model.train(was_training)
     clean, robust, clean_loss, robust_loss, n = dist.all_reduce_sum_(sums).tolist()

@@ -30,6 +30,7 @@ from .flops import (dense_training_flops, forward_flops_by_layer, inference_flop
 from .methods import build_recipe
 from .netspec import build_model, input_shape, model_spec
 from .objectives import build_objective
+from .precision import StepPrecision, resolve_precision
 from .rundir import RunDir, TensorBoardLog, dumps, write_text_atomic
 from .schedules import LrSchedule
 from .signals import StopRequests
@@ -70,7 +71,7 @@ def eval_protocol(cfg: Config) -> dict[str, Any]:
     e = cfg.eval
     return {"attack": e.attack, "norm": e.norm or cfg.attack.norm, "eps": cfg.attack.eps if e.eps is None else e.eps,
             "alpha": e.alpha, "steps": e.steps, "restarts": e.restarts, "random_start": True,
-            "val_subset": e.val_subset, "test_subset": e.test_subset, "bn": "eval", "precision": "fp32"}
+            "val_subset": e.val_subset, "test_subset": e.test_subset, "bn": "eval", "precision": e.precision}
 
 
 def _first(data: ImageSet | None, n: int | None) -> ImageSet | None:
@@ -108,6 +109,8 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, progres
     Under torchrun (``WORLD_SIZE`` > 1) every rank calls this and gets the same records and summary;
     only rank 0 writes the run directory (see ``sparta.distributed``).
     """
+    # fp16 without CUDA fails here, before any work (the device type is all the rule needs)
+    precision, rule = resolve_precision(cfg.train.precision, resolve_device(cfg.device))
     data = load_dataset(cfg.data.name, cfg.data.root, val_size=cfg.data.val_size, train_subset=cfg.data.train_subset)
     stages = build_recipe(cfg)
     # after the checks every rank does alike, before any collective: a bad config or missing data
@@ -125,6 +128,8 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, progres
         run.load_state_dict(ckpt["run"], ckpt["model_spec"], ckpt["model"])
         # records written after this checkpoint will be written again; a write cut by a kill left a temporary file
         dist.on_main(lambda: (rd.truncate_metrics(run.records), rd.remove_torn_writes()))
+    if not (cfg.train.precision == "auto" and "train_precision" in run.info):  # auto is decided once per run
+        run.info.update(train_precision=precision, train_precision_rule=rule)
     if data.val is None:
         warnings.warn("data.val_size is 0: there is no validation set, so the best epoch is the final one")
     if cfg.logging.tensorboard and dist.is_main:
@@ -154,6 +159,7 @@ def _run_stage(stages: list[Stage], index: int, run: RunContext, data: DatasetSp
         stage.before(run)
     model = run.model
     optimizer = build_optimizer(cfg, model)
+    precision = StepPrecision(run.info["train_precision"], device)
     loader = DeviceLoader(data.train, cfg.batch_size, device=device, shuffle=True, augment=cfg.data.augment, seed=cfg.seed,
                           rank=dist.rank, world_size=dist.world_size)
     controller = stage.controller(cfg, run, optimizer, len(loader))
@@ -169,12 +175,18 @@ def _run_stage(stages: list[Stage], index: int, run: RunContext, data: DatasetSp
         model.load_state_dict(ckpt["model"])  # again: building the controller applied its initial masks
         optimizer.load_state_dict(ckpt["optimizer"])
         controller.load_state_dict(ckpt["controller"])
+        precision.load_state_dict(ckpt.get("precision", {}))  # the fp16 loss scale; older checkpoints have none
         state = TrainState(**ckpt["train_state"])
         dist.set_rng_state(ckpt["rng"], seed=cfg.seed, step=state.step)
         dist.restore_epoch_sums_(state, ckpt.get("epoch_sums"))  # a mid-epoch checkpoint: this rank's share
     if isinstance(getattr(controller, "masks", None), MaskSet):  # initial random masks, tickets, resumes
         dist.sync_masks_(controller.masks, f"the start of stage {stage.name}")
-    train_model = dist.wrap(model, sync_batchnorm=cfg.distributed.sync_batchnorm)  # DDP broadcasts rank 0's weights
+    # torch.compile wraps the module without copying it: controller, optimizer and checkpoints keep the
+    # plain model (parameter names without an `_orig_mod.` prefix); evaluation runs it uncompiled.
+    # DDP (which broadcasts rank 0's weights) goes around the compiled module, so the attack, run on
+    # the module inside DDP, is compiled too.
+    train_model = dist.wrap(torch.compile(model) if cfg.train.compile else model,
+                            sync_batchnorm=cfg.distributed.sync_batchnorm)
 
     def save(path: Path) -> None:
         """Write a checkpoint of the state now; a non-finite state is never written (the last good one stays).
@@ -190,7 +202,7 @@ def _run_stage(stages: list[Stage], index: int, run: RunContext, data: DatasetSp
             "model_spec": run.spec, "stage_index": index, "stage": stage.name, "epoch": state.epoch,
             "step": state.step, "optimizer": optimizer.state_dict(), "controller": controller.state_dict(),
             "train_state": asdict(state), "epoch_sums": epoch_sums, "run": run.state_dict(), "rng": rng,
-            "world_size": dist.world_size,
+            "precision": precision.state_dict(), "world_size": dist.world_size,
             "torch_version": str(torch.__version__)}, path))
 
     def end_epoch(stats: EpochStats) -> bool:
@@ -202,7 +214,8 @@ def _run_stage(stages: list[Stage], index: int, run: RunContext, data: DatasetSp
         evaluated = stats.epoch % cfg.eval.every == 0 or last
         if evaluated:
             dist.broadcast_buffers_(model)  # evaluate (and save) with rank 0's BN statistics everywhere
-            ev = lambda d: evaluate(model, d, attack, batch_size=cfg.eval.batch_size, device=device, dist=dist)
+            ev = lambda d: evaluate(model, d, attack, batch_size=cfg.eval.batch_size, device=device, dist=dist,
+                                    precision=cfg.eval.precision)
             v, t = (ev(val) if val is not None else None), ev(test)
             record.update({"val_clean_acc": v and v["clean_acc"], "val_robust_acc": v and v["robust_acc"],
                            "val_robust_loss": v and v["robust_loss"], "test_clean_acc": t["clean_acc"],
@@ -245,7 +258,7 @@ def _run_stage(stages: list[Stage], index: int, run: RunContext, data: DatasetSp
         # (a stage resumed after its last epoch trains no further, unless its epochs were raised)
         fit(train_model, optimizer, dist.watch(controller), loader, schedule, objective, attack_bn_mode=cfg.attack.bn_mode,
             epochs=cfg.epochs, state=state, end_epoch=end_epoch, end_step=end_step, cost=run.cost, progress=progress,
-            dist=dist)
+            dist=dist, precision=precision)
     run.record_stage({"name": stage.name, "epochs": state.epoch, "steps": state.step,
                       "wall_time_s": state.wall_time_s, "train_flops": run.cost.stage_total})
     save(rd.last)  # the stage's cost is in; a kill during the transition below repeats it from here
@@ -293,7 +306,7 @@ def summarize(cfg: Config, stages: list[Stage], run: RunContext, records: list[d
     if n is not None:
         subset = data.train.subset(0, min(n, len(data.train)))
         g = evaluate(run.model, subset, eval_attack(final_cfg), batch_size=final_cfg.eval.batch_size, device=run.device,
-                     dist=dist)
+                     dist=dist, precision=final_cfg.eval.precision)
         summary.update(gap_subset=g["n"], train_clean_acc=g["clean_acc"], train_robust_acc=g["robust_acc"],
                        robust_gap=g["robust_acc"] - final["test_robust_acc"],
                        clean_gap=g["clean_acc"] - final["test_clean_acc"])
@@ -325,7 +338,8 @@ def training_cost(run: RunContext, masks: dict[str, torch.Tensor], cfg: Config) 
             "inference_flops_dense": dense.total,
             "flops_convention": "2 FLOPs per multiply-add; attack step = forward + input-only backward (2F), "
                                 "training step = forward + full backward (3F), at the densities in force; "
-                                "paper convention counts every attack step as 3F"}
+                                "paper convention counts every attack step as 3F; the same at every train.precision "
+                                f"(this run: {run.info['train_precision']})"}
 
 
 def evaluate_checkpoint(path: str | Path, *, attack: str = "pgd", overrides: list[str] | tuple[str, ...] = (),
@@ -363,7 +377,7 @@ def evaluate_checkpoint(path: str | Path, *, attack: str = "pgd", overrides: lis
             raise ConfigError(f"{cfg.data.name} has {have} {what} but the checkpoint's model was trained with {want}; "
                               "evaluate on the dataset it was trained on")
     model = load_model(path, device)
-    protocol = eval_protocol(cfg)
+    protocol = {**eval_protocol(cfg), "precision": "fp32"}  # evaluate_robustness always runs in float32
     e = cfg.eval
     result = evaluate_robustness(model, _first(data.test, e.test_subset), attack=attack, eps=protocol["eps"],
                                  alpha=e.alpha, steps=e.steps, restarts=e.restarts, norm=protocol["norm"],

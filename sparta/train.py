@@ -19,9 +19,9 @@ from .distributed import SINGLE, Distributed
 from .errors import DivergedError
 from .flops import TrainingCostMeter
 from .objectives import Objective
+from .precision import FP32, StepPrecision
 from .schedules import LrSchedule
 from .sparse.controllers import SparsityController
-from .sparse.select import unwrap
 
 
 @dataclass
@@ -88,23 +88,31 @@ def bn_mode(model: nn.Module, mode: str):
             m.train()
 
 
+def without_ddp(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, controller: SparsityController,
                objective: Objective, x: torch.Tensor, y: torch.Tensor, *, step: int,
-               attack_bn_mode: str, loss_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+               attack_bn_mode: str, loss_weight: float = 1.0,
+               precision: StepPrecision = FP32) -> tuple[torch.Tensor, torch.Tensor]:
     """One adversarial training step on a batch x (B, C, H, W) in [0, 1], y (B,); returns (loss, logits).
 
-    ``model`` may be DDP-wrapped: the attack runs on the bare module (input gradients only, DDP's
-    reducer stays out of it), the training loss through the wrapper; its gradient is scaled by
+    ``model`` may be DDP-wrapped: the attack runs on the module inside (input gradients only, DDP's
+    reducer stays out of it; a torch.compile'd module stays compiled), the training loss through the wrapper; its gradient is scaled by
     ``loss_weight`` (a rank's share of the global batch times the world size).
     """
-    with bn_mode(model, attack_bn_mode):
-        x_adv = objective.attack(unwrap(model), x, y, step)
-    loss, logits = objective.loss(model, x_adv, x, y)
+    with precision.autocast():  # attack, forward and loss (fp32 weights, bf16/fp16 matmuls); no-op in fp32
+        with bn_mode(model, attack_bn_mode):
+            x_adv = objective.attack(without_ddp(model), x, y, step)
+        loss, logits = objective.loss(model, x_adv, x, y)
     optimizer.zero_grad(set_to_none=True)
-    (loss * loss_weight).backward()  # with DDP, returns once the gradients are all-reduced (averaged)
-    controller.after_backward(step)  # may change topology from dense grads; masks grads
-    optimizer.step()
-    controller.after_step(step)  # keeps pruned weights at exactly zero
+    # with DDP, backward returns once the gradients are all-reduced (averaged); False only for an
+    # fp16 overflow: then the step is skipped whole
+    if precision.backward(loss * loss_weight, optimizer):
+        controller.after_backward(step)  # may change topology from dense grads; masks grads
+        precision.step(optimizer)
+        controller.after_step(step)  # keeps pruned weights at exactly zero
     return loss, logits
 
 
@@ -112,7 +120,8 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, controller: Sparsity
         loader: DeviceLoader, schedule: LrSchedule, objective: Objective, *, attack_bn_mode: str,
         epochs: int, state: TrainState, end_epoch: Callable[[EpochStats], bool],
         end_step: Callable[[TrainState], None] = lambda state: None,
-        cost: TrainingCostMeter | None = None, progress: Progress = Silent(), dist: Distributed = SINGLE) -> TrainState:
+        cost: TrainingCostMeter | None = None, progress: Progress = Silent(), dist: Distributed = SINGLE,
+        precision: StepPrecision = FP32) -> TrainState:
     """Train from ``state`` (possibly mid-epoch) until ``epochs`` epochs are completed or
     ``end_epoch`` (which evaluates, logs and saves) returns True to stop early. ``end_step`` runs
     after every step (mid-epoch checkpoints, stop requests). Under torchrun the epoch statistics are
@@ -129,7 +138,8 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, controller: Sparsity
                 group["lr"] = lr
             n_global = loader.global_batch_size(state.batch)  # == len(y) in one process
             loss, logits = train_step(model, optimizer, controller, objective, x, y, step=state.step,
-                                      attack_bn_mode=attack_bn_mode, loss_weight=len(y) * loader.world_size / n_global)
+                                      attack_bn_mode=attack_bn_mode, loss_weight=len(y) * loader.world_size / n_global,
+                                      precision=precision)
             with torch.no_grad():  # on the device, no host sync: the finite count grows only while unbroken
                 finite = (torch.isfinite(loss) & (state.sums[2] == state.batch)).float()
                 state.sums += torch.stack([loss.detach().float() * len(y), (logits.argmax(1) == y).sum().float(), finite])

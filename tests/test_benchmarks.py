@@ -11,14 +11,21 @@ import bench  # noqa: E402
 
 def test_quick_benchmark_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert bench.main(["--quick", "--device", "cpu", "--out", str(out)]) == 0
+    assert bench.main(["--quick", "--device", "cpu", "--profile", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["quick"] is True and report["device"] == "cpu"
     r = report["results"]
     assert set(r) == {"B1_dense_pgd10_step", "B2_flying_bird_step", "B3_topology_update", "B4_channel_ticket",
-                      "B5_data_path"}
+                      "B5_data_path", "B6_bf16_step"}
+    for entry in r.values():
+        assert entry["peak_memory_mb"] > 0
+    memory = r["B1_dense_pgd10_step"]["step"]["memory"]
+    assert memory["increase_mb"] >= 0 and memory["peak_mb"] >= memory["increase_mb"] and "cpu peak RSS" in memory["measure"]
+    assert r["B6_bf16_step"]["ratio_bf16_over_fp32"] > 0 and isinstance(r["B6_bf16_step"]["fast_bf16"], bool)
     assert r["B2_flying_bird_step"]["density"] == 0.2 or abs(r["B2_flying_bird_step"]["density"] - 0.2) < 1e-4
     for key in ("ratio_step_over_floor", "ratio_step_over_eleven_full"):
         assert r["B1_dense_pgd10_step"][key] > 0
     assert r["B4_channel_ticket"]["flops_ratio"] > 1 and r["B4_channel_ticket"]["params_ratio"] < 1
-    assert "B1 dense PGD-10 step / floor" in capsys.readouterr().out
+    assert "aten::" in report["profile"]["fp32_step"] and "aten::" in report["profile"]["bf16_step"]
+    printed = capsys.readouterr().out
+    assert "B1 dense PGD-10 step / floor" in printed and "B6 bf16 step / fp32 step" in printed and "peak memory" in printed

@@ -1,4 +1,5 @@
 """End-to-end training on the embedded digits: the run directory contract and exact resume."""
+import functools
 import json
 
 import pytest
@@ -63,10 +64,12 @@ def crash_after(epoch):
     return on_epoch
 
 
-def test_resume_equals_uninterrupted(tmp_path):
-    full = train(cfg_for(tmp_path / "a"))
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_resume_equals_uninterrupted(tmp_path, precision):
+    full = train(cfg_for(tmp_path / "a", f"train.precision={precision}"))
+    assert full["train_precision"] == precision
     # the same run dies after its epoch-2 checkpoint, then is resumed from last.pt
-    part = cfg_for(tmp_path / "b")
+    part = cfg_for(tmp_path / "b", f"train.precision={precision}")
     with pytest.raises(Crash):
         train(part, on_epoch=crash_after(2))
     resumed = train(prepare_resume(part.run_dir, [], force=False), resume=True)
@@ -130,3 +133,47 @@ def test_tensorboard_logging_writes_every_record(tmp_path):
     scalars = events.Scalars("train/test_robust_acc")
     assert [s.step for s in scalars] == [1, 2]
     assert [s.value for s in scalars] == pytest.approx([r["test_robust_acc"] for r in records])
+
+
+def test_precision_is_recorded_and_auto_is_decided_once_per_run(tmp_path, monkeypatch):
+    monkeypatch.setattr("sparta.precision.fast_bf16", lambda device: (True, "test: fast"))
+    cfg = cfg_for(tmp_path, "train.precision=auto", "eval.precision=bf16")
+    with pytest.raises(Crash):
+        train(cfg, on_epoch=crash_after(1))
+    monkeypatch.setattr("sparta.precision.fast_bf16", lambda device: (False, "test: slow"))
+    summary = train(prepare_resume(cfg.run_dir, [], force=False), resume=True)
+    assert summary["train_precision"] == "bf16" and summary["train_precision_rule"] == "auto: test: fast"
+    assert summary["eval_protocol"]["precision"] == "bf16" and "this run: bf16" in summary["flops_convention"]
+    assert torch.load(RunDir(cfg.run_dir).last, weights_only=True)["precision"]["name"] == "bf16"
+    fresh = train(cfg_for(tmp_path / "fresh", "train.precision=auto", "epochs=1"))
+    assert fresh["train_precision"] == "fp32" and fresh["eval_protocol"]["precision"] == "fp32"
+
+
+def test_fp16_without_cuda_is_one_config_error_before_any_work(tmp_path):
+    with pytest.raises(ConfigError, match="train.precision=fp16 needs CUDA"):
+        train(cfg_for(tmp_path, "train.precision=fp16"))
+    assert not (tmp_path / "run").exists()
+
+
+def compiled_sparse_run(tmp_path):
+    cfg = cfg_for(tmp_path, "epochs=2", "train.compile=true", "train.precision=bf16", "method.name=flying_bird",
+                  "method.density=0.5", "method.update_every=4")
+    summary = train(cfg)
+    state = torch.load(RunDir(cfg.run_dir).last, weights_only=True)
+    assert not any("_orig_mod" in k for k in [*state["model"], *state["masks"]])
+    assert set(state["masks"]) <= set(state["model"])
+    for name, mask in state["masks"].items():
+        assert torch.all(state["model"][name][~mask] == 0)
+    assert summary["density_final"] == pytest.approx(0.5, abs=0.01) and summary["steps"] > 0
+
+
+def test_compile_keeps_plain_names_and_exact_zeros(tmp_path, monkeypatch):
+    # the AOTAutograd trace of the step (dynamo + joint forward/backward graphs) without inductor's
+    # C++ code generation, which takes ~40 s on this tiny model (see the slow test below)
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    compiled_sparse_run(tmp_path)
+
+
+@pytest.mark.slow
+def test_compile_with_inductor(tmp_path):
+    compiled_sparse_run(tmp_path)
