@@ -218,7 +218,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         clean = True
         return 128 + e.signum
     except SpartaError as e:
-        print(f"error{where}: {e}", file=sys.stderr)  # on every rank: a rank-local failure must be seen
+        # on every rank: a rank-local failure must be seen; one write, so ranks sharing the pipe under
+        # PYTHONUNBUFFERED cannot splice their lines together
+        sys.stderr.write(f"error{where}: {e}\n")
         clean = True
         return 2
     except KeyboardInterrupt:

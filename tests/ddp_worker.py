@@ -3,6 +3,7 @@
 ``crash CONFIG EPOCH [overrides]``: train and raise on every rank once EPOCH was saved (a kill).
 ``mismatch``: rank 1 moves one kept weight; the consistency check must name that layer on every rank.
 """
+import os
 import sys
 
 import torch
@@ -44,7 +45,9 @@ def mismatch() -> None:
     try:
         dist.check_masks(masks, "a deliberate flip")
     except distributed.RankMismatchError as e:
-        print(f"rank {dist.rank}: {e}", flush=True)
+        # one os.write of under PIPE_BUF bytes: the two ranks share the pipe, and print's separate writes of
+        # the text and its newline can interleave into one line
+        os.write(1, f"rank {dist.rank}: {e}\n".encode())
         distributed.shutdown()
         sys.exit(0)
     sys.exit(1)
