@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "0 and the config's eps are always added)")
     p.set_defaults(func=cmd_eval)
 
-    from . import flops, report
+    from . import flops, report, reproduce
 
     p = sub.add_parser("flops", help="inference and training FLOPs of a config or checkpoint (densities included)")
     flops.add_cli_arguments(p)
@@ -189,6 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="markdown tables and PNG plots from run directories")
     report.add_cli_arguments(p)
     p.set_defaults(func=report.cli_main)
+
+    p = sub.add_parser("reproduce", help="train every method of the papers under one protocol, evaluate them with "
+                                         "AutoAttack and PGD-20, and report which claims reproduce")
+    reproduce.add_cli_arguments(p)
+    p.set_defaults(func=reproduce.cli_main)
 
     p = sub.add_parser("demo", help="train dense and sparse models on the embedded 8x8 digits and compare")
     p.add_argument("--out-dir", default="runs/demo")

@@ -84,18 +84,18 @@ def prepare_resume(run_dir: str | Path, overrides: list[str], *, force: bool) ->
     rd.require_run()
     saved = load_config(rd.config)
     cfg = load_config(rd.config, overrides)
-    changed = _changed_keys(saved.to_dict(), cfg.to_dict())
+    changed = changed_keys(saved.to_dict(), cfg.to_dict())
     if changed and not force:
         raise ConfigError(f"resume would change {', '.join(changed)} of {run_dir}; drop those overrides or pass --force")
     cfg.out_dir = str(rd.path)  # the run lives where it is, whatever out_dir says
     return cfg
 
 
-def _changed_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+def changed_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
     keys = []
     for k in a:
         if isinstance(a[k], dict):
-            keys += _changed_keys(a[k], b[k], f"{prefix}{k}.")
+            keys += changed_keys(a[k], b[k], f"{prefix}{k}.")
         elif a[k] != b[k]:
             keys.append(f"{prefix}{k}")
     return keys

@@ -223,15 +223,18 @@ def cumulative(records: list[dict[str, Any]], key: str) -> list[float | None]:
 
 
 def time_to_robustness(records: list[dict[str, Any]], target_ra: float) -> dict[str, Any] | None:
-    """Cost at which test RA first reaches ``target_ra`` (percent), or None if it never does.
+    """Cost at which the run's model first has test RA >= ``target_ra`` (percent), or None if never.
 
-    Returns ``{"wall_time_s", "train_flops", "epoch", "stage"}``: cumulative wall time (training plus
+    Only epochs of the last stage count: it trains the model the run produces, while an earlier
+    stage's network (a boosting finder's dense FGSM model, a search) is pruned or discarded. Returns
+    ``{"wall_time_s", "train_flops", "epoch", "stage"}``: cumulative wall time (training plus
     per-epoch evaluation, as logged) and training FLOPs at that evaluated epoch, *including every
     earlier stage* (ticket search, finder); ``train_flops`` is None when the run does not log it.
     """
     wall = cumulative(records, "wall_time_s")
     flops = cumulative(records, "train_flops")
-    for i, r in enumerate(records):
+    for i in _segments(records)[-1][1] if records else []:
+        r = records[i]
         ra = _num(r.get("test_robust_acc"))
         if ra is not None and ra >= target_ra:
             return {"wall_time_s": wall[i], "train_flops": flops[i], "epoch": r.get("epoch"),
@@ -784,8 +787,9 @@ def _ttr_section(runs: Sequence[Run], groups: list[list[Run]], glabels: list[str
              f"Reference for the ratios: {ref_name}.", "",
              _md_table(["run", "method", "seed", "first reached at", "wall time", "wall time vs ref.",
                         "train FLOPs", "FLOPs vs ref."], rows), "",
-             "Cost = cumulative over the whole run up to the first evaluated epoch whose test RA reaches the target, "
-             "*including earlier stages* (ticket search, finder). Wall time counts training and the per-epoch "
+             "Cost = cumulative over the whole run up to the first evaluated epoch of its last stage (the one that "
+             "trains the model it produces) whose test RA reaches the target, *including earlier stages* (ticket "
+             "search, finder). Wall time counts training and the per-epoch "
              "evaluation as logged; test RA is checked only at evaluated epochs."]
     sentences = []
     for group, glabel in zip(groups, glabels):
@@ -857,8 +861,10 @@ def _measurement_section(runs: Sequence[Run]) -> str:
     return "\n".join(lines)
 
 
-def write_report(paths: Sequence[str | Path], out: str | Path, *, target_ra: float | None = None) -> Report:
-    """Read the runs under ``paths`` and write ``out/report.md`` and the PNGs; writes nothing else."""
+def write_report(paths: Sequence[str | Path], out: str | Path, *, target_ra: float | None = None,
+                 preamble: str = "") -> Report:
+    """Read the runs under ``paths`` and write ``out/report.md`` and the PNGs; writes nothing else.
+    ``preamble`` (markdown) goes before the tables (``sparta reproduce`` puts its claims there)."""
     from .rundir import write_text_atomic
 
     out = Path(out)
@@ -899,7 +905,7 @@ def write_report(paths: Sequence[str | Path], out: str | Path, *, target_ra: flo
             rel = p.relative_to(out).as_posix()
             plot_lines.append(f"![{rel}]({rel})")
 
-    lines = ["# sparta report", "",
+    lines = ([preamble] if preamble else []) + ["# sparta report", "",
              f"{len(runs)} run{'s' if len(runs) != 1 else ''} in {len(groups)} config{'s' if len(groups) != 1 else ''}: "
              + ", ".join(f"`{r.path}`" for r in runs), ""]
     lines += ["## Results per config (mean ± std over seeds)", "",

@@ -45,7 +45,8 @@ def dumps(obj: Any) -> str:
 
 
 # everything a run (and the tools reading it) may write into its folder
-RUN_FILES = {"config.yaml", "metrics.jsonl", "summary.json", "checkpoints", "plots", "tensorboard"}
+RUN_FILES = {"config.yaml", "metrics.jsonl", "summary.json", "checkpoints", "plots", "tensorboard",
+             "final-eval.json"}  # the last: `sparta reproduce`
 
 
 class RunDir:

@@ -1,0 +1,350 @@
+"""``sparta reproduce``: every method of the papers under one protocol, evaluated, with the claims checked.
+
+A profile is a list of runs, each a preset of ``sparta/configs/`` plus overrides, trained one after
+the other by ``sparta train`` (through torchrun with ``--nproc``); then every final model is
+evaluated with AutoAttack and PGD-20 on the same test images, and one report is written: the
+``sparta report`` tables and plots of all runs, preceded by the protocol, the commands and the
+claims of ``sparta.claims`` with their verdicts.
+
+* ``cpu-mini``: a scaled-down CIFAR-10 protocol (``CPU_MINI`` below, with the reasons for each
+  number) that fits about an hour on 2 CPU cores.
+* ``paper``: the papers' protocols unchanged (200 epochs, preact_resnet18, density 0.2, PGD-10
+  training, PGD-20 and AutoAttack on the full test set), for GPUs.
+
+Everything is resumable: a finished run (``summary.json``) and a finished evaluation (its JSON
+beside the checkpoint) are kept, an unfinished run is resumed from its last checkpoint, so the
+same command continues after a kill.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from . import claims as C
+from .errors import SpartaError
+
+PRESETS = Path(__file__).with_name("configs")
+PROFILES = ("cpu-mini", "paper")
+DATASET_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python", "tinyimagenet": "tiny-imagenet-200"}
+DATASETS = tuple(DATASET_FOLDERS)
+
+# role -> preset name (``{dataset}_<preset>.yaml``); the order is the order of training
+ROLES = {"dense": "pgd", "robust_bird": "robust_bird", "robust_bird_channel": "robust_bird_channel",
+         "flying_bird": "flying_bird", "flying_bird_plus": "flying_bird_plus",
+         "boosting_dense": "boosting_dense", "boosting_ticket": "boosting_ticket"}
+
+# cpu-mini: one protocol for every run, sized for about an hour on 2 CPU cores (docs/reproduce.md
+# gives the measured cost of each part)
+CPU_MINI_EPOCHS = 20
+CPU_MINI: list[str] = [
+    # 4,000 training images: what 20 adversarial epochs of 7 runs allow; a small training set is also
+    # where robust overfitting shows earliest (Rice et al. 2020), which the first claim needs
+    "data.val_size=1000", "data.train_subset=4000",
+    # preact_resnet18 at a quarter of its width (16-32-64-128 channels): 1/16 of its FLOPs, same topology
+    "model.base_width=16",
+    f"epochs={CPU_MINI_EPOCHS}",
+    # the papers' step schedule compressed: lr 0.1, x0.1 at 50% and 75% of training; robust overfitting
+    # starts right after the first decay
+    "optim.milestones=[10,15]",
+    # PGD-3 with Madry's step 2.5 eps / steps instead of PGD-10: a third of the attack cost, the same
+    # threat model (eps 8/255)
+    "attack.steps=3", "attack.alpha=20/765",
+    # bf16 autocast for training where the CPU runs it fast (fp32 elsewhere); evaluation stays fp32
+    "train.precision=auto",
+    # per-epoch evaluation (curves, best-epoch selection, robust overfitting and gap): PGD-10, step
+    # 2/255, on 250 validation and 500 test images; it costs about as much as the training epoch
+    "eval.steps=10", "eval.val_subset=250", "eval.test_subset=500", "eval.gap_subset=500",
+    "progress=lines",
+]
+CPU_MINI_ROLE: dict[str, list[str]] = {
+    # the ticket search is at most a third of the adversarial epochs (paper: 50 of 200 allowed)
+    "robust_bird": ["method.max_search_epochs=7"],
+    "robust_bird_channel": ["method.max_search_epochs=7"],
+    # paper: an update every 900 (later 1200) iterations = 2.6 (3.4) epochs of 352 iterations, ~68
+    # updates in 200 epochs; here every epoch of 31 iterations (every 1.5 in the second half), 16 updates
+    "flying_bird": ["method.update_every_epochs=1", "method.update_every_late_epochs=1.5"],
+    "flying_bird_plus": ["method.update_every_epochs=1", "method.update_every_late_epochs=1.5",
+                         "method.adapt_from_epoch=10"],
+    # boosting: the shortened schedule is half the dense one (paper: 100 of 200 epochs), the finder a
+    # fifth of that (paper: 20 of 100)
+    "boosting_dense": ["epochs=10", "optim.milestones=[5,8]", "optim.warmup_epochs=1"],
+    "boosting_ticket": ["epochs=10", "optim.milestones=[5,8]", "optim.warmup_epochs=1", "method.finder_epochs=2"],
+}
+
+# a one-epoch run of any profile on a few images: checks that every stage runs, nothing more
+SMOKE: list[str] = ["epochs=1", "data.val_size=32", "data.train_subset=64", "batch_size=32", "attack.steps=2",
+                    "eval.steps=2", "eval.val_subset=32", "eval.test_subset=32", "eval.gap_subset=32",
+                    "method.max_search_epochs=1", "method.finder_epochs=1", "optim.milestones=[1]",
+                    "optim.warmup_epochs=0", "progress=none"]
+
+
+@dataclass(frozen=True)
+class FinalEval:
+    """AutoAttack (standard) and PGD-20 of each final model on the first ``n`` test images (None: all)."""
+
+    n: int | None
+    steps: int = 20
+
+
+# AutoAttack standard costs ~1 s an image on the cpu-mini models (Square's 5,000 queries on every
+# image still robust dominate): 100 images each keeps the seven evaluations to ~12 minutes
+FINAL_EVAL = {"cpu-mini": FinalEval(n=100), "paper": FinalEval(n=None)}
+SMOKE_EVAL = FinalEval(n=8, steps=2)
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    role: str
+    preset: Path
+    overrides: tuple[str, ...]
+    run_dir: Path
+
+    def command(self, nproc: int | None = None) -> list[str]:
+        """The ``sparta train`` arguments of this run (the preset path as the user would type it)."""
+        return ["train", *(["--nproc", str(nproc)] if nproc and nproc > 1 else []), str(self.preset),
+                *self.overrides]
+
+
+def plan(profile: str, dataset: str, data_root: str | Path, out: str | Path, *, smoke: bool = False,
+         only: list[str] | None = None, overrides: list[str] | tuple[str, ...] = ()) -> list[PlannedRun]:
+    """The runs of ``profile``: preset + profile overrides (+ ``SMOKE``) + the caller's ``overrides``."""
+    if profile not in PROFILES:
+        raise SpartaError(f"unknown profile {profile!r}; valid: {', '.join(PROFILES)}")
+    if dataset not in DATASETS:
+        raise SpartaError(f"unknown dataset {dataset!r}; valid: {', '.join(DATASETS)}")
+    if profile == "cpu-mini" and dataset != "cifar10":
+        raise SpartaError("the cpu-mini profile is defined on cifar10 only; use --dataset cifar10 (or --profile paper)")
+    roles = list(ROLES)
+    if only:
+        unknown = [r for r in only if r not in ROLES]
+        if unknown:
+            raise SpartaError(f"--only: unknown run {', '.join(unknown)}; valid: {', '.join(ROLES)}")
+        roles = [r for r in roles if r in only]
+    runs = []
+    for role in roles:
+        run_dir = Path(out) / "runs" / role
+        args = [f"data.root={data_root}", f"name={role}", f"out_dir={run_dir}"]
+        if profile == "cpu-mini":
+            args += CPU_MINI + CPU_MINI_ROLE.get(role, [])
+        if smoke:
+            args += SMOKE
+        runs.append(PlannedRun(role, PRESETS / f"{dataset}_{ROLES[role]}.yaml", (*args, *overrides), run_dir))
+    return runs
+
+
+# settings a kept or resumed run may differ in from the plan: they do not change what it computes
+MAY_DIFFER = ("data.root", "progress")
+
+
+def check_existing(run: PlannedRun) -> None:
+    """A run directory left by an earlier call must hold the run this plan asks for."""
+    from .config import load_config
+    from .experiment import changed_keys
+
+    if not (run.run_dir / "config.yaml").is_file():
+        return
+    saved, wanted = load_config(run.run_dir / "config.yaml"), load_config(run.preset, list(run.overrides))
+    changed = [k for k in changed_keys(saved.to_dict(), wanted.to_dict()) if k not in MAY_DIFFER]
+    if changed:
+        raise SpartaError(f"{run.run_dir} holds a {run.role} run with other settings ({', '.join(changed)}); "
+                          "give another --out, or delete that folder to train it again")
+
+
+def train_run(run: PlannedRun, *, nproc: int | None, log: Callable[[str], None]) -> None:
+    """Train ``run`` with ``sparta train`` in a child process, or resume it, or keep it if finished."""
+    rd = run.run_dir
+    if (rd / "summary.json").is_file():
+        log(f"== {run.role}: finished earlier, kept ({rd})")
+        return
+    if (rd / "checkpoints" / "last.pt").is_file():
+        args = ["train", *(["--nproc", str(nproc)] if nproc and nproc > 1 else []), "--resume", str(rd)]
+        log(f"== {run.role}: resuming {rd}")
+    else:  # a folder without a checkpoint holds nothing a rerun would not rewrite
+        args = [*run.command(nproc), *(["--overwrite"] if rd.exists() else [])]
+        log(f"== {run.role}: sparta {shlex.join(args)}")
+    code = subprocess.call([sys.executable, "-m", "sparta", *args])
+    if code != 0:
+        raise SpartaError(f"run {run.role} stopped with exit code {code} (its error is above); "
+                          "rerun the same command to resume: finished runs are kept")
+
+
+def evaluate_final(run: PlannedRun, final: FinalEval, data_root: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    """AutoAttack and PGD-``final.steps`` of the run's final model on the same test images (cached)."""
+    from .experiment import evaluate_checkpoint
+    from .rundir import dumps, write_text_atomic
+
+    last = run.run_dir / "checkpoints" / "last.pt"
+    cache = run.run_dir / "final-eval.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    log(f"== {run.role}: AutoAttack and PGD-{final.steps} of the final model on "
+        f"{'all' if final.n is None else f'the first {final.n}'} test images")
+    # the PGD reference of the AutoAttack evaluation is PGD-<steps> (eval.restarts 1) on the same images
+    result = evaluate_checkpoint(last, attack="autoattack", n_examples=final.n,
+                                 overrides=[f"eval.steps={final.steps}", "eval.restarts=1", f"data.root={data_root}"])
+    rows = {r["kind"]: r for r in result["rows"]}
+    out = {"autoattack": rows["autoattack"]["robust_acc"], "pgd": result["pgd_robust_acc"],
+           "clean": rows["autoattack"]["clean_acc"], "n": rows["autoattack"]["n"], "pgd_steps": final.steps,
+           "checks": result["checks"], "warnings": result["warnings"], "written": result["written"]}
+    write_text_atomic(cache, dumps(out))
+    return out
+
+
+def check_claims(runs: dict[str, Any], evals: dict[str, dict[str, Any]], n_test: int) -> list[C.Claim]:
+    """The claims that the present runs allow (``runs``: role -> ``sparta.report.Run``)."""
+    from .report import time_to_robustness
+
+    stats = {role: run.stats() for role, run in runs.items()}
+    out = []
+    if "dense" in stats and any(r in stats for r in C.SPARSE_ROLES):
+        out.append(C.smaller_than_dense(stats, "ra_diff", "robust overfitting (RA best - final)", n_test))
+        out.append(C.smaller_than_dense(stats, "robust_gap", "robust generalization gap", n_test))
+    if "flying_bird" in stats and "flying_bird_plus" in stats:
+        out.append(C.fb_plus_sparser_and_cheaper(stats))
+    if "dense" in stats and any(r in stats for r in ("robust_bird", "robust_bird_channel", "flying_bird")):
+        out.append(C.saves_flops_at_comparable_ra(stats, n_test))
+    if "boosting_dense" in stats and "boosting_ticket" in stats:
+        target = stats["boosting_dense"]["ra_final"]
+        ticket = runs["boosting_ticket"].records
+        retrained = [r for r in ticket if r.get("stage") == ticket[-1].get("stage")]  # not the finder's model
+        ticket_max = max((r["test_robust_acc"] for r in retrained if r.get("test_robust_acc") is not None),
+                         default=None)
+        out.append(C.boosting_reaches_dense_ra_cheaper(
+            target, ticket_max, time_to_robustness(ticket, target),
+            time_to_robustness(runs["boosting_dense"].records, target), n_test))
+    if evals:
+        out.append(C.autoattack_below_pgd(evals))
+    return out
+
+
+def reproduce(profile: str, data_root: str | Path, out: str | Path, *, dataset: str = "cifar10",
+              nproc: int | None = None, smoke: bool = False, only: list[str] | None = None,
+              overrides: list[str] | tuple[str, ...] = (), command: str = "", log: Callable[[str], None] = lambda line: None) -> Path:
+    """Train, evaluate and report ``profile``; returns the path of the report."""
+    from .config import load_config
+    from .report import load_run, write_report
+    from .robustness import require_autoattack
+    from .rundir import dumps, write_text_atomic
+
+    data_root, out = Path(data_root), Path(out)
+    folder = DATASET_FOLDERS.get(dataset)
+    if folder and not (data_root / folder).is_dir():
+        raise SpartaError(f"--data-root {data_root} has no {folder}/ folder; give the folder that holds the "
+                          f"official {dataset} files")
+    if out.exists() and not out.is_dir():
+        raise SpartaError(f"--out {out} exists and is not a folder")
+    planned = plan(profile, dataset, data_root, out, smoke=smoke, only=only, overrides=overrides)
+    require_autoattack()  # before an hour of training, not after
+    for run in planned:  # every config is valid, and every earlier run the same, before anything starts
+        load_config(run.preset, list(run.overrides))
+        check_existing(run)
+    for run in planned:
+        train_run(run, nproc=nproc, log=log)
+    final = SMOKE_EVAL if smoke else FINAL_EVAL[profile]
+    evals = {run.role: evaluate_final(run, final, data_root, log) for run in planned}
+    runs = {run.role: load_run(run.run_dir) for run in planned}
+    n_test = _test_images(runs[planned[0].role])
+    found = check_claims(runs, evals, n_test)
+    target = runs["boosting_dense"].stats()["ra_final"] if "boosting_dense" in runs else None
+    written = _dt.datetime.now(_dt.timezone.utc)
+    preamble = _preamble(profile, dataset, planned, found, evals, final, n_test, command, written, nproc)
+    report = write_report([out / "runs"], out / "report", target_ra=target, preamble=preamble)
+    write_text_atomic(out / "claims.json", dumps({
+        "profile": profile, "dataset": dataset, "smoke": smoke, "command": command,
+        "written_utc": written.isoformat(timespec="seconds"), "machine": _machine(),
+        "claims": [c.to_dict() for c in found], "final_eval": evals,
+        "runs": {run.role: {"command": ["sparta", *run.command(nproc)], "stats": runs[run.role].stats()}
+                 for run in planned}}))
+    return report.path
+
+
+def _test_images(run: Any) -> int:
+    """Test images of the per-epoch evaluation: eval.test_subset, else the whole test set (10,000 images
+    in each of the profile datasets)."""
+    return int((run.config.get("eval") or {}).get("test_subset") or 10_000)
+
+
+def _machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return f"{cpu}, {os.cpu_count()} logical CPUs{gpu}; torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def _preamble(profile: str, dataset: str, planned: list[PlannedRun], found: list[C.Claim],
+              evals: dict[str, dict[str, Any]], final: FinalEval, n_test: int, command: str,
+              written: _dt.datetime, nproc: int | None) -> str:
+    counts = {v: sum(c.verdict == v for c in found) for v in (C.REPRODUCED, C.NOT_REPRODUCED, C.INCONCLUSIVE)}
+    lines = [f"# Reproduction: profile `{profile}` on {dataset}", "",
+             f"- Command: `{command}`" if command else "- Command: (library call)",
+             f"- Written {written:%Y-%m-%d %H:%M} UTC on {_machine()} (each run's own date and device are "
+             "in its summary.json)",
+             f"- Verdicts: {counts[C.REPRODUCED]} reproduced, {counts[C.NOT_REPRODUCED]} not reproduced, "
+             f"{counts[C.INCONCLUSIVE]} inconclusive (rules fixed in `sparta/claims.py` before the runs; one seed "
+             f"per run, per-epoch RA on {n_test} test images)", "",
+             "## Claims", ""]
+    for c in found:
+        lines += [f"### {c.claim}: **{c.verdict}**", ""] + [f"- {e}" for e in c.evidence] + ["", f"Rule: {c.why}.", ""]
+    lines += [f"## Final models: AutoAttack and PGD-{final.steps}", "",
+              f"AutoAttack standard (pyautoattack) and PGD-{final.steps} (step 2/255, 1 restart) on the "
+              f"{'full test set' if final.n is None else f'first {final.n} test images'}, fp32, the final checkpoint "
+              "of each run.", "",
+              "| run | clean % | PGD % | AutoAttack % | AutoAttack - PGD | sanity checks |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for role, e in evals.items():
+        failed = [ch["name"] for ch in e["checks"] if not ch["passed"]]
+        lines.append(f"| {C.LABELS.get(role, role)} | {e['clean']:.2f} | {e['pgd']:.2f} | {e['autoattack']:.2f} | "
+                     f"{e['autoattack'] - e['pgd']:+.2f} | {'failed: ' + ', '.join(failed) if failed else 'all passed'} |")
+    lines += ["", "## Runs", "", "Each run is this `sparta train` command (`--resume RUN_DIR` continues one):", ""]
+    lines += [f"- {C.LABELS.get(r.role, r.role)}: `sparta {shlex.join(r.command(nproc))}`" for r in planned]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- command line (wired by sparta/cli.py)
+
+
+def add_cli_arguments(parser) -> None:
+    parser.add_argument("overrides", nargs="*",
+                        help="dotted overrides applied to every run after the profile's, e.g. device=cuda")
+    parser.add_argument("--profile", required=True, choices=PROFILES,
+                        help="cpu-mini: the scaled-down CIFAR-10 protocol (~1 h on 2 CPU cores); paper: the papers' "
+                             "full protocols (GPUs)")
+    parser.add_argument("--data-root", required=True, metavar="DIR",
+                        help="folder with the dataset's official files (cifar-10-batches-py/, cifar-100-python/ "
+                             "or tiny-imagenet-200/)")
+    parser.add_argument("--dataset", default="cifar10", choices=DATASETS)
+    parser.add_argument("--out", default=None, metavar="DIR", help="default: results/<profile>-<dataset>")
+    parser.add_argument("--nproc", type=int, default=None, metavar="N",
+                        help="train each run with N local processes (torchrun, DistributedDataParallel)")
+    parser.add_argument("--only", default=None, metavar="RUN,RUN",
+                        help=f"a subset of the runs: {','.join(ROLES)}")
+    parser.add_argument("--smoke", action="store_true",
+                        help="one epoch on a few images per run: checks the whole pipeline, measures nothing")
+
+
+def cli_main(args) -> int:
+    if args.nproc is not None and args.nproc < 1:
+        raise SpartaError(f"--nproc must be >= 1, got {args.nproc}")
+    out = args.out or f"results/{args.profile}-{args.dataset}" + ("-smoke" if args.smoke else "")
+    only = [r.strip() for r in args.only.split(",") if r.strip()] if args.only else None
+    command = "sparta " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["reproduce"] else ""
+    path = reproduce(args.profile, args.data_root, out, dataset=args.dataset, nproc=args.nproc, smoke=args.smoke,
+                     only=only, overrides=args.overrides, command=command, log=lambda line: print(line, flush=True))
+    print(path)
+    return 0
