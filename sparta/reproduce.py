@@ -17,7 +17,9 @@ same command continues after a kill.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import fcntl
 import json
 import os
 import platform
@@ -26,7 +28,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from . import claims as C
 from .errors import SpartaError
@@ -158,6 +160,19 @@ def check_existing(run: PlannedRun) -> None:
                           "give another --out, or delete that folder to train it again")
 
 
+@contextlib.contextmanager
+def exclusive(out: Path) -> Iterator[None]:
+    """Hold ``out/.lock`` (an flock, released when the process ends however it ends): two calls
+    writing one folder would train the same runs twice and tear each other's checkpoints."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SpartaError(f"another sparta reproduce is writing {out}; wait for it, or give another --out") from None
+        yield
+
+
 def train_run(run: PlannedRun, *, nproc: int | None, log: Callable[[str], None]) -> None:
     """Train ``run`` with ``sparta train`` in a child process, or resume it, or keep it if finished."""
     rd = run.run_dir
@@ -243,13 +258,15 @@ def reproduce(profile: str, data_root: str | Path, out: str | Path, *, dataset: 
         raise SpartaError(f"--out {out} exists and is not a folder")
     planned = plan(profile, dataset, data_root, out, smoke=smoke, only=only, overrides=overrides)
     require_autoattack()  # before an hour of training, not after
-    for run in planned:  # every config is valid, and every earlier run the same, before anything starts
-        load_config(run.preset, list(run.overrides))
-        check_existing(run)
     for run in planned:
-        train_run(run, nproc=nproc, log=log)
+        load_config(run.preset, list(run.overrides))
     final = SMOKE_EVAL if smoke else FINAL_EVAL[profile]
-    evals = {run.role: evaluate_final(run, final, data_root, log) for run in planned}
+    with exclusive(out):
+        for run in planned:  # every earlier run is the one planned, before anything starts
+            check_existing(run)
+        for run in planned:
+            train_run(run, nproc=nproc, log=log)
+        evals = {run.role: evaluate_final(run, final, data_root, log) for run in planned}
     runs = {run.role: load_run(run.run_dir) for run in planned}
     n_test = _test_images(runs[planned[0].role])
     found = check_claims(runs, evals, n_test)

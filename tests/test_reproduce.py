@@ -139,6 +139,22 @@ def test_reproduce_refuses_a_data_root_without_the_dataset(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_second_reproduce_on_the_same_folder_is_refused(tmp_path):
+    import fcntl
+
+    (tmp_path / "data" / "cifar-10-batches-py").mkdir(parents=True)
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / ".lock", "w") as held:  # as a running `sparta reproduce` holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        result = subprocess.run([sys.executable, "-m", "sparta", "reproduce", "--profile", "cpu-mini", "--data-root",
+                                 str(tmp_path / "data"), "--out", str(out)], capture_output=True, text=True,
+                                env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: another sparta reproduce is writing {out}; wait for it, or give another --out"
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]
+
+
 def test_paper_smoke_on_the_cifar100_subset(tmp_path):
     """Every run of the paper profile for one epoch on a few CIFAR-100 images, evaluated, claims checked
     (at a quarter of the width: AutoAttack on the full-width model costs minutes an image on CPU)."""
