@@ -87,3 +87,11 @@ def test_flying_bird_plus_logs_decisions_and_moves_density(tmp_path):
     assert records[-1]["fbplus_grow_more_total"] == sum(d["grow_more"] for d in decisions)
     if any(d["prune_more"] or d["grow_more"] for d in decisions):
         assert summary["density_final"] != pytest.approx(0.3, abs=1e-6)
+
+
+def test_flying_bird_plus_learns_only_from_evaluated_epochs(tmp_path):
+    # eval.every=2: epochs 1 and 3 have no validation numbers; the rule's window holds epochs 2 and 4
+    cfg = cfg_for(tmp_path / "run", *FBPLUS, "epochs=4", "eval.every=2")
+    train(cfg)
+    history = final_checkpoint(cfg)["controller"]["history"]
+    assert [h["epoch"] for h in history] == [2, 4]

@@ -385,6 +385,8 @@ class AdaptiveDensity(DynamicSparse):
         self.decisions: list[dict[str, Any]] = []  # one per topology update once the rule is active
 
     def end_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        if "val_robust_acc" not in metrics:  # not an evaluated epoch (eval.every > 1): nothing to learn from
+            return
         missing = [key for key in self.REQUIRED_METRICS if metrics.get(key) is None]
         if missing:
             raise ConfigError(
