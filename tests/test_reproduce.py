@@ -99,7 +99,7 @@ def test_cpu_mini_plan_is_one_protocol(tmp_path):
     for role, cfg in cfgs.items():
         assert cfg.run_dir == tmp_path / "out" / "runs" / role
         # the shared protocol: data, model, attack, evaluation, precision are the same for every run
-        assert (cfg.data.train_subset, cfg.data.val_size, cfg.model.name, cfg.model.base_width) == (4000, 1000, "preact_resnet18", 16)
+        assert (cfg.data.train_subset, cfg.data.val_size, cfg.model.name, cfg.model.base_width) == (1000, 1000, "preact_resnet18", 16)
         assert (cfg.attack.steps, cfg.attack.eps, cfg.eval.steps, cfg.eval.test_subset) == (3, 8 / 255, 10, 500)
         assert cfg.attack.alpha == pytest.approx(2.5 * cfg.attack.eps / 3)
         assert cfg.train.precision == "auto"
