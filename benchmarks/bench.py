@@ -42,7 +42,7 @@ from sparta.data.loader import DeviceLoader
 from sparta.flops import forward_flops_by_layer
 from sparta.models import create_model
 from sparta.objectives import build_objective
-from sparta.precision import StepPrecision, fast_bf16
+from sparta.precision import StepPrecision, cpu_name, fast_bf16
 from sparta.sparse.channels import bn_channel_masks, slim
 from sparta.sparse.controllers import Dense, DynamicSparse
 from sparta.sparse.masks import MaskSet
@@ -130,15 +130,7 @@ def profile_table(fn: Callable[[], object], device: torch.device, rows: int = 15
 
 
 def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,7 @@ and inputs / adversarial examples stay float32 in every precision.
 from __future__ import annotations
 
 import contextlib
+import platform
 from pathlib import Path
 from typing import Any, ContextManager
 
@@ -43,6 +44,17 @@ def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> set[str]:
         if line.startswith("flags"):
             return set(line.split(":", 1)[1].split())
     return set()
+
+
+def cpu_name(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
+    """The ``model name`` of the first CPU in ``/proc/cpuinfo``, else what ``platform`` knows."""
+    try:
+        for line in Path(cpuinfo).read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def fast_bf16(device: torch.device, flags: set[str] | None = None) -> tuple[bool, str]:

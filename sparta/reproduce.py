@@ -11,8 +11,8 @@ claims of ``sparta.claims`` with their verdicts.
 * ``paper``: the papers' protocols unchanged (200 epochs, preact_resnet18, density 0.2, PGD-10
   training, PGD-20 and AutoAttack on the full test set), for GPUs.
 
-Everything is resumable: a finished run (``summary.json``) and a finished evaluation (its JSON
-beside the checkpoint) are kept, an unfinished run is resumed from its last checkpoint, so the
+Everything is resumable: a finished run (``summary.json``) and a finished evaluation
+(``final-eval.json`` in the run directory) are kept, an unfinished run is resumed from its last checkpoint, so the
 same command continues after a kill.
 """
 from __future__ import annotations
@@ -112,8 +112,11 @@ class PlannedRun:
 
     def command(self, nproc: int | None = None) -> list[str]:
         """The ``sparta train`` arguments of this run (the preset path as the user would type it)."""
-        return ["train", *(["--nproc", str(nproc)] if nproc and nproc > 1 else []), str(self.preset),
-                *self.overrides]
+        return ["train", *_nproc_args(nproc), str(self.preset), *self.overrides]
+
+
+def _nproc_args(nproc: int | None) -> list[str]:
+    return ["--nproc", str(nproc)] if nproc and nproc > 1 else []
 
 
 def plan(profile: str, dataset: str, data_root: str | Path, out: str | Path, *, smoke: bool = False,
@@ -147,14 +150,14 @@ def plan(profile: str, dataset: str, data_root: str | Path, out: str | Path, *, 
 MAY_DIFFER = ("data.root", "progress")
 
 
-def check_existing(run: PlannedRun) -> None:
-    """A run directory left by an earlier call must hold the run this plan asks for."""
+def check_existing(run: PlannedRun, wanted: Any) -> None:
+    """A run directory left by an earlier call must hold the run this plan asks for (``wanted``: its Config)."""
     from .config import load_config
     from .experiment import changed_keys
 
     if not (run.run_dir / "config.yaml").is_file():
         return
-    saved, wanted = load_config(run.run_dir / "config.yaml"), load_config(run.preset, list(run.overrides))
+    saved = load_config(run.run_dir / "config.yaml")
     changed = [k for k in changed_keys(saved.to_dict(), wanted.to_dict()) if k not in MAY_DIFFER]
     if changed:
         raise SpartaError(f"{run.run_dir} holds a {run.role} run with other settings ({', '.join(changed)}); "
@@ -181,7 +184,7 @@ def train_run(run: PlannedRun, *, nproc: int | None, log: Callable[[str], None])
         log(f"== {run.role}: finished earlier, kept ({rd})")
         return
     if (rd / "checkpoints" / "last.pt").is_file():
-        args = ["train", *(["--nproc", str(nproc)] if nproc and nproc > 1 else []), "--resume", str(rd)]
+        args = ["train", *_nproc_args(nproc), "--resume", str(rd)]
         log(f"== {run.role}: resuming {rd}")
     else:  # a folder without a checkpoint holds nothing a rerun would not rewrite
         args = [*run.command(nproc), *(["--overwrite"] if rd.exists() else [])]
@@ -259,12 +262,11 @@ def reproduce(profile: str, data_root: str | Path, out: str | Path, *, dataset: 
         raise SpartaError(f"--out {out} exists and is not a folder")
     planned = plan(profile, dataset, data_root, out, smoke=smoke, only=only, overrides=overrides)
     require_autoattack()  # before an hour of training, not after
-    for run in planned:
-        load_config(run.preset, list(run.overrides))
+    configs = [load_config(run.preset, list(run.overrides)) for run in planned]  # all valid before any run
     final = SMOKE_EVAL if smoke else FINAL_EVAL[profile]
     with exclusive(out):
-        for run in planned:  # every earlier run is the one planned, before anything starts
-            check_existing(run)
+        for run, cfg in zip(planned, configs):  # every earlier run is the one planned, before anything starts
+            check_existing(run, cfg)
         for run in planned:
             train_run(run, nproc=nproc, log=log)
         evals = {run.role: evaluate_final(run, final, data_root, log) for run in planned}
@@ -293,14 +295,9 @@ def _test_images(run: Any) -> int:
 def _machine() -> str:
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from .precision import cpu_name
+
+    cpu = cpu_name()
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
     return f"{cpu}, {os.cpu_count()} logical CPUs{gpu}; torch {torch.__version__}, Python {platform.python_version()}"
 

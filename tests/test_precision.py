@@ -3,6 +3,8 @@
 bf16 autocast runs on every CPU (fast only with bf16 units); the fp16 gradient-scaler logic is
 device-independent, so it is driven here with a CPU GradScaler although runs refuse fp16 on CPU.
 """
+import platform
+
 import pytest
 import torch
 from torch import nn
@@ -12,7 +14,7 @@ from sparta.errors import ConfigError
 from sparta.evaluate import evaluate
 from sparta.data.base import ImageSet
 from sparta.objectives import build_objective
-from sparta.precision import StepPrecision, cpu_flags, fast_bf16, resolve_precision
+from sparta.precision import StepPrecision, cpu_flags, cpu_name, fast_bf16, resolve_precision
 from sparta.sparse.controllers import DynamicSparse
 from sparta.sparse.masks import MaskSet
 from sparta.train import train_step
@@ -51,6 +53,13 @@ def sparse_setup(update_every=2):
     controller = DynamicSparse(model, opt, MaskSet.random(model, 0.3, "uniform", seed=0), total_steps=100,
                                update_every=update_every, growth="gradient")
     return model, opt, controller
+
+
+def test_cpu_name_reads_the_model_name(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: AMD EPYC 9R14 96-Core Processor\nflags\t\t: fpu\n")
+    assert cpu_name(info) == "AMD EPYC 9R14 96-Core Processor"
+    assert cpu_name(tmp_path / "missing") == (platform.processor() or platform.machine())
 
 
 def test_auto_rule_reads_cpu_flags(tmp_path):
