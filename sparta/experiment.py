@@ -233,14 +233,14 @@ def _run_stage(stages: list[Stage], index: int, run: RunContext, data: DatasetSp
         record.update(epoch_time_s=stats.epoch_time_s, eval_time_s=eval_time,
                       wall_time_s=run.wall_time_s(excluding=stage.name) + state.wall_time_s)
         done = stage.stop(controller)
-        stop.signum = dist.share_signal(stop.signum)  # a signal any rank got stops all of them here
+        stopping = stop.agree(dist.share_signal)  # a signal any rank got stops all of them here
         dist.agree(f"at the end of epoch {stats.epoch}", best=is_best, stop=done)
         if evaluated:
             dist.on_main(lambda: rd.append_metrics(record))
             run.records += 1
         if is_best:
             save(rd.best)
-        if stats.epoch % cfg.checkpoint.every_epochs == 0 or last or stop.signum is not None:
+        if stats.epoch % cfg.checkpoint.every_epochs == 0 or last or stopping:
             save(rd.last)
         if evaluated:
             on_epoch(record)
@@ -249,8 +249,7 @@ def _run_stage(stages: list[Stage], index: int, run: RunContext, data: DatasetSp
 
     def end_step(_: TrainState) -> None:  # the same object as `state`
         every = cfg.checkpoint.every_steps
-        stop.signum = dist.share_signal(stop.signum)
-        if stop.signum is not None or (every is not None and state.step % every == 0):
+        if stop.agree(dist.share_signal) or (every is not None and state.step % every == 0):
             save(rd.last)  # mid-epoch: the loader position and epoch sums are in train_state
             stop.raise_if_requested(state.step, rd.path)
 

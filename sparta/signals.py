@@ -4,12 +4,18 @@ The handler only records the signal; the training loop honours it at the next st
 epoch end), saves ``checkpoints/last.pt`` there and stops with ``Interrupted``, so a preempted job
 loses at most one step and resumes with ``sparta train --resume``. A second signal while the first
 is pending stops at once (KeyboardInterrupt), for a user who does not want to wait for the step.
+
+The handler may run at any instant, also between a boundary's decision and the save it leads to, so
+the loop acts only on the value ``agree`` fixed at the boundary (under torchrun, the same on every
+rank); a signal that lands after it is honoured at the next boundary. Acting on the live flag would
+let the one rank that got the signal stop alone while the others wait for it in a collective.
 """
 from __future__ import annotations
 
 import signal
 import threading
 from types import FrameType
+from typing import Callable
 
 from .errors import Interrupted
 
@@ -20,7 +26,8 @@ class StopRequests:
     """Context manager installing the handlers (main thread only; elsewhere it stays inert)."""
 
     def __init__(self) -> None:
-        self.signum: int | None = None
+        self.received: int | None = None  # written by the handler, at any instant
+        self.agreed: int | None = None  # the decision taken at the last boundary
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> "StopRequests":
@@ -34,13 +41,19 @@ class StopRequests:
         self._previous = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.signum is not None:
+        if self.received is not None:
             raise KeyboardInterrupt
-        self.signum = signum
+        self.received = signum
+
+    def agree(self, share: Callable[[int | None], int | None]) -> bool:
+        """Take this boundary's decision: ``share`` (``Distributed.share_signal``) turns the signal this
+        process received, if any, into the one all ranks act on. True: save and stop here."""
+        self.agreed = share(self.received)
+        return self.agreed is not None
 
     def raise_if_requested(self, step: int, run_dir: object) -> None:
         """Called right after ``checkpoints/last.pt`` was saved at ``step``."""
-        if self.signum is not None:
-            name = signal.Signals(self.signum).name
+        if self.agreed is not None:
+            name = signal.Signals(self.agreed).name
             raise Interrupted(f"stopped by {name} after step {step}; checkpoints/last.pt is saved: continue with "
-                              f"sparta train --resume {run_dir}", self.signum)
+                              f"sparta train --resume {run_dir}", self.agreed)

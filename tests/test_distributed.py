@@ -196,7 +196,9 @@ def free_port():
 
 def test_stop_signal_on_one_rank_stops_both_mid_epoch_and_resume_is_bit_identical(tmp_path):
     # the stop saves a mid-epoch checkpoint, which must hold each rank's epoch-so-far statistics
-    extra = {**FLYING_BIRD, "epochs": 2, "checkpoint": {"every_steps": 3}}
+    # PGD-8 makes a step slow enough that the signal, sent once step 18 is seen, lands before the run's
+    # last step (32) even when the polling below is starved of CPU
+    extra = {**FLYING_BIRD, "epochs": 2, "checkpoint": {"every_steps": 3}, "attack": {**TINY["attack"], "steps": 8}}
     config = write_config(tmp_path, extra)
     sparta_train("--nproc", "2", str(config), f"out_dir={tmp_path / 'full'}")
     part = tmp_path / "part"
@@ -212,7 +214,11 @@ def test_stop_signal_on_one_rank_stops_both_mid_epoch_and_resume_is_bit_identica
         assert time.monotonic() < deadline
         time.sleep(0.01)
     ranks[1].send_signal(signal.SIGTERM)  # rank 0 gets nothing: it must stop all the same
-    codes = [p.wait(timeout=60) for p in ranks]
+    try:
+        codes = [p.wait(timeout=60) for p in ranks]
+    finally:  # a rank left waiting in a collective must not outlive the test
+        for p in ranks:
+            p.kill()
     assert codes == [143, 143], [p.communicate()[1][-2000:] for p in ranks]
     stopped = step_in(part)
     assert steps_per_epoch + 2 <= stopped < 2 * steps_per_epoch

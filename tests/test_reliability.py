@@ -19,9 +19,10 @@ import torch
 from sparta import checkpoint
 from sparta.cli import main
 from sparta.config import from_dict, with_overrides
-from sparta.errors import DivergedError
+from sparta.errors import DivergedError, Interrupted
 from sparta.experiment import prepare_resume, train
 from sparta.rundir import RunDir
+from sparta.signals import StopRequests
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "configs" / "demo.yaml")
@@ -119,6 +120,24 @@ def test_stop_signal_saves_and_exits_cleanly(reference, tmp_path, signum):
     code, err = finish(sparta("train", "--resume", str(out)))
     assert code == 0, err
     assert_same_run(reference, out)
+
+
+def test_a_signal_after_the_boundary_decision_is_honoured_at_the_next_boundary():
+    # under torchrun one rank stopping on a signal the others did not agree on would leave them waiting
+    stop = StopRequests()
+    assert not stop.agree(lambda received: received)
+    stop._handle(signal.SIGTERM, None)  # lands during the save that follows the decision
+    stop.raise_if_requested(3, "run")  # no stop: this boundary decided to go on
+    assert stop.agree(lambda received: received)
+    with pytest.raises(Interrupted, match=r"stopped by SIGTERM after step 4; .* --resume run$") as e:
+        stop.raise_if_requested(4, "run")
+    assert e.value.signum == signal.SIGTERM
+    with pytest.raises(KeyboardInterrupt):  # a second signal does not wait for the boundary
+        stop._handle(signal.SIGINT, None)
+    quiet = StopRequests()  # a rank that got nothing stops on another rank's signal
+    assert quiet.agree(lambda received: max(received or 0, signal.SIGINT))
+    with pytest.raises(Interrupted, match="stopped by SIGINT after step 7"):
+        quiet.raise_if_requested(7, "run")
 
 
 # ------------------------------------------------------------------ in-process: mid-epoch resume per method
