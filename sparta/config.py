@@ -76,12 +76,15 @@ class AttackConfig:
 
 @dataclass
 class TrainConfig:
-    """How the training step runs (not what it computes): arithmetic precision and compilation."""
+    """How the training step runs (not what it computes): arithmetic precision, compilation, layout."""
 
     # bf16: autocast around the training attack and step, fp32 weights and optimizer state;
     # fp16: CUDA only, with a gradient scaler; auto: bf16 where it is fast (sparta.precision.fast_bf16)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
     compile: bool = False  # torch.compile the model for the training step (evaluation runs it uncompiled)
+    # conv weights in NHWC (channels_last), so convolutions run in that layout; faster in some
+    # settings only (see the README's benchmarks), hence off by default
+    channels_last: bool = False
 
 
 @dataclass

@@ -181,6 +181,8 @@ def _run_stage(stages: list[Stage], index: int, run: RunContext, data: DatasetSp
         dist.restore_epoch_sums_(state, ckpt.get("epoch_sums"))  # a mid-epoch checkpoint: this rank's share
     if isinstance(getattr(controller, "masks", None), MaskSet):  # initial random masks, tickets, resumes
         dist.sync_masks_(controller.masks, f"the start of stage {stage.name}")
+    if cfg.train.channels_last:  # in place (param.data): optimizer, controller and masks keep their tensors
+        model.to(memory_format=torch.channels_last)  # 4-d weights only; evaluation uses the same layout
     # torch.compile wraps the module without copying it: controller, optimizer and checkpoints keep the
     # plain model (parameter names without an `_orig_mod.` prefix); evaluation runs it uncompiled.
     # DDP (which broadcasts rank 0's weights) goes around the compiled module, so the attack, run on

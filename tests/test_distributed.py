@@ -67,10 +67,10 @@ def records(run_dir):
     return [{k: v for k, v in r.items() if k not in TIMING} for r in RunDir(run_dir).read_metrics()]
 
 
-@pytest.fixture(scope="module")
-def flying_bird_two_ranks(tmp_path_factory):
+@pytest.fixture(scope="module", params=[False, True], ids=["nchw", "channels_last"])
+def flying_bird_two_ranks(tmp_path_factory, request):
     tmp = tmp_path_factory.mktemp("fb2")
-    config = write_config(tmp, FLYING_BIRD)
+    config = write_config(tmp, {**FLYING_BIRD, "train": {"channels_last": request.param}})
     sparta_train("--nproc", "2", str(config), f"out_dir={tmp / 'run'}")
     return config, tmp / "run"
 

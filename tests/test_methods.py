@@ -21,7 +21,8 @@ def final_checkpoint(cfg):
     return torch.load(RunDir(cfg.run_dir).last, weights_only=True)
 
 
-@pytest.mark.parametrize("method", [["method.name=static", "method.density=0.2", "method.distribution=erk"], FB])
+@pytest.mark.parametrize("method", [["method.name=static", "method.density=0.2", "method.distribution=erk"], FB,
+                                    [*FB, "train.channels_last=true"]], ids=["static", "flying_bird", "fb_channels_last"])
 def test_density_is_exact_and_pruned_weights_are_zero(tmp_path, method):
     cfg = cfg_for(tmp_path / "run", *method)
     summary = train(cfg)
@@ -57,7 +58,8 @@ def test_flying_bird_changes_topology_at_fixed_per_layer_counts(tmp_path):
     assert records[-1]["topology_updates"] == expected
 
 
-@pytest.mark.parametrize("method", [FB, FBPLUS], ids=["flying_bird", "flying_bird_plus"])
+@pytest.mark.parametrize("method", [FB, FBPLUS, [*FB, "train.channels_last=true"]],
+                         ids=["flying_bird", "flying_bird_plus", "fb_channels_last"])
 def test_resume_equals_uninterrupted(tmp_path, method):
     a = cfg_for(tmp_path / "a", *method)
     train(a)

@@ -155,6 +155,9 @@ METHODS = {
     "flying_bird": ["method.name=flying_bird", "method.density=0.3", "method.update_every=4"],
     "robust_bird": ["method.name=robust_bird", "method.density=0.3", "method.max_search_epochs=2",
                     "model.name=preact_resnet18", "model.base_width=4"],
+    # the ticket is drawn from weights the search stage trained in NHWC
+    "robust_bird_channels_last": ["method.name=robust_bird", "method.density=0.3", "method.max_search_epochs=2",
+                                  "model.name=preact_resnet18", "model.base_width=4", "train.channels_last=true"],
 }
 
 

@@ -155,6 +155,25 @@ def test_fp16_without_cuda_is_one_config_error_before_any_work(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_channels_last_trains_every_conv_weight_in_nhwc(tmp_path, monkeypatch):
+    # exact densities, zeros and resume under channels_last: tests/test_methods.py
+    import sparta.train as loop
+
+    layouts = []
+    real_step = loop.train_step
+
+    def recording(model, *args, **kwargs):
+        convs = [p for p in model.parameters() if p.dim() == 4]  # the first has 1 input channel: both layouts at once
+        layouts.append((all(p.is_contiguous(memory_format=torch.channels_last) for p in convs),
+                        sum(not p.is_contiguous() for p in convs)))
+        return real_step(model, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", recording)
+    train(cfg_for(tmp_path, "epochs=1", "train.channels_last=true", "method.name=flying_bird", "method.density=0.3",
+                  "method.update_every=4"))
+    assert layouts == [(True, 2)] * 16  # 512 images / 32 per step
+
+
 def compiled_sparse_run(tmp_path):
     cfg = cfg_for(tmp_path, "epochs=2", "train.compile=true", "train.precision=bf16", "method.name=flying_bird",
                   "method.density=0.5", "method.update_every=4")

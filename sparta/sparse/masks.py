@@ -40,7 +40,8 @@ class MaskSet:
         for name, p in self.params.items():
             if masks[name].shape != p.shape:
                 raise ValueError(f"mask {name}: shape {tuple(masks[name].shape)} != parameter {tuple(p.shape)}")
-            self.masks[name] = masks[name].to(device=p.device, dtype=torch.bool).clone()
+            # contiguous whatever the weight's layout (channels_last): controllers edit masks through view(-1)
+            self.masks[name] = masks[name].to(device=p.device, dtype=torch.bool).clone(memory_format=torch.contiguous_format)
         self._param_list = list(self.params.values())
         self._mask_list = list(self.masks.values())
         self._float_list = [m.to(p.dtype) for m, p in zip(self._mask_list, self._param_list)]
@@ -51,7 +52,7 @@ class MaskSet:
     def from_model(cls, model: nn.Module, exclude: Sequence[str] = ()) -> "MaskSet":
         """All-ones masks over ``prunable_parameters(model, exclude)``."""
         params = prunable_parameters(model, exclude)
-        return cls(params, {name: torch.ones_like(p, dtype=torch.bool) for name, p in params.items()})
+        return cls(params, {name: torch.ones(p.shape, dtype=torch.bool, device=p.device) for name, p in params.items()})
 
     @classmethod
     def random(
