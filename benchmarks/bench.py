@@ -16,9 +16,13 @@ Measured (ids as in the performance issue):
 - B4  channel ticket (~20% of the weights, physically slimmed) step speedup / its FLOPs ratio.
 - B5  DeviceLoader images/s with augmentation / training step images/s.
 - B6  dense PGD-10 AT step under bf16 autocast (``train.precision: bf16``) / the fp32 step; also the
-      bf16 step with channels_last weights and inputs (tried for speed, see the README).
+      bf16 step with channels_last conv weights, as ``train.channels_last: true`` runs it.
+- B7  (``--compile``) dense step with ``train.compile`` (torch.compile, default backend) / the eager
+      step, timed back to back after the compiling first step; no target, it says whether to use it.
 
-Each measurement also records the peak memory while it ran (see :class:`PeakMemory`).
+B2 and B4 run their step and a dense step alternately, so both sides of the ratio see the same
+machine (their sequential ratios drifted by +-5% between runs on a shared machine). Each measurement
+also records the peak memory while it ran (see :class:`PeakMemory`).
 ``--profile`` adds the top operators of one fp32 and one bf16 dense step (torch.profiler) to the JSON.
 """
 from __future__ import annotations
@@ -100,21 +104,34 @@ class PeakMemory:
 
 def timed(fn: Callable[[], object], *, warmup: int, repeats: int, device: torch.device) -> dict[str, object]:
     """Median and quartiles of ``fn``'s wall time in seconds, and the peak memory while it ran."""
+    return timed_alternately([fn], warmup=warmup, repeats=repeats, device=device)[0]
+
+
+def timed_alternately(fns: list[Callable[[], object]], *, warmup: int, repeats: int,
+                      device: torch.device) -> list[dict[str, object]]:
+    """``timed`` for several functions run in turn (a, b, a, b, ...), so that a drift in the machine's
+    speed affects all alike: how a ratio of two of them is taken on a shared machine. The peak memory
+    is that of all of them together."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     memory = PeakMemory(device)
     memory.reset()
     for _ in range(warmup):
-        fn()
+        for fn in fns:
+            fn()
     sync()
-    times = []
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
-    return {"median_s": statistics.median(times), "p25_s": q[0], "p75_s": q[2], "repeats": repeats,
-            "memory": memory.read()}
+        for fn, out in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            sync()
+            out.append(time.perf_counter() - start)
+    peak = memory.read()
+    results = []
+    for t in times:
+        q = statistics.quantiles(t, n=4) if len(t) > 1 else [t[0]] * 3
+        results.append({"median_s": statistics.median(t), "p25_s": q[0], "p75_s": q[2], "repeats": repeats, "memory": peak})
+    return results
 
 
 def profile_table(fn: Callable[[], object], device: torch.device, rows: int = 15) -> str:
@@ -141,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=None, help="timed iterations per measurement")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench-<device>[-quick].json)")
     parser.add_argument("--profile", action="store_true", help="add torch.profiler tables of a fp32 and a bf16 dense step")
+    parser.add_argument("--compile", action="store_true",
+                        help="add B7, the torch.compile'd dense step (its compilation takes about a minute on 2 CPU cores)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
@@ -180,12 +199,12 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(11):
             full_pass()
 
-    # channels_last copy for B6: NHWC weights and input (the Normalize layer keeps the input's layout)
+    # B6's channels_last copy: NHWC conv weights as train.channels_last sets them (inputs stay NCHW;
+    # the first convolution's output is already NHWC)
     model_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
     opt_cl = torch.optim.SGD(model_cl.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    x_cl = x.contiguous(memory_format=torch.channels_last)
     bf16 = StepPrecision("bf16", device)
-    bf16_cl_step = lambda: train_step(model_cl, opt_cl, Dense(), objective, x_cl, y, step=1, attack_bn_mode="train",
+    bf16_cl_step = lambda: train_step(model_cl, opt_cl, Dense(), objective, x, y, step=1, attack_bn_mode="train",
                                       precision=bf16)
 
     model.train()
@@ -202,15 +221,21 @@ def main(argv: list[str] | None = None) -> int:
                                       "target": "<= 1.10", "peak_memory_mb": dense["memory"]["peak_mb"]}
     del model_cl, opt_cl
 
-    controller = DynamicSparse(model, optimizer, MaskSet.random(model, 0.2, "igq", seed=0), total_steps=200 * 391,
+    # B2 and B4 time their step alternately with the dense one (the ratio's two sides see the same
+    # machine); the sparse model is a copy, so the dense step stays dense
+    fb_model = copy.deepcopy(model)
+    fb_opt = torch.optim.SGD(fb_model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    controller = DynamicSparse(fb_model, fb_opt, MaskSet.random(fb_model, 0.2, "igq", seed=0), total_steps=200 * 391,
                                update_every=900)
-    fb_step = lambda: train_step(model, optimizer, controller, objective, x, y, step=1, attack_bn_mode="train")
-    fb = timed(fb_step, warmup=warmup, repeats=repeats, device=device)
-    results["B2_flying_bird_step"] = {"step": fb, "dense_step": dense, "ratio_sparse_over_dense": fb["median_s"] / dense["median_s"],
+    fb_step = lambda: train_step(fb_model, fb_opt, controller, objective, x, y, step=1, attack_bn_mode="train")
+    fb, fb_dense = timed_alternately([fb_step, dense_step], warmup=warmup, repeats=repeats, device=device)
+    results["B2_flying_bird_step"] = {"step": fb, "dense_step": fb_dense,
+                                      "ratio_sparse_over_dense": fb["median_s"] / fb_dense["median_s"],
                                       "density": controller.masks.density(), "target": "<= 1.03",
                                       "peak_memory_mb": fb["memory"]["peak_mb"]}
 
-    full_pass()  # dense gradients for growth
+    fb_opt.zero_grad(set_to_none=True)
+    F.cross_entropy(fb_model(x), y).backward()  # dense gradients for growth
     update_step = controller.update_every  # a step at which after_backward changes the topology
     update = timed(lambda: controller.after_backward(update_step), warmup=1, repeats=max(3, repeats // 3), device=device)
     results["B3_topology_update"] = {"update": update, "ratio_update_over_dense_step": update["median_s"] / dense["median_s"],
@@ -225,10 +250,10 @@ def main(argv: list[str] | None = None) -> int:
     slim_model, _ = slim(model, bn_channel_masks(model, keep_fraction=0.2 ** 0.5), x[:1])
     slim_opt = torch.optim.SGD(slim_model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     slim_step = lambda: train_step(slim_model, slim_opt, Dense(), objective, x, y, step=1, attack_bn_mode="train")
-    slim_t = timed(slim_step, warmup=warmup, repeats=repeats, device=device)
+    slim_t, slim_dense = timed_alternately([slim_step, dense_step], warmup=warmup, repeats=repeats, device=device)
     flops_ratio = forward_flops_by_layer(model, (3, 32, 32)).total / forward_flops_by_layer(slim_model, (3, 32, 32)).total
-    speedup = dense["median_s"] / slim_t["median_s"]
-    results["B4_channel_ticket"] = {"step": slim_t, "dense_step": dense, "speedup": speedup, "flops_ratio": flops_ratio,
+    speedup = slim_dense["median_s"] / slim_t["median_s"]
+    results["B4_channel_ticket"] = {"step": slim_t, "dense_step": slim_dense, "speedup": speedup, "flops_ratio": flops_ratio,
                                     "speedup_over_flops_ratio": speedup / flops_ratio,
                                     "params_ratio": sum(p.numel() for p in slim_model.parameters()) / sum(p.numel() for p in model.parameters()),
                                     "target": ">= 0.6", "peak_memory_mb": slim_t["memory"]["peak_mb"]}
@@ -256,6 +281,20 @@ def main(argv: list[str] | None = None) -> int:
                                "fast_bf16": fast, "fast_bf16_rule": why, "target": "<= 0.5",
                                "peak_memory_mb": bf16_t["memory"]["peak_mb"]}
 
+    if args.compile:  # last, so its compile workers cannot disturb B1-B6; the eager step again, beside it
+        compiled = torch.compile(model)
+        compiled_step = lambda: train_step(compiled, optimizer, Dense(), objective, x, y, step=1, attack_bn_mode="train",
+                                           precision=StepPrecision("fp32", device))
+        start = time.perf_counter()
+        compiled_step()  # traces and compiles the model's forward and backward
+        first_s = time.perf_counter() - start
+        eager = timed(dense_step, warmup=warmup, repeats=repeats, device=device)
+        compiled_t = timed(compiled_step, warmup=warmup, repeats=repeats, device=device)
+        results["B7_compiled_step"] = {"step": compiled_t, "eager_step": eager, "first_step_s": first_s,
+                                       "ratio_compiled_over_eager": compiled_t["median_s"] / eager["median_s"],
+                                       "peak_memory_mb": compiled_t["memory"]["peak_mb"]}
+        del compiled
+
     report = {"device": str(device), "device_name": device_name(device), "threads": torch.get_num_threads(), "torch": str(torch.__version__), "python": platform.python_version(),
               "quick": args.quick, "model": f"preact_resnet18(base_width={width})", "batch": batch, "image": "3x32x32",
               "date": time.strftime("%Y-%m-%d"), "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
@@ -276,6 +315,10 @@ def main(argv: list[str] | None = None) -> int:
             ("B6 bf16 step / fp32 step", results["B6_bf16_step"]["ratio_bf16_over_fp32"], "<= 0.5"),
             ("    bf16 channels_last step / fp32 step", results["B6_bf16_step"]["ratio_bf16_channels_last_over_fp32"], "")]
     memory = {"B1": dense, "B2": fb, "B3": update, "B4": slim_t, "B5": load, "B6": bf16_t}
+    if "B7_compiled_step" in results:
+        b7 = results["B7_compiled_step"]
+        rows.append(("B7 compiled step / eager step", b7["ratio_compiled_over_eager"], ""))
+        memory["B7"] = b7["step"]
     print(f"device {report['device']} ({report['device_name']}), {report['model']}, batch {batch}")
     print(f"dense step {dense['median_s'] * 1e3:.1f} ms, floor {floor_t['median_s'] * 1e3:.1f} ms, "
           f"11 full passes {eleven['median_s'] * 1e3:.1f} ms, FB step {fb['median_s'] * 1e3:.1f} ms, "

@@ -1,7 +1,10 @@
 """The benchmark suite runs in --quick mode and writes valid JSON (timings are not asserted)."""
+import functools
 import json
 import sys
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -29,3 +32,14 @@ def test_quick_benchmark_writes_json(tmp_path, capsys):
     assert "aten::" in report["profile"]["fp32_step"] and "aten::" in report["profile"]["bf16_step"]
     printed = capsys.readouterr().out
     assert "B1 dense PGD-10 step / floor" in printed and "B6 bf16 step / fp32 step" in printed and "peak memory" in printed
+    assert "B7" not in printed
+
+
+def test_compile_adds_the_compiled_step(tmp_path, monkeypatch):
+    # the traced step without inductor's C++ code generation, which would take a minute here
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    out = tmp_path / "bench.json"
+    assert bench.main(["--quick", "--device", "cpu", "--compile", "--out", str(out)]) == 0
+    b7 = json.loads(out.read_text())["results"]["B7_compiled_step"]
+    assert b7["ratio_compiled_over_eager"] == b7["step"]["median_s"] / b7["eager_step"]["median_s"] > 0
+    assert b7["first_step_s"] > 0 and b7["peak_memory_mb"] > 0
