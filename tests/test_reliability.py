@@ -150,14 +150,14 @@ TINY = {
     "eval": {"eps": 0.1, "alpha": 0.03, "steps": 2, "test_subset": 64, "gap_subset": 64},
     "checkpoint": {"every_steps": 5},
 }
+ROBUST_BIRD = ["method.name=robust_bird", "method.density=0.3", "method.max_search_epochs=2",
+               "model.name=preact_resnet18", "model.base_width=4"]
 METHODS = {
     "dense": [],
     "flying_bird": ["method.name=flying_bird", "method.density=0.3", "method.update_every=4"],
-    "robust_bird": ["method.name=robust_bird", "method.density=0.3", "method.max_search_epochs=2",
-                    "model.name=preact_resnet18", "model.base_width=4"],
+    "robust_bird": ROBUST_BIRD,
     # the ticket is drawn from weights the search stage trained in NHWC
-    "robust_bird_channels_last": ["method.name=robust_bird", "method.density=0.3", "method.max_search_epochs=2",
-                                  "model.name=preact_resnet18", "model.base_width=4", "train.channels_last=true"],
+    "robust_bird_channels_last": [*ROBUST_BIRD, "train.channels_last=true"],
 }
 
 

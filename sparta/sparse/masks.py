@@ -52,7 +52,7 @@ class MaskSet:
     def from_model(cls, model: nn.Module, exclude: Sequence[str] = ()) -> "MaskSet":
         """All-ones masks over ``prunable_parameters(model, exclude)``."""
         params = prunable_parameters(model, exclude)
-        return cls(params, {name: torch.ones(p.shape, dtype=torch.bool, device=p.device) for name, p in params.items()})
+        return cls(params, {name: torch.ones_like(p, dtype=torch.bool) for name, p in params.items()})
 
     @classmethod
     def random(
