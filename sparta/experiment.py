@@ -27,6 +27,7 @@ from .errors import CheckpointError, ConfigError, DivergedError
 from .evaluate import evaluate
 from .flops import (dense_training_flops, forward_flops_by_layer, inference_flops, mask_densities, savings,
                     step_multiplier)
+from .layout import channels_last_problem
 from .methods import build_recipe
 from .netspec import build_model, input_shape, model_spec
 from .objectives import build_objective
@@ -158,6 +159,13 @@ def _run_stage(stages: list[Stage], index: int, run: RunContext, data: DatasetSp
     if ckpt is None and stage.before is not None:
         stage.before(run)
     model = run.model
+    channels_last = cfg.train.channels_last
+    if channels_last and (problem := channels_last_problem(model, device)) is not None:
+        if index == 0:  # before the run directory exists: refused like any bad setting
+            raise ConfigError(problem)
+        # a transition (channel slimming) made the network narrow: this stage trains NCHW rather than crash
+        warnings.warn(f"{problem}; stage {stage.name} trains in the default layout")
+        channels_last = False
     optimizer = build_optimizer(cfg, model)
     precision = StepPrecision(run.info["train_precision"], device)
     loader = DeviceLoader(data.train, cfg.batch_size, device=device, shuffle=True, augment=cfg.data.augment, seed=cfg.seed,
@@ -181,7 +189,7 @@ def _run_stage(stages: list[Stage], index: int, run: RunContext, data: DatasetSp
         dist.restore_epoch_sums_(state, ckpt.get("epoch_sums"))  # a mid-epoch checkpoint: this rank's share
     if isinstance(getattr(controller, "masks", None), MaskSet):  # initial random masks, tickets, resumes
         dist.sync_masks_(controller.masks, f"the start of stage {stage.name}")
-    if cfg.train.channels_last:  # in place (param.data): optimizer, controller and masks keep their tensors
+    if channels_last:  # in place (param.data): optimizer, controller and masks keep their tensors
         model.to(memory_format=torch.channels_last)  # 4-d weights only; evaluation uses the same layout
     # torch.compile wraps the module without copying it: controller, optimizer and checkpoints keep the
     # plain model (parameter names without an `_orig_mod.` prefix); evaluation runs it uncompiled.

@@ -174,6 +174,48 @@ def test_channels_last_trains_every_conv_weight_in_nhwc(tmp_path, monkeypatch):
     assert layouts == [(True, 2)] * 16  # 512 images / 32 per step
 
 
+def test_channels_last_refuses_the_narrow_strided_1x1_layer_that_crashed_onednn(tmp_path):
+    # preact_resnet18 at base_width 4: layer2.0.shortcut (1x1, stride 2, 4 input channels) made oneDNN's
+    # NHWC weight gradient corrupt the heap (a segfault on AMD EPYC; on any x86 CPU with ONEDNN_MAX_CPU_ISA=AVX2)
+    narrow = ["model.name=preact_resnet18", "model.base_width=4", "train.channels_last=true"]
+    with pytest.raises(ConfigError, match=r"body\.layer2\.0\.shortcut \(and 1 more\) is a strided 1x1 convolution with 4 input "
+                                          r"channels.*base_width.*train\.channels_last=false"):
+        train(cfg_for(tmp_path, *narrow))
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_nhwc_unsafe_layers_are_the_narrow_strided_1x1_convolutions():
+    from torch import nn
+
+    from sparta.layout import channels_last_problem, nhwc_unsafe_convs
+
+    net = nn.Sequential(nn.Conv2d(4, 8, 1, stride=2), nn.Conv2d(8, 8, 3, stride=2), nn.Conv2d(8, 16, 1),
+                        nn.Conv2d(16, 32, 1, stride=2), nn.Conv2d(30, 30, 1, stride=2, groups=2))
+    assert nhwc_unsafe_convs(net) == {"0": 4, "4": 15}  # 3x3, stride 1 and >= 16 channels per group are safe
+    assert channels_last_problem(net, torch.device("cpu")).startswith("train.channels_last=true: 0 (and 1 more) ")
+    assert channels_last_problem(net, torch.device("cuda")) is None  # cuDNN, not oneDNN
+    assert channels_last_problem(net[1:4], torch.device("cpu")) is None
+
+
+def test_channels_last_at_the_threshold_trains_on_the_avx2_kernels_that_crashed(tmp_path):
+    # the same network at base_width 16 (16 input channels in layer2.0.shortcut), on the oneDNN kernels
+    # of the reproduction, in a child process so a crash fails this test instead of the suite
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-m", "sparta", "train", str(root / "configs" / "demo.yaml"), f"out_dir={tmp_path / 'r'}",
+         "model.name=preact_resnet18", "model.base_width=16", "train.channels_last=true", "epochs=1", "batch_size=32",
+         "data.train_subset=96", "data.val_size=32", "attack.steps=1", "eval.steps=1", "eval.test_subset=32",
+         "eval.gap_subset=null", "progress=none"],
+        env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)},
+        capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def compiled_sparse_run(tmp_path):
     cfg = cfg_for(tmp_path, "epochs=2", "train.compile=true", "train.precision=bf16", "method.name=flying_bird",
                   "method.density=0.5", "method.update_every=4")
