@@ -75,8 +75,9 @@ def launch_torchrun(nproc: int, args: argparse.Namespace) -> int:
     try:
         torchrun.run(torchrun.get_args_parser().parse_args(
             ["--standalone", f"--nproc_per_node={nproc}", "--module", "sparta", *child]))
-    except ChildFailedError as e:
-        return next(iter(e.failures.values())).exitcode or 1
+    except ChildFailedError as e:  # rank 0's code (2 for bad input); ranks stopped by torchrun have negative ones
+        codes = [f.exitcode for _, f in sorted(e.failures.items())]
+        return next((c for c in codes if c > 0), 1)
     return 0
 
 
@@ -223,16 +224,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         clean = True
         return 128 + e.signum
     except SpartaError as e:
-        # on every rank: a rank-local failure must be seen; one write, so ranks sharing the pipe under
-        # PYTHONUNBUFFERED cannot splice their lines together
-        sys.stderr.write(f"error{where}: {e}\n")
         clean = True
+        if where:  # rank > 0: rank 0 reports the error; this rank speaks only if the error is its own
+            await_rank0_report()
+        # one write, so ranks sharing the pipe under PYTHONUNBUFFERED cannot splice their lines together
+        sys.stderr.write(f"error{where}: {e}\n")
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     finally:  # after printing: torchrun stops the other workers as soon as one has exited
         leave_process_group(clean=clean)
+
+
+# how long a rank > 0 that met bad input waits for rank 0 to report it (rank 0 meets the same checks
+# within a second or two; its exit makes torchrun stop this rank before it prints)
+RANK0_REPORT_WAIT_S = 60.0
+
+
+def await_rank0_report() -> None:
+    """Under torchrun, after bad input on a rank > 0: leave the process group together with rank 0 (a
+    no-op before it was joined), then wait for torchrun to stop this process once rank 0 has printed the
+    error and exited. Bad input is met on every rank alike, so the user reads it once, from rank 0;
+    only an error rank 0 never met (a file missing on this node) is printed by this rank, after the wait."""
+    leave_process_group(clean=True)
+    time.sleep(RANK0_REPORT_WAIT_S)
 
 
 def leave_process_group(*, clean: bool) -> None:

@@ -24,12 +24,14 @@ What is shared and how (see the README's "Distributed training" section):
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import inspect
 import os
+import sys
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, Callable, Mapping, NoReturn, TypeVar
 
 import torch
 import torch.distributed as tdist
@@ -350,6 +352,20 @@ def setup(cfg: Any) -> Distributed:
         tdist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
                                  **({"device_id": device} if bind else {}))
     return Distributed(rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+
+def exit_worker(code: int) -> NoReturn:
+    """End a torchrun worker that has left its process group, with exit status ``code``.
+
+    A gloo worker thread may still be destroying the last collective's tensors, which takes the GIL;
+    once the interpreter finalizes, that thread is unwound and the process aborts ("terminate called
+    without an active exception") after the run ended cleanly. So the exit handlers run and the
+    output is flushed here, and the process ends without finalizing the interpreter."""
+    shutdown(clean=False)  # a no-op where the process group was left already
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def shutdown(*, clean: bool = True) -> None:

@@ -26,7 +26,7 @@ def crash(config: str, epoch: str, *overrides: str) -> None:
         train(load_config(config, list(overrides)), on_epoch=on_epoch)
     except Crash:
         distributed.shutdown()  # every rank crashed at the same point: a clean exit
-        sys.exit(3)
+        distributed.exit_worker(3)
 
 
 def mismatch() -> None:
@@ -49,8 +49,8 @@ def mismatch() -> None:
         # the text and its newline can interleave into one line
         os.write(1, f"rank {dist.rank}: {e}\n".encode())
         distributed.shutdown()
-        sys.exit(0)
-    sys.exit(1)
+        distributed.exit_worker(0)
+    distributed.exit_worker(1)
 
 
 if __name__ == "__main__":
