@@ -1,30 +1,41 @@
-"""The bad-input catalogue, through the real CLI as subprocesses: each case is one line on stderr
-saying what is wrong and how to fix it, exit code 2, no traceback, and nothing already written
-is changed.
+"""The bad-input catalogue, through the real CLI: each case is one line on stderr saying what is
+wrong and how to fix it, exit code 2, no traceback, and nothing already written is changed.
 
-The subprocesses are started together (a few at a time) by one fixture, since each spends most of
-its time importing torch; each case is still its own test.
+One case of each kind (a config error, an argparse usage error, a data error, a checkpoint error
+and an existing run folder: SUBPROCESS) runs as a real ``python -m sparta`` process, so the entry
+point, exit status and stderr of a process stay tested. The rest call ``sparta.cli.main(argv)``
+in-process: the same code, without the 2-3 s each process spends importing torch; a crash there is
+recorded as a traceback and exit code 1, as a process would show it. One fixture runs them all;
+each case is still its own test.
 """
+import contextlib
 import hashlib
+import io
 import os
-import shutil
+import struct
 import subprocess
 import sys
+import traceback
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from sparta.cli import main
 from sparta.config import from_dict, with_overrides
 from sparta.experiment import train
 
+from conftest import write_cifar100
+
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
 DEMO = str(ROOT / "configs" / "demo.yaml")
 TINY = ["epochs=1", "batch_size=32", "data.train_subset=256", "data.val_size=64", "model.base_width=8",
         "attack.steps=2", "eval.steps=2", "eval.test_subset=64", "eval.gap_subset=64", "progress=none"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+# the stand-in datasets hold 20 training images; the checkpoint's config asks for 64 val + 256 train
+FEW = ["data.val_size=4", "data.train_subset=16"]
 
 # id -> (argv with {run}, {tmp}, {new} placeholders, text the error line must contain)
 CASES = {
@@ -34,9 +45,9 @@ CASES = {
     "data_in_wrong_layout": (["train", DEMO, "data.name=cifar10", "data.root={tmp}/cifar", "model.name=preact_resnet18"],
                              "cifar-10-batches-py/data_batch_1..5"),
     "wrong_dataset_for_the_models_classes": (["eval", "{run}/checkpoints/best.pt", "data.name=cifar100",
-                                              f"data.root={SHARED / 'cifar100-subset'}"], "has 100 classes"),
+                                              "data.root={tmp}/cifar100", *FEW], "has 100 classes"),
     "wrong_image_size_for_the_model": (["eval", "{run}/checkpoints/best.pt", "data.name=mnist",
-                                        f"data.root={SHARED / 'mnist'}"], "28 pixels a side"),
+                                        "data.root={tmp}/mnist", *FEW], "28 pixels a side"),
     "unknown_model": (["train", DEMO, "model.name=resnet9000"], "unknown model 'resnet9000'; valid: "),
     "unknown_method": (["train", DEMO, "method.name=magic"], "method.name must be one of dense, static"),
     "unknown_attack": (["train", DEMO, "attack.name=cw"], "attack.name must be one of pgd, fgsm, none"),
@@ -67,11 +78,37 @@ CASES = {
     "cuda_without_cuda": (["train", DEMO, "device=cuda"], "CUDA is not available"),
 }
 TRAIN_EXTRA = [*TINY, "out_dir={new}"]  # appended to `train CONFIG` cases (before the case's own overrides)
+SUBPROCESS = {"unknown_key_with_suggestion", "unknown_eval_attack", "missing_data_folder", "truncated_checkpoint",
+              "out_dir_exists"}
 
 
 def digest(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def write_mnist(root: Path, rng: np.random.Generator) -> None:
+    """20 train + 10 test random 28x28 images as the four official IDX files (big-endian headers)."""
+    root.mkdir()
+    for prefix, n in (("train", 20), ("t10k", 10)):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8).tobytes()
+        (root / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">4I", 2051, n, 28, 28) + images)
+        labels = rng.integers(0, 10, n, dtype=np.uint8).tobytes()
+        (root / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">2I", 2049, n) + labels)
+
+
+def in_process(argv: list[str]) -> tuple[int, str]:
+    """``main(argv)`` as a process would end: its exit code and stderr."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = main(argv)
+        except SystemExit as e:  # argparse usage errors exit(2)
+            code = e.code
+        except BaseException:  # a crash must reach the "no Traceback" assertion, as from a process
+            err.write(traceback.format_exc())
+            code = 1
+    return code, err.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -88,19 +125,28 @@ def world(tmp_path_factory):
     torch.save(state, tmp / "other_arch.pt")
     data = (run / "checkpoints" / "best.pt").read_bytes()
     (tmp / "truncated.pt").write_bytes(data[: len(data) // 2])
+    rng = np.random.default_rng(0)
+    write_cifar100(tmp / "cifar100")
+    write_mnist(tmp / "mnist", rng)
     before = digest(run)
 
-    def launch(case: str) -> tuple[int, str]:
+    def argv_of(case: str) -> list[str]:
         argv, _ = CASES[case]
         if argv[0] == "train" and argv[1] != "--resume":
             argv = [*argv[:2], *TRAIN_EXTRA, *argv[2:]]
-        argv = [a.format(run=run, tmp=tmp, new=tmp / f"new_{case}") for a in argv]
-        done = subprocess.run([sys.executable, "-m", "sparta", *argv], env=ENV, capture_output=True, text=True,
-                              timeout=300)
+        return [a.format(run=run, tmp=tmp, new=tmp / f"new_{case}") for a in argv]
+
+    def launch(case: str) -> tuple[int, str]:
+        done = subprocess.run([sys.executable, "-m", "sparta", *argv_of(case)], env=ENV, capture_output=True,
+                              text=True, timeout=300)
         return done.returncode, done.stderr
 
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        results = dict(zip(CASES, pool.map(launch, CASES)))
+    # the processes start first and run while the in-process cases run here, in the main thread
+    # (where main() may install signal handlers)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        launched = {case: pool.submit(launch, case) for case in CASES if case in SUBPROCESS}
+        results = {case: in_process(argv_of(case)) for case in CASES if case not in SUBPROCESS}
+        results.update({case: job.result() for case, job in launched.items()})
     return {"tmp": tmp, "run": run, "before": before, "results": results}
 
 

@@ -1,5 +1,5 @@
-"""``sparta reproduce``: the claim rules against hand-computed numbers, the profiles' plans, and a
-one-epoch smoke run of the paper profile on the CIFAR-100 subset in ``../shared/data``."""
+"""``sparta reproduce``: the claim rules against hand-computed numbers, the profiles' plans, and
+one-epoch smoke runs of the paper profile on a stand-in CIFAR-100 written in the official layout."""
 import json
 import math
 import os
@@ -14,8 +14,9 @@ from sparta.config import load_config
 from sparta.errors import SpartaError
 from sparta.reproduce import CPU_MINI_EPOCHS, PRESETS, ROLES, plan
 
+from conftest import write_cifar100
+
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
 
 
 def test_noise_margin_by_hand():
@@ -155,35 +156,67 @@ def test_a_second_reproduce_on_the_same_folder_is_refused(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [".lock"]
 
 
-def test_paper_smoke_on_the_cifar100_subset(tmp_path):
-    """Every run of the paper profile for one epoch on a few CIFAR-100 images, evaluated, claims checked
-    (at a quarter of the width: AutoAttack on the full-width model costs minutes an image on CPU)."""
-    root = SHARED / "cifar100-subset"
-    if not root.is_dir():
-        pytest.skip(f"needs {root}")
-    pytest.importorskip("pyautoattack")
-    out = tmp_path / "out"
+@pytest.fixture
+def cifar100(tmp_path):
+    """A stand-in CIFAR-100 in the official layout: enough images for the smoke's splits and evaluations."""
+    write_cifar100(tmp_path / "cifar100", n_train=100, n_test=40)
+    return tmp_path / "cifar100"
+
+
+def smoke(out, data_root, *extra, only=None):
     argv = [sys.executable, "-m", "sparta", "reproduce", "--profile", "paper", "--dataset", "cifar100",
-            "--data-root", str(root), "--out", str(out), "--smoke", "model.base_width=16"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = (out / "report" / "report.md").read_text()
-    assert report.startswith("# Reproduction: profile `paper` on cifar100")
+            "--data-root", str(data_root), "--out", str(out), "--smoke", *(["--only", only] if only else []),
+            *extra]
+    return argv, subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                                timeout=900)
+
+
+def check_smoke(out, roles, n_claims):
+    assert (out / "report" / "report.md").read_text().startswith("# Reproduction: profile `paper` on cifar100")
     found = json.loads((out / "claims.json").read_text())
-    assert len(found["claims"]) == 6
+    assert len(found["claims"]) == n_claims
     assert all(c["verdict"] in (C.REPRODUCED, C.NOT_REPRODUCED, C.INCONCLUSIVE) for c in found["claims"])
-    for role in ROLES:
+    for role in roles:
         summary = json.loads((out / "runs" / role / "summary.json").read_text())
         assert summary["epochs"] == 1 and role in found["final_eval"]
         assert found["final_eval"][role]["n"] == 8
-    # a second call keeps every finished run and evaluation: nothing is retrained
+
+
+def test_smoke_trains_evaluates_reports_and_keeps_finished_runs(tmp_path, cifar100):
+    """Two runs of the paper profile for one epoch, AutoAttack, report and claims; a second call retrains
+    nothing and other settings are refused. (The seven presets each train in-process below; all seven
+    through the whole pipeline: the slow test after it.)"""
+    pytest.importorskip("pyautoattack")
+    out, env = tmp_path / "out", {**os.environ, "PYTHONPATH": str(ROOT)}
+    argv, result = smoke(out, cifar100, "model.base_width=4", only="dense,flying_bird")
+    assert result.returncode == 0, result.stderr[-3000:]
+    # robust overfitting, the robust gap, FLOPs at comparable RA and AutoAttack below PGD
+    check_smoke(out, ["dense", "flying_bird"], n_claims=4)
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*.pt")}
     again = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.pt")} == before
-    assert again.stdout.count("finished earlier, kept") == len(ROLES)
+    assert again.stdout.count("finished earlier, kept") == 2
     # the same folder with other settings is refused before anything runs
-    other = subprocess.run([*argv[:-1], "model.base_width=8"], capture_output=True, text=True, env=env, timeout=120)
+    other = subprocess.run([*argv[:-1], "model.base_width=8"], capture_output=True, text=True, env=env,
+                           timeout=120)
     assert other.returncode == 2 and "holds a dense run with other settings (model.base_width)" in other.stderr
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.pt")} == before
+
+
+@pytest.mark.parametrize("role", list(ROLES))
+def test_every_paper_preset_trains_with_the_smoke_settings(tmp_path, cifar100, role):
+    from sparta.experiment import train
+
+    (run,) = plan("paper", "cifar100", cifar100, tmp_path / "out", smoke=True, only=[role],
+                  overrides=["model.base_width=4", "device=cpu"])
+    summary = train(load_config(run.preset, list(run.overrides)))
+    assert summary["epochs"] == 1 and summary["steps"] > 0
+
+
+@pytest.mark.slow  # seven training processes and seven AutoAttack evaluations: over 2 minutes on 2 CPU cores
+def test_paper_smoke_of_all_seven_runs(tmp_path, cifar100):
+    pytest.importorskip("pyautoattack")
+    _, result = smoke(tmp_path / "out", cifar100, "model.base_width=4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    check_smoke(tmp_path / "out", list(ROLES), n_claims=6)
