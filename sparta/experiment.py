@@ -166,6 +166,7 @@ def _run_stage(stages: list[Stage], index: int, run: RunContext, data: DatasetSp
         # a transition (channel slimming) made the network narrow: this stage trains NCHW rather than crash
         warnings.warn(f"{problem}; stage {stage.name} trains in the default layout")
         channels_last = False
+        model.to(memory_format=torch.contiguous_format)  # in place, as below; a no-op for a freshly built network
     optimizer = build_optimizer(cfg, model)
     precision = StepPrecision(run.info["train_precision"], device)
     loader = DeviceLoader(data.train, cfg.batch_size, device=device, shuffle=True, augment=cfg.data.augment, seed=cfg.seed,

@@ -197,6 +197,27 @@ def test_nhwc_unsafe_layers_are_the_narrow_strided_1x1_convolutions():
     assert channels_last_problem(net[1:4], torch.device("cpu")) is None
 
 
+def test_a_stage_whose_network_became_too_narrow_for_nhwc_trains_nchw_with_a_warning(tmp_path, monkeypatch):
+    # as after a channel ticket slimmed a shortcut below 16 channels: the search stage ran NHWC
+    import sparta.experiment as experiment
+    import sparta.train as loop
+
+    calls, layouts, real_step = [], [], loop.train_step
+    monkeypatch.setattr(experiment, "channels_last_problem",
+                        lambda model, device: "too narrow" if calls else calls.append(1))
+
+    def recording(model, *args, **kwargs):
+        second_conv = [p for p in model.parameters() if p.dim() == 4][1]  # the first has 1 input channel
+        layouts.append(second_conv.is_contiguous())
+        return real_step(model, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", recording)
+    with pytest.warns(UserWarning, match="too narrow; stage train trains in the default layout"):
+        train(cfg_for(tmp_path, "epochs=1", "train.channels_last=true", "method.name=robust_bird", "method.density=0.5",
+                      "method.max_search_epochs=1", "data.train_subset=128"))
+    assert layouts == [False] * 4 + [True] * 4  # search NHWC, the ticket's training NCHW
+
+
 def test_channels_last_at_the_threshold_trains_on_the_avx2_kernels_that_crashed(tmp_path):
     # the same network at base_width 16 (16 input channels in layer2.0.shortcut), on the oneDNN kernels
     # of the reproduction, in a child process so a crash fails this test instead of the suite
