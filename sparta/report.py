@@ -280,6 +280,8 @@ def run_stats(run: Run) -> dict[str, Any]:
         "inference_flops": _num(s.get("inference_flops")),
         "train_flops_dense": _num(s.get("train_flops_dense")),
         "robust_gap": _num(s.get("robust_gap")),
+        "train_robust_acc": _num(s.get("train_robust_acc")),  # on the gap subset of gap_subset training images
+        "gap_subset": s.get("gap_subset"),
         "density": pick("density_final", "density", final),
         "wall_time_s": _num(s["wall_time_s"]) if "wall_time_s" in s else cumulative(recs, "wall_time_s")[-1],
         "best_epoch": s.get("best_epoch", best.get("epoch")),

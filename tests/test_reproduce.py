@@ -19,71 +19,118 @@ from conftest import write_cifar100
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_noise_margin_by_hand():
-    # p = 0.3, n = 1000: SE of one accuracy sqrt(0.21 / 1000) = 1.449%; of a difference x sqrt(2) = 2.049%; x 2
-    assert C.noise_margin(30.0, 1000) == pytest.approx(4.099, abs=1e-3)
-    assert C.noise_margin(0.0, 1000) == 0.0
-    assert C.noise_margin(50.0, 500) == pytest.approx(200 * math.sqrt(2 * 0.25 / 500))
+def run(**kw):
+    """One seed's run_stats: RA 30% best and final, gap 20 points (train RA 50% on 500 images)."""
+    base = {"ra_best": 30.0, "ra_final": 30.0, "ra_diff": 0.0, "robust_gap": 20.0, "train_robust_acc": 50.0,
+            "gap_subset": 500, "density": 1.0, "train_flops": 100.0}
+    return {**base, **kw}
+
+
+def test_standard_errors_by_hand():
+    assert C.sampling_se(30.0, 1000) == pytest.approx(100 * math.sqrt(0.21 / 1000))  # 1.449 points
+    assert C.sampling_se(0.0, 1000) == 0.0
+    # the robust gap's noise comes from both samples: 500 training images at 50%, 1000 test images at 30%
+    gap = C.robust_gap([run()], 1000)
+    assert (gap.value, gap.seeds) == (20.0, 1)
+    assert gap.se == pytest.approx(math.hypot(100 * math.sqrt(0.25 / 500), 100 * math.sqrt(0.21 / 1000)))  # 2.665
+    # over seeds: the mean, with sqrt((std^2 + sampling^2) / k)
+    two = C.robust_gap([run(robust_gap=18.0), run(robust_gap=22.0)], 1000)
+    assert two.value == 20.0 and two.seeds == 2
+    assert two.se == pytest.approx(math.sqrt((math.sqrt(8) ** 2 + gap.se ** 2) / 2))
+    over = C.robust_overfitting([run(ra_best=30.0, ra_final=30.0, ra_diff=0.0)], 1000)
+    assert over.se == pytest.approx(math.sqrt(2) * C.sampling_se(30.0, 1000))
 
 
 def test_combine():
     assert C.combine([C.REPRODUCED] * 3) == C.REPRODUCED
+    assert C.combine([C.REPRODUCED, C.EVIDENCE]) == C.EVIDENCE
     assert C.combine([C.REPRODUCED, C.INCONCLUSIVE]) == C.INCONCLUSIVE
     assert C.combine([C.REPRODUCED, C.NOT_REPRODUCED, C.INCONCLUSIVE]) == C.NOT_REPRODUCED
     assert C.combine([]) == C.INCONCLUSIVE
 
 
-def stats(**kw):
-    base = {"ra_best": 30.0, "ra_final": 25.0, "ra_diff": 5.0, "robust_gap": 20.0, "density": 1.0, "train_flops": 100.0}
-    return {**base, **kw}
+def test_smaller_gap_than_dense_returns_every_verdict():
+    # dense gap 20 +- 2.66 (one SE); a sparse run's difference has SE 3.77, so 2 SE = 7.54 points
+    def verdict(gaps, dense=(20.0,)):
+        runs = {"dense": [run(robust_gap=g) for g in dense], "flying_bird": [run(robust_gap=g) for g in gaps]}
+        return C.smaller_than(runs, "dense", ["flying_bird"], C.robust_gap, "robust gap", 1000).verdict
+
+    assert verdict([12.0]) == C.EVIDENCE  # 8 points smaller, beyond 7.54, one seed
+    assert verdict([12.0, 11.0], dense=(20.0, 21.0)) == C.REPRODUCED  # beyond noise on two seeds
+    assert verdict([13.0]) == C.INCONCLUSIVE  # 7 points smaller: within noise
+    assert verdict([28.0]) == C.NOT_REPRODUCED  # 8 points larger
+    # 5,000 gap images and 10,000 test images: a 3-point difference is beyond noise
+    big = {"dense": [run(gap_subset=5000)], "robust_bird": [run(robust_gap=17.0, gap_subset=5000)]}
+    assert C.smaller_than(big, "dense", ["robust_bird"], C.robust_gap, "robust gap", 10_000).verdict == C.EVIDENCE
 
 
-def test_smaller_than_dense_uses_the_margin():
-    # margin at RA 30% on 1000 images: 4.10 points
-    s = {"dense": stats(ra_diff=10.0), "robust_bird": stats(ra_diff=5.0), "flying_bird": stats(ra_diff=6.5)}
-    claim = C.smaller_than_dense(s, "ra_diff", "robust overfitting", 1000)
-    assert claim.verdict == C.INCONCLUSIVE  # RB: 10 - 5 > 4.1 reproduced; FB: 10 - 6.5 < 4.1 inconclusive
-    assert "Robust Bird: 5.00% (reproduced)" in claim.evidence
-    assert "Flying Bird: 6.50% (inconclusive)" in claim.evidence
-    s["flying_bird"] = stats(ra_diff=14.2)  # larger than dense by more than the margin
-    assert C.smaller_than_dense(s, "ra_diff", "robust overfitting", 1000).verdict == C.NOT_REPRODUCED
-    s["flying_bird"] = stats(ra_diff=5.8)
-    assert C.smaller_than_dense(s, "ra_diff", "robust overfitting", 1000).verdict == C.REPRODUCED
+def test_comparable_ra_is_non_inferiority_against_a_declared_bound():
+    # 10,000 test images: SE of a difference at RA 30% is 0.648, 2 SE = 1.30 points; bound 1 point
+    def verdict(ra_sparse, flops=40.0, n=10_000, seeds=1):
+        runs = {"dense": [run(ra_best=30.0 + i * 0.1) for i in range(seeds)],
+                "flying_bird": [run(ra_best=ra_sparse + i * 0.1, train_flops=flops) for i in range(seeds)]}
+        return C.saves_flops_at_comparable_ra(runs, n).verdict
+
+    assert verdict(30.5) == C.EVIDENCE  # -0.8 lower end of the interval: inside the bound
+    assert verdict(30.5, seeds=2) == C.REPRODUCED
+    assert verdict(29.5) == C.INCONCLUSIVE  # interval -1.8 .. +0.8 straddles -1
+    assert verdict(27.5) == C.NOT_REPRODUCED  # interval -3.8 .. -1.2: wholly below -1
+    assert verdict(30.5, flops=120.0) == C.NOT_REPRODUCED  # no saving
+    assert verdict(30.0, n=500) == C.INCONCLUSIVE  # 500 images: 2 SE = 5.8 points, wider than any 1-point claim
+    claim = C.saves_flops_at_comparable_ra({"dense": [run()], "robust_bird": [run(train_flops=40.0)]}, 10_000)
+    assert any("40% of dense" in e for e in claim.evidence) and "above -1" in claim.why
 
 
-def test_fb_plus_needs_both_sparser_and_cheaper():
-    s = {"flying_bird": stats(density=0.2, train_flops=50.0), "flying_bird_plus": stats(density=0.15, train_flops=45.0)}
-    assert C.fb_plus_sparser_and_cheaper(s).verdict == C.REPRODUCED
-    s["flying_bird_plus"] = stats(density=0.2, train_flops=50.0)  # the trigger never fired
-    claim = C.fb_plus_sparser_and_cheaper(s)
-    assert claim.verdict == C.NOT_REPRODUCED and "did not end sparser" in claim.why
+def test_fb_plus_best_final_ra_returns_every_verdict():
+    def verdict(fbp, others=(30.0,), seeds=1):
+        runs = {"flying_bird_plus": [run(ra_final=fbp)] * seeds, "flying_bird": [run(ra_final=o) for o in others] * seeds,
+                "dense": [run(ra_final=o) for o in others] * seeds}
+        return C.fb_plus_best_final_ra(runs, 10_000).verdict
+
+    assert verdict(32.0) == C.EVIDENCE  # 2 points above both, 2 SE = 1.30
+    assert verdict(32.0, seeds=2) == C.REPRODUCED
+    assert verdict(30.5) == C.INCONCLUSIVE
+    assert verdict(28.0) == C.NOT_REPRODUCED
+    # FB+ vs FB robust overfitting: FB+ smaller by 4 points (2 SE of the difference: 2.6)
+    runs = {"flying_bird": [run(ra_best=34.0, ra_diff=4.0)], "flying_bird_plus": [run(ra_diff=0.0)]}
+    assert C.smaller_than(runs, "flying_bird", ["flying_bird_plus"], C.robust_overfitting, "overfitting",
+                          10_000).verdict == C.EVIDENCE
 
 
-def test_saves_flops_at_comparable_ra():
-    s = {"dense": stats(ra_best=30.0), "robust_bird": stats(ra_best=27.0, train_flops=40.0),
-         "flying_bird": stats(ra_best=31.0, train_flops=55.0)}
-    claim = C.saves_flops_at_comparable_ra(s, 1000)  # 3 points below dense is within the 4.1 margin
-    assert claim.verdict == C.REPRODUCED
-    assert any("40% of dense" in e for e in claim.evidence)
-    s["robust_bird"] = stats(ra_best=25.0, train_flops=40.0)  # 5 points below: beyond the margin
-    assert C.saves_flops_at_comparable_ra(s, 1000).verdict == C.NOT_REPRODUCED
-    s["robust_bird"] = stats(ra_best=30.0, train_flops=120.0)  # no saving
-    assert C.saves_flops_at_comparable_ra(s, 1000).verdict == C.NOT_REPRODUCED
+def test_boosting_is_judged_on_epochs_and_returns_every_verdict():
+    # target 30% on 1,000 images: 2 SE of a difference = 4.10 points
+    claim = C.boosting_reaches_dense_ra_in_fewer_epochs
+    assert claim(30.0, [31.0], [9.5], [14], 1000).verdict == C.EVIDENCE  # fewer epochs, finder included
+    assert claim(30.0, [31.0, 32.0], [9.5, 10.0], [14, 13], 1000).verdict == C.REPRODUCED
+    assert claim(30.0, [31.0], [14.0], [14], 1000).verdict == C.NOT_REPRODUCED  # as many epochs
+    assert claim(30.0, [28.0], [None], [14], 1000).verdict == C.INCONCLUSIVE  # never reached, within 4.1
+    assert claim(30.0, [20.0], [None], [14], 1000).verdict == C.NOT_REPRODUCED  # never came close
+    assert claim(30.0, [31.0, 31.0], [9.0, 16.0], [14, 14], 1000).verdict == C.INCONCLUSIVE  # seeds disagree
+    assert "4.1 points" in claim(30.0, [28.0], [None], [14], 1000).why
 
 
-def test_boosting_claim():
-    dense_hit = {"stage": "train", "epoch": 14, "train_flops": 100.0, "wall_time_s": 200.0}
-    ticket_hit = {"stage": "train", "epoch": 9, "train_flops": 60.0, "wall_time_s": 150.0}
-    claim = C.boosting_reaches_dense_ra_cheaper(30.0, 31.0, ticket_hit, dense_hit, 1000)
-    assert claim.verdict == C.REPRODUCED and "60% of the baseline's training FLOPs" in claim.why and "75%" in claim.why
-    # never reached, but within the 4.1-point margin of the target: inconclusive; far below: not reproduced
-    assert C.boosting_reaches_dense_ra_cheaper(30.0, 28.0, None, dense_hit, 1000).verdict == C.INCONCLUSIVE
-    assert C.boosting_reaches_dense_ra_cheaper(30.0, 20.0, None, dense_hit, 1000).verdict == C.NOT_REPRODUCED
-    slow = {**ticket_hit, "train_flops": 130.0}
-    assert C.boosting_reaches_dense_ra_cheaper(30.0, 31.0, slow, dense_hit, 1000).verdict == C.NOT_REPRODUCED
+def test_boosting_claim_counts_the_finder_in_dense_epochs():
+    from sparta.reproduce import boosting_claim
+
+    class Run:
+        def __init__(self, records, flops):
+            self.records, self._flops = records, flops
+
+        def stats(self):
+            return {"ra_final": self.records[-1]["test_robust_acc"], "train_flops": self._flops}
+
+    # the baseline: 10 epochs at 100 FLOPs each, its final RA 30% first reached at epoch 8
+    dense = Run([{"stage": "train", "epoch": e, "test_robust_acc": 30.0 if e >= 8 else 20.0, "train_flops": 100.0 * e}
+                 for e in (2, 4, 6, 8, 10)], 1000.0)
+    # the ticket: a finder that cost 250 FLOPs (2.5 dense epochs), then 30% at retraining epoch 4 -> 6.5 epochs
+    ticket = Run([{"stage": "finder", "epoch": 2, "test_robust_acc": 15.0, "train_flops": 250.0},
+                  *({"stage": "train", "epoch": e, "test_robust_acc": 31.0 if e >= 4 else 25.0, "train_flops": 20.0 * e}
+                    for e in (2, 4, 6))], 370.0)
+    claim = boosting_claim(dense, ticket, 1000)
+    assert claim.verdict == C.EVIDENCE and "6.5 epochs" in claim.evidence[1] and "8 epochs" in claim.evidence[1]
 
 
-def test_autoattack_claim():
+def test_sanity_checks():
     evals = {"dense": {"autoattack": 20.0, "pgd": 22.4, "n": 500},
              "flying_bird": {"autoattack": 21.0, "pgd": 21.0, "n": 500}}
     assert C.autoattack_below_pgd(evals).verdict == C.INCONCLUSIVE
@@ -91,6 +138,11 @@ def test_autoattack_claim():
     assert C.autoattack_below_pgd(evals).verdict == C.NOT_REPRODUCED
     evals["flying_bird"]["autoattack"] = 19.0
     assert C.autoattack_below_pgd(evals).verdict == C.REPRODUCED
+    runs = {"flying_bird": [run(density=0.2, train_flops=50.0)], "flying_bird_plus": [run(density=0.15, train_flops=45.0)]}
+    assert C.fb_plus_sparser_and_cheaper(runs).verdict == C.REPRODUCED
+    runs["flying_bird_plus"] = [run(density=0.2, train_flops=50.0)]  # the trigger never fired
+    claim = C.fb_plus_sparser_and_cheaper(runs)
+    assert claim.verdict == C.NOT_REPRODUCED and "did not end sparser" in claim.why
 
 
 def test_cpu_mini_plan_is_one_protocol(tmp_path):
@@ -175,7 +227,7 @@ def check_smoke(out, roles, n_claims):
     assert (out / "report" / "report.md").read_text().startswith("# Reproduction: profile `paper` on cifar100")
     found = json.loads((out / "claims.json").read_text())
     assert len(found["claims"]) == n_claims
-    assert all(c["verdict"] in (C.REPRODUCED, C.NOT_REPRODUCED, C.INCONCLUSIVE) for c in found["claims"])
+    assert all(c["verdict"] in C.VERDICTS for c in found["claims"])
     for role in roles:
         summary = json.loads((out / "runs" / role / "summary.json").read_text())
         assert summary["epochs"] == 1 and role in found["final_eval"]
@@ -190,8 +242,10 @@ def test_smoke_trains_evaluates_reports_and_keeps_finished_runs(tmp_path, cifar1
     out, env = tmp_path / "out", {**os.environ, "PYTHONPATH": str(ROOT)}
     argv, result = smoke(out, cifar100, "model.base_width=4", only="dense,flying_bird")
     assert result.returncode == 0, result.stderr[-3000:]
-    # robust overfitting, the robust gap, FLOPs at comparable RA and AutoAttack below PGD
-    check_smoke(out, ["dense", "flying_bird"], n_claims=4)
+    # robust overfitting, the robust gap, FLOPs at comparable RA; AutoAttack below PGD is a sanity check
+    check_smoke(out, ["dense", "flying_bird"], n_claims=3)
+    assert [c["claim"] for c in json.loads((out / "claims.json").read_text())["sanity_checks"]] == [
+        "AutoAttack is below PGD-2 for every final model"]
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*.pt")}
     again = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -219,4 +273,4 @@ def test_paper_smoke_of_all_seven_runs(tmp_path, cifar100):
     pytest.importorskip("pyautoattack")
     _, result = smoke(tmp_path / "out", cifar100, "model.base_width=4")
     assert result.returncode == 0, result.stderr[-3000:]
-    check_smoke(tmp_path / "out", list(ROLES), n_claims=6)
+    check_smoke(tmp_path / "out", list(ROLES), n_claims=7)
