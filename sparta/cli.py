@@ -139,11 +139,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo import comparison, run_demo
 
     rows = run_demo(Path(args.out_dir), epochs=args.epochs, log=lambda line: print(line, flush=True))
     print()
     print(table(rows, SUMMARY_COLUMNS))
+    print()
+    print(comparison(rows))
     return 0
 
 

@@ -20,7 +20,11 @@ DEMO: dict[str, Any] = {
     "batch_size": 64,
     "device": "cpu",
     "data": {"name": "digits", "val_size": 200, "augment": False},
-    "model": {"name": "small_cnn"},
+    # BatchNorm keeps the signal of a sparse network alive: the BN-free small CNN at density 0.2 (its
+    # first linear layer at density 0.12 under IGQ) stayed at chance for 6 of 15 epochs and ended 44
+    # points of robust accuracy behind dense; this net at width 8 (8-16-32-64 channels) trains at
+    # density 0.2 to within a few points of dense, as the papers report at full scale
+    "model": {"name": "preact_resnet18", "base_width": 8},
     "optim": {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "schedule": "cosine", "warmup_epochs": 1.0},
     "attack": {"name": "pgd", "eps": 0.1, "alpha": 0.025, "steps": 7, "random_start": True},
     "eval": {"eps": 0.1, "alpha": 0.01, "steps": 20},
@@ -47,3 +51,15 @@ def run_demo(out_dir: Path, *, epochs: int | None = None, log: Callable[[str], N
             f"{r['test_clean_acc']:5.1f}/{r['test_robust_acc']:5.1f}  density {r.get('density', 1.0):.3f}"))
         rows.append(summary)
     return rows
+
+
+def comparison(rows: list[dict[str, Any]]) -> str:
+    """What the demo's table shows, in words: Flying Bird against dense (``rows`` from ``run_demo``)."""
+    dense, fb = ({r["method"]: r for r in rows}[m] for m in ("dense", "flying_bird"))
+    gap = fb["ra_final"] - dense["ra_final"]
+    return (f"Flying Bird kept {100 * fb['density_final']:.0f}% of the weights and trained at "
+            f"{100 * fb['train_flops'] / dense['train_flops']:.0f}% of dense's training FLOPs; its final robust "
+            f"accuracy is {abs(gap):.1f} points {'below' if gap < 0 else 'above'} dense's "
+            f"({fb['ra_final']:.1f}% vs {dense['ra_final']:.1f}%, PGD-20 on the 500 test digits). One seed on a "
+            "tiny dataset, where a few points are noise: the demo shows sparse adversarial training working, "
+            "`sparta reproduce` judges the papers' claims.")

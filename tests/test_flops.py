@@ -303,7 +303,7 @@ def _args(*argv: str) -> argparse.Namespace:
 def test_cli_on_config(capsys):
     assert flops.cli_main(_args(str(ROOT / "configs" / "demo.yaml"))) == 0
     out = capsys.readouterr().out
-    assert "body.features.0.weight" in out and "total" in out and "paper convention" in out
+    assert "body.layer4.1.conv2.weight" in out and "total" in out and "paper convention" in out
     r = flops.flops_report(ROOT / "configs" / "demo.yaml", ["attack.steps=3"])
     assert r["input_shape"] == [1, 8, 8] and r["attack_steps"] == 3 and r["step_multiplier"] == 9
     assert r["train_images"] == 1297 - 200  # digits, default val_size

@@ -27,8 +27,8 @@ from sparta.signals import StopRequests
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "configs" / "demo.yaml")
 # 16 steps an epoch, 2 epochs; a checkpoint after every step so a kill can land anywhere
-ARGS = ["epochs=2", "batch_size=32", "data.train_subset=512", "data.val_size=64", "model.base_width=8",
-        "attack.steps=3", "eval.steps=2", "eval.test_subset=64", "eval.gap_subset=64", "progress=none",
+ARGS = ["epochs=2", "batch_size=32", "data.train_subset=512", "data.val_size=64", "model.name=small_cnn",
+        "model.base_width=8", "attack.steps=3", "eval.steps=2", "eval.test_subset=64", "eval.gap_subset=64", "progress=none",
         "checkpoint.every_steps=1"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 TIMES = {"epoch_time_s", "eval_time_s", "wall_time_s"}

@@ -264,7 +264,8 @@ def test_every_paper_preset_trains_with_the_smoke_settings(tmp_path, cifar100, r
 
     (run,) = plan("paper", "cifar100", cifar100, tmp_path / "out", smoke=True, only=[role],
                   overrides=["model.base_width=4", "device=cpu"])
-    summary = train(load_config(run.preset, list(run.overrides)))
+    with pytest.warns(UserWarning, match="md5 of train, test differs"):  # the stand-in is not the release
+        summary = train(load_config(run.preset, list(run.overrides)))
     assert summary["epochs"] == 1 and summary["steps"] > 0
 
 

@@ -244,7 +244,7 @@ def test_bad_arguments(model, digits):
 def ckpt(tmp_path_factory):
     out = tmp_path_factory.mktemp("robustness") / "run"
     assert main(["train", str(ROOT / "configs" / "demo.yaml"), f"out_dir={out}", "epochs=1", "data.train_subset=256",
-                 "model.base_width=8", "attack.steps=2", "eval.steps=2", "eval.test_subset=64",
+                 "model.name=small_cnn", "model.base_width=8", "attack.steps=2", "eval.steps=2", "eval.test_subset=64",
                  "eval.gap_subset=null", "progress=none"]) == 0
     return out / "checkpoints" / "best.pt"
 
