@@ -24,7 +24,6 @@ from typing import Any, Callable, Mapping, Sequence
 
 REPRODUCED, EVIDENCE, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "evidence", "not reproduced", "inconclusive"
 VERDICTS = (REPRODUCED, EVIDENCE, NOT_REPRODUCED, INCONCLUSIVE)
-SPARSE_ROLES = ("robust_bird", "robust_bird_channel", "flying_bird", "flying_bird_plus")
 # the papers' claims concern these runs; Robust Bird's channel variant is sparta's extension (the
 # reference code has no working channel mode), reported beside them but never part of a verdict
 PAPER_SPARSE_ROLES = ("robust_bird", "flying_bird", "flying_bird_plus")
@@ -109,8 +108,13 @@ def compare(d: Estimate | None, *, positive_means: str = "larger") -> str:
         return INCONCLUSIVE
     sign = 1 if positive_means == "larger" else -1
     if sign * d.value - 2 * d.se > 0:
-        return REPRODUCED if d.seeds > 1 else EVIDENCE
+        return holds(d.seeds)
     return NOT_REPRODUCED if sign * d.value + 2 * d.se < 0 else INCONCLUSIVE
+
+
+def holds(seeds: int) -> str:
+    """The verdict of a claim that holds: ``reproduced`` over several seeds, ``evidence`` from one."""
+    return REPRODUCED if seeds > 1 else EVIDENCE
 
 
 def combine(verdicts: Sequence[str]) -> str:
@@ -170,7 +174,7 @@ def saves_flops_at_comparable_ra(runs: Mapping[str, Seeds], n_test: int, bound: 
         elif d is None:
             v = INCONCLUSIVE
         elif d.value - 2 * d.se >= -bound:
-            v = REPRODUCED if d.seeds > 1 else EVIDENCE
+            v = holds(d.seeds)
         else:
             v = NOT_REPRODUCED if d.value + 2 * d.se < -bound else INCONCLUSIVE
         verdicts.append(v)
@@ -226,7 +230,7 @@ def boosting_reaches_dense_ra_in_fewer_epochs(target: float, ticket_max_ra: Sequ
         evidence.append(f"seed {i}: baseline {_epochs(dense)}, ticket {_epochs(ticket)} (finder included), ticket's "
                         f"highest test RA {_pct(best)} ({v})")
     if per_seed and all(v == REPRODUCED for v in per_seed):
-        verdict = REPRODUCED if len(per_seed) > 1 else EVIDENCE
+        verdict = holds(len(per_seed))
     elif per_seed and all(v == NOT_REPRODUCED for v in per_seed):
         verdict = NOT_REPRODUCED
     else:
@@ -266,9 +270,8 @@ def autoattack_below_pgd(evals: Mapping[str, Mapping[str, Any]]) -> Claim:
         verdicts.append(v)
         evidence.append(f"{LABELS.get(role, role)}: AutoAttack {_pct(aa)} vs PGD-{e.get('pgd_steps', 20)} {_pct(pgd)} "
                         f"on {e['n']} images ({'below' if aa < pgd else 'equal' if aa == pgd else 'ABOVE'})")
-    verdict = NOT_REPRODUCED if NOT_REPRODUCED in verdicts else (
-        REPRODUCED if verdicts and all(v == REPRODUCED for v in verdicts) else INCONCLUSIVE)
-    return Claim(f"AutoAttack is below PGD-{'/'.join(map(str, steps))} for every final model", verdict, evidence,
+    # one model per verdict: combine's evidence (one seed) does not arise
+    return Claim(f"AutoAttack is below PGD-{'/'.join(map(str, steps))} for every final model", combine(verdicts), evidence,
                  "same images, same model: strictly below -> passed, equal -> inconclusive, above -> failed (a sign "
                  "of a weak AutoAttack run or a masked gradient)")
 

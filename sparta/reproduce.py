@@ -243,13 +243,13 @@ def boosting_claim(dense: Any, ticket: Any, n_test: int) -> C.Claim:
     PGD epochs its training FLOPs would buy (the baseline's FLOPs per epoch)."""
     from .report import time_to_robustness
 
-    target = dense.stats()["ra_final"]
+    dense_stats = dense.stats()
+    target = dense_stats["ra_final"]
     dense_hit = time_to_robustness(dense.records, target)
     retrained = [r for r in ticket.records if r.get("stage") == ticket.records[-1].get("stage")]  # not the finder's
     finder = [r for r in ticket.records if r.get("stage") != retrained[-1].get("stage")]
     finder_flops = (finder[-1].get("train_flops") or 0.0) if finder else 0.0
-    dense_epochs = dense.records[-1]["epoch"]
-    per_epoch = dense.stats()["train_flops"] / dense_epochs
+    per_epoch = dense_stats["train_flops"] / dense.records[-1]["epoch"]
     hit = time_to_robustness(ticket.records, target)
     ticket_max = max((r["test_robust_acc"] for r in retrained if r.get("test_robust_acc") is not None), default=None)
     return C.boosting_reaches_dense_ra_in_fewer_epochs(

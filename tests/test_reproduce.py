@@ -262,10 +262,10 @@ def test_smoke_trains_evaluates_reports_and_keeps_finished_runs(tmp_path, cifar1
 def test_every_paper_preset_trains_with_the_smoke_settings(tmp_path, cifar100, role):
     from sparta.experiment import train
 
-    (run,) = plan("paper", "cifar100", cifar100, tmp_path / "out", smoke=True, only=[role],
-                  overrides=["model.base_width=4", "device=cpu"])
+    (planned,) = plan("paper", "cifar100", cifar100, tmp_path / "out", smoke=True, only=[role],
+                      overrides=["model.base_width=4", "device=cpu"])
     with pytest.warns(UserWarning, match="md5 of train, test differs"):  # the stand-in is not the release
-        summary = train(load_config(run.preset, list(run.overrides)))
+        summary = train(load_config(planned.preset, list(planned.overrides)))
     assert summary["epochs"] == 1 and summary["steps"] > 0
 
 
