@@ -127,6 +127,11 @@ class MethodConfig:
     update_every_epochs: Optional[float] = None
     update_every_late_epochs: Optional[float] = None
     growth: Literal["random", "gradient"] = "random"  # SET-style random or RigL-style dense-gradient growth
+    # where growth may land: exclusive = only positions inactive before the drop (RigL: a just-dropped
+    # weight is never regrown in the same update; every dropped and grown weight restarts at 0);
+    # authors = every position inactive after the drop, as in the paper's code (a weight dropped and
+    # re-drawn keeps its value and optimizer state, so fewer weights change per update)
+    regrowth: Literal["exclusive", "authors"] = "exclusive"
     drop_fraction: float = 0.5  # cosine-decayed fraction of active weights replaced per update...
     drop_fraction_final: float = 0.005  # ...down to this at the end of training
     # Flying Bird+ (adaptive density)

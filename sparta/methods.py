@@ -54,7 +54,7 @@ def _dynamic_args(cfg: Config, steps_per_epoch: int) -> dict[str, Any]:
     return dict(total_steps=cfg.epochs * steps_per_epoch, update_every=early, update_every_late=late,
                 late_from_step=(cfg.epochs // 2) * steps_per_epoch,
                 drop_fraction=m.drop_fraction, drop_fraction_final=m.drop_fraction_final,
-                growth=m.growth, seed=cfg.seed)
+                growth=m.growth, regrowth=m.regrowth, seed=cfg.seed)
 
 
 def _static(cfg: Config, run: RunContext, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> SparsityController:

@@ -34,14 +34,16 @@ def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g)
 
 
-def train(model, optimizer, controller, steps: range, *, call_after_step=True, inspect=None, end_epoch=None):
-    """The loop's order; ``inspect(step, masks_before)`` runs right after ``after_backward``."""
+def train(model, optimizer, controller, steps: range, *, call_after_step=True, inspect=None, end_epoch=None,
+          snapshot=None):
+    """The loop's order; ``inspect(step, before)`` runs right after ``after_backward``, with ``before``
+    what ``snapshot()`` returned right before it (default: a copy of the masks)."""
     masks = getattr(controller, "masks", None)
     for step in steps:
         x, y = batch(step)
         optimizer.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()
-        before = copy.deepcopy(masks.masks) if inspect else None
+        before = (snapshot() if snapshot else copy.deepcopy(masks.masks)) if inspect else None
         controller.after_backward(step)
         if inspect:
             inspect(step, before)
@@ -186,7 +188,10 @@ def test_every_update_keeps_exact_counts_and_starts_grown_weights_at_zero(growth
             for buf in per_weight_state(optimizer, p):
                 assert torch.equal(buf[dropped | grown], torch.zeros(2 * n_drop))
             assert torch.equal(p.grad[~new], torch.zeros(int((~new).sum())))  # grads masked with the new mask
+            assert fb.last_update["changed"][name] == 2 * n_drop  # "exclusive": everything dropped or grown
         assert fb.update_log[-1]["step"] == step
+        assert fb.update_log[-1]["changed"] == sum(fb.last_update["changed"].values())
+        assert fb.update_log[-1]["changed_by_layer"] == fb.last_update["changed"]
 
     train(model, optimizer, fb, range(60), inspect=inspect)
     assert seen == list(range(3, 60, 3)) and fb.topology_updates == len(seen)
@@ -196,6 +201,8 @@ def test_every_update_keeps_exact_counts_and_starts_grown_weights_at_zero(growth
     log = fb.epoch_log()
     assert log["topology_updates"] == 19 and log["density"] == fb.masks.density()
     assert log["drop_fraction"] == fb.drop_fraction(59)
+    assert fb.regrowth == "exclusive"  # the default
+    assert log["topology_changed_total"] == sum(e["dropped"] + e["grown"] for e in fb.update_log) > 0
 
 
 def test_gradient_growth_picks_largest_inactive_gradients():
@@ -217,6 +224,139 @@ def test_gradient_growth_picks_largest_inactive_gradients():
     assert weight.grad.view(-1).tolist() == [1, 0, 1, 0, 1, 0, 1, 0, 0, -5, 0, 4, 0, -3, 2, 0]
 
 
+def state_snapshot(fb: DynamicSparse, optimizer):
+    """Copies of masks, weights and per-weight optimizer state, taken before ``after_backward``."""
+    return {name: (fb.masks[name].clone(), p.detach().clone(), [b.clone() for b in per_weight_state(optimizer, p)])
+            for name, p in fb.masks.params.items()}
+
+
+@pytest.mark.parametrize("growth", ["random", "gradient"])
+@pytest.mark.parametrize("opt", ["sgd", "adam"])
+def test_authors_regrowth_keeps_redrawn_weights_and_restarts_only_flipped_ones(growth, opt):
+    model = tiny_net()
+    optimizer = OPTIMIZERS[opt](model.parameters())
+    fb = flying_bird(model, optimizer, total_steps=60, update_every=3, update_every_late=None, growth=growth,
+                     regrowth="authors")
+    target = fb.masks.counts()
+    redrawn_total = 0
+
+    def inspect(step, before):
+        nonlocal redrawn_total
+        assert fb.masks.counts() == target
+        if not fb.is_update_step(step):
+            return
+        r = fb.drop_fraction(step)
+        for name, p in fb.masks.params.items():
+            old, w_old, state_old = before[name]
+            new = fb.masks[name]
+            n_drop = math.ceil(r * target[name])  # no cap at the inactive count under "authors"
+            # the drop: the n_drop smallest |w| active before (same tie rule as the controller)
+            drop = _smallest(w_old.abs().reshape(-1).masked_fill(~old.reshape(-1), math.inf), n_drop).view_as(old)
+            grow = new & ~(old & ~drop)  # active now and not a survivor of the drop
+            assert fb.last_update["dropped"][name] == n_drop == int(grow.sum()) == fb.last_update["grown"][name]
+            redrawn, flipped = drop & new, old ^ new
+            redrawn_total += int(redrawn.sum())
+            assert torch.equal(flipped, (drop & ~new) | (new & ~old))
+            assert fb.last_update["changed"][name] == int(flipped.sum()) == 2 * (n_drop - int(redrawn.sum()))
+            # flipped positions (dropped only, newly grown) restart at 0 with zeroed state
+            assert torch.equal(p.detach()[flipped], torch.zeros(int(flipped.sum())))
+            # every position active before and after, re-drawn ones included, is untouched bit for bit
+            keep = old & new
+            assert torch.equal(p.detach()[keep].view(torch.int32), w_old[keep].view(torch.int32))
+            for buf, buf_old in zip(per_weight_state(optimizer, p), state_old, strict=True):
+                assert torch.equal(buf[flipped], torch.zeros(int(flipped.sum())))
+                assert torch.equal(buf[keep].view(torch.int32), buf_old[keep].view(torch.int32))
+            assert torch.equal(p.grad[~new], torch.zeros(int((~new).sum())))
+        assert fb.update_log[-1]["changed"] == sum(fb.last_update["changed"].values())
+
+    train(model, optimizer, fb, range(60), inspect=inspect, snapshot=lambda: state_snapshot(fb, optimizer))
+    assert fb.topology_updates == 19
+    assert redrawn_total > 0  # the rule was exercised: some dropped weights were drawn again
+    assert_pruned_weights_and_state_zero(fb.masks, optimizer)
+    assert fb.epoch_log()["topology_changed_total"] == sum(e["changed"] for e in fb.update_log)
+
+
+def test_authors_regrowth_by_hand_with_gradient_growth():
+    model = nn.Sequential(nn.Linear(4, 4, bias=False))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    masks = MaskSet.from_model(model)
+    masks["0.weight"].view(-1)[8:] = False  # flat positions 0..7 active, 8..15 inactive
+    fb = DynamicSparse(model, optimizer, masks, total_steps=10, update_every=5, update_every_late=None,
+                       drop_fraction=0.5, drop_fraction_final=0.5, growth="gradient", regrowth="authors")
+    weight = model[0].weight
+    with torch.no_grad():
+        weight.view(-1)[:8] = torch.tensor([0.8, -0.1, 0.7, 0.2, -0.6, 0.3, 0.5, 0.4])
+    momentum = torch.cat([torch.arange(1.0, 9.0), torch.zeros(8)]).view(4, 4)
+    optimizer.state[weight]["momentum_buffer"] = momentum.clone()
+    # drop ceil(0.5 * 8) = 4 smallest |w|: 1, 3, 5, 7. Candidates: 1, 3, 5, 7 and 8..15; the 4 largest
+    # |grad| among them are 1 (100), 5 (50), 9 (5), 11 (4): 1 and 5 are re-drawn, 3 and 7 only dropped.
+    grad = torch.tensor([1, 100, 1, 0.01, 1, 50, 1, 0.02, 0.1, -5, 0.3, 4, 0.2, -3, 2, 0.05])
+    weight.grad = grad.view(4, 4).clone()
+    fb.after_backward(5)
+    assert masks["0.weight"].view(-1).nonzero().view(-1).tolist() == [0, 1, 2, 4, 5, 6, 9, 11]
+    assert weight.view(-1).tolist() == pytest.approx([0.8, -0.1, 0.7, 0, -0.6, 0.3, 0.5, 0] + [0] * 8)
+    assert optimizer.state[weight]["momentum_buffer"].view(-1).tolist() == [1, 2, 3, 0, 5, 6, 7, 0] + [0] * 8
+    assert fb.last_update == {"dropped": {"0.weight": 4}, "grown": {"0.weight": 4}, "changed": {"0.weight": 4}}
+    assert fb.update_log[-1]["changed"] == 4 and fb.update_log[-1]["changed_by_layer"] == {"0.weight": 4}
+
+
+@pytest.mark.parametrize("growth", ["random", "gradient"])
+def test_authors_regrowth_redraws_everything_when_only_dropped_positions_are_free(growth):
+    # a dense layer: the positions inactive after the drop are exactly the dropped ones, so all of
+    # them are drawn again and nothing changes (under "exclusive" the drop is capped at 0 instead)
+    model = nn.Sequential(nn.Linear(4, 4, bias=False))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    weight = model[0].weight
+    optimizer.state[weight]["momentum_buffer"] = torch.randn(4, 4)
+    fb = DynamicSparse(model, optimizer, MaskSet.from_model(model), total_steps=10, update_every=5,
+                       update_every_late=None, drop_fraction=0.5, drop_fraction_final=0.5, growth=growth,
+                       regrowth="authors")
+    w, m = weight.detach().clone(), optimizer.state[weight]["momentum_buffer"].clone()
+    weight.grad = torch.randn(4, 4)
+    fb.after_backward(5)
+    assert fb.masks["0.weight"].all()
+    assert torch.equal(weight.detach(), w) and torch.equal(optimizer.state[weight]["momentum_buffer"], m)
+    assert fb.last_update == {"dropped": {"0.weight": 8}, "grown": {"0.weight": 8}, "changed": {"0.weight": 0}}
+
+
+def test_authors_random_growth_draws_just_dropped_positions_uniformly():
+    # 8 of 16 active, r = 0.5: drop 4, grow 4 uniformly among the 4 dropped + 8 inactive positions, so a
+    # dropped weight is re-drawn with probability 4/12 and on average 4 * 4/12 = 4/3 are re-drawn per update
+    redrawn, draws = [], 300
+    for seed in range(draws):
+        model = nn.Sequential(nn.Linear(4, 4, bias=False))
+        masks = MaskSet.from_model(model)
+        masks["0.weight"].view(-1)[8:] = False
+        with torch.no_grad():
+            model[0].weight.view(-1)[:8] = torch.tensor([0.8, -0.1, 0.7, 0.2, -0.6, 0.3, 0.5, 0.4])
+        fb = DynamicSparse(model, torch.optim.SGD(model.parameters(), lr=0.1), masks, total_steps=10,
+                           update_every=5, update_every_late=None, drop_fraction=0.5, drop_fraction_final=0.5,
+                           regrowth="authors", seed=seed)
+        fb.after_backward(5)
+        active = masks["0.weight"].view(-1)
+        assert int(active.sum()) == 8 and active[[0, 2, 4, 6]].all()  # the 4 largest |w| survive
+        redrawn.append(int(active[[1, 3, 5, 7]].sum()))
+        assert fb.last_update["changed"]["0.weight"] == 2 * (4 - redrawn[-1])
+    assert sum(redrawn) / draws == pytest.approx(4 / 3, abs=0.2)  # 4+ standard errors of the mean
+    assert 0 in redrawn and max(redrawn) >= 3
+
+
+def test_old_update_logs_without_churn_still_load():
+    model = tiny_net()
+    optimizer = OPTIMIZERS["sgd"](model.parameters())
+    fb = flying_bird(model, optimizer, total_steps=30, update_every=5, update_every_late=None)
+    train(model, optimizer, fb, range(12))
+    state = fb.state_dict()
+    for entry in state["update_log"]:  # as written before churn was logged
+        del entry["changed"], entry["changed_by_layer"]
+    fresh_model = tiny_net()
+    fresh = flying_bird(fresh_model, OPTIMIZERS["sgd"](fresh_model.parameters()), total_steps=30, update_every=5,
+                        update_every_late=None)
+    fresh.load_state_dict(state)
+    assert [e["changed"] for e in fresh.update_log] == [e["changed"] for e in fb.update_log]
+    assert fresh.epoch_log()["topology_changed_total"] == fb.epoch_log()["topology_changed_total"] > 0
+
+
 def test_ties_go_to_the_lowest_index():
     assert _smallest(torch.tensor([1.0, 0.0, 0.0, 0.0, 2.0]), 2).tolist() == [False, True, True, False, False]
     assert _smallest(torch.tensor([0.5, 0.0, 0.5, 0.5]), 3).tolist() == [True, True, True, False]
@@ -230,6 +370,8 @@ def test_bad_dynamic_settings_are_config_errors():
         flying_bird(model, optimizer, total_steps=10, growth="momentum")
     with pytest.raises(ConfigError, match="drop_fraction"):
         flying_bird(model, optimizer, total_steps=10, drop_fraction=1.5)
+    with pytest.raises(ConfigError, match="exclusive, authors"):
+        flying_bird(model, optimizer, total_steps=10, regrowth="rigl")
     with pytest.raises(ConfigError, match="window"):
         AdaptiveDensity(model, optimizer, MaskSet.from_model(model), total_steps=10, steps_per_epoch=2,
                         adapt_from_epoch=1, window=1)
@@ -259,11 +401,12 @@ FB_PLUS_CASES = {
 }
 
 
+@pytest.mark.parametrize("regrowth", ["exclusive", "authors"])  # same counts: inactive pools are large here
 @pytest.mark.parametrize("case", FB_PLUS_CASES)
-def test_fb_plus_decisions_and_resulting_counts(case):
+def test_fb_plus_decisions_and_resulting_counts(case, regrowth):
     gaps, losses, prune_more, grow_more, expected = FB_PLUS_CASES[case]
     model = tiny_net()
-    fbp = fb_plus(model, OPTIMIZERS["sgd"](model.parameters()))
+    fbp = fb_plus(model, OPTIMIZERS["sgd"](model.parameters()), regrowth=regrowth)
     assert list(fbp.masks.counts().values()) == [65, 345, 48]
     for epoch, (g, l) in enumerate([(-9, 9), (9, -9)] + list(zip(gaps, losses))):  # only the last 5 count
         fbp.end_epoch(epoch, metrics(g, l))
@@ -276,6 +419,30 @@ def test_fb_plus_decisions_and_resulting_counts(case):
     log = fbp.epoch_log()
     assert (log["fbplus_prune_more"], log["fbplus_grow_more"]) == (int(prune_more), int(grow_more))
     assert log["density"] == sum(expected) / 1528
+
+
+# A dense last layer (160 weights, 0 inactive), r = 0.5, both rules firing. "exclusive": n_drop is capped
+# at 0 inactive, extra drop ceil(0.4 * 0.5 * 160) = 32, no growth fits -> 128. "authors": n_drop = 80,
+# extra drop 32, grow 80 + min(ceil(0.05 * 80) = 4, 32 extra-dropped free positions) = 84 -> 132.
+@pytest.mark.parametrize("regrowth, last_layer", [("exclusive", 128), ("authors", 132)])
+def test_fb_plus_counts_on_a_dense_layer_depend_on_the_rule(regrowth, last_layer):
+    model = tiny_net()
+    optimizer = OPTIMIZERS["sgd"](model.parameters())
+    masks = MaskSet.random(model, 0.3, "uniform", seed=1)
+    masks["6.weight"].fill_(True)
+    fbp = AdaptiveDensity(model, optimizer, masks, total_steps=1000, update_every=10, update_every_late=None,
+                          steps_per_epoch=10, adapt_from_epoch=3, drop_fraction=0.5, drop_fraction_final=0.5,
+                          regrowth=regrowth)
+    for epoch, (g, l) in enumerate(zip(UP, FLAT)):
+        fbp.end_epoch(epoch, metrics(g, l))
+    before = {name: m.clone() for name, m in fbp.masks.items()}
+    fbp.after_backward(30)
+    assert (fbp.decisions[-1]["prune_more"], fbp.decisions[-1]["grow_more"]) == (True, True)
+    assert list(fbp.masks.counts().values()) == [54, 285, last_layer]  # first two as in FB_PLUS_CASES["both"]
+    last = fbp.last_update
+    assert (last["dropped"]["6.weight"], last["grown"]["6.weight"]) == ((32, 0) if regrowth == "exclusive" else (112, 84))
+    assert last["changed"] == {name: int((before[name] ^ m).sum()) for name, m in fbp.masks.items()}
+    assert_pruned_weights_and_state_zero(fbp.masks, optimizer)
 
 
 def test_fb_plus_waits_for_adapt_from_epoch_and_a_full_window():
@@ -308,12 +475,12 @@ def test_fb_plus_needs_validation_metrics():
 
 
 # -- resuming -------------------------------------------------------------------------------------
-def build_run(kind: str):
+def build_run(kind: str, regrowth: str = "exclusive"):
     torch.manual_seed(123)  # same global RNG state for model init in both runs
     model = tiny_net(seed=123)
     optimizer = OPTIMIZERS["sgd"](model.parameters())
     masks = MaskSet.random(model, 0.3, "igq", seed=5)
-    args = dict(total_steps=40, update_every=4, update_every_late=6, late_from_step=20, seed=7)
+    args = dict(total_steps=40, update_every=4, update_every_late=6, late_from_step=20, seed=7, regrowth=regrowth)
     if kind == "fb":
         return model, optimizer, DynamicSparse(model, optimizer, masks, **args)
     controller = AdaptiveDensity(model, optimizer, masks, steps_per_epoch=4, adapt_from_epoch=2, window=3, **args)
@@ -328,19 +495,20 @@ def epoch_ender(controller):
     return end_epoch
 
 
+@pytest.mark.parametrize("regrowth", ["exclusive", "authors"])
 @pytest.mark.parametrize("kind", ["fb", "fb_plus"])
-def test_resume_equals_uninterrupted_run(kind):
-    model, optimizer, controller = build_run(kind)
+def test_resume_equals_uninterrupted_run(kind, regrowth):
+    model, optimizer, controller = build_run(kind, regrowth)
     train(model, optimizer, controller, range(40), end_epoch=epoch_ender(controller))
 
-    first_model, first_opt, first = build_run(kind)
+    first_model, first_opt, first = build_run(kind, regrowth)
     train(first_model, first_opt, first, range(20), end_epoch=epoch_ender(first))
     buffer = io.BytesIO()
     torch.save({"model": first_model.state_dict(), "optimizer": first_opt.state_dict(),
                 "controller": first.state_dict()}, buffer)
     buffer.seek(0)
     checkpoint = torch.load(buffer, weights_only=True)  # what sparta's checkpoints allow
-    resumed_model, resumed_opt, resumed = build_run(kind)
+    resumed_model, resumed_opt, resumed = build_run(kind, regrowth)
     resumed_model.load_state_dict(checkpoint["model"])
     resumed_opt.load_state_dict(checkpoint["optimizer"])
     resumed.load_state_dict(checkpoint["controller"])
@@ -348,6 +516,9 @@ def test_resume_equals_uninterrupted_run(kind):
 
     assert controller.topology_updates == resumed.topology_updates == 7  # 4, 8, 12, 16 then 24, 30, 36
     assert controller.update_log == resumed.update_log
+    churn = sum(e["changed"] for e in controller.update_log)
+    moved = sum(e["dropped"] + e["grown"] for e in controller.update_log)
+    assert churn < moved if regrowth == "authors" else churn == moved  # re-drawn weights do not churn
     assert all(torch.equal(controller.masks[n], resumed.masks[n]) for n in controller.masks)
     for a, b in zip(model.state_dict().values(), resumed_model.state_dict().values()):
         assert torch.equal(a, b)

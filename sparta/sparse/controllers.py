@@ -166,6 +166,7 @@ def _smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 GROWTH_MODES = ("random", "gradient")
+REGROWTH_RULES = ("exclusive", "authors")  # see DynamicSparse
 
 
 class DynamicSparse(Static):
@@ -174,15 +175,30 @@ class DynamicSparse(Static):
 
     Every ``update_every`` steps (``update_every_late`` from ``late_from_step`` on; None means half of
     ``total_steps``), each layer with ``nnz`` active weights drops its ``ceil(r * nnz)`` smallest-|w|
-    active weights and grows as many positions that were inactive before the drop (a just-dropped
-    weight is never regrown in the same update, the RigL rule): uniformly at random (``growth="random"``,
-    SET; from a generator seeded with ``seed``) or those with the largest |dense gradient| of the
-    current batch (``growth="gradient"``, RigL). Dropped and grown weights are set to exactly 0 and
-    their optimizer state zeroed, so grown weights start from 0 with no momentum. Per-layer counts never
-    change. ``r`` (the paper's death rate) follows a cosine decay from ``drop_fraction`` to
-    ``drop_fraction_final`` over ``total_steps``: r(t) = final + (initial - final) (1 + cos(pi t / T)) / 2.
+    active weights and grows as many: uniformly at random (``growth="random"``, SET; from a generator
+    seeded with ``seed``) or those with the largest |dense gradient| of the current batch
+    (``growth="gradient"``, RigL). ``regrowth`` says where growth may land:
 
-    Unlike the paper's code (Bernoulli growth, so densities drift), counts are exact.
+    - ``"exclusive"`` (RigL's rule): only positions that were inactive before the drop, so a
+      just-dropped weight is never regrown in the same update. Dropped and grown weights are set to
+      exactly 0 and their optimizer state zeroed.
+    - ``"authors"`` (the paper's code, built on the sparselearning library of Dettmers & Zettlemoyer
+      2019 / Liu et al. 2021): every position inactive after the drop, just-dropped ones included. A
+      weight dropped and drawn again is left untouched (value and optimizer state), as there death
+      only edits the mask and weights are multiplied by the mask after growth; a dropped-only weight
+      is set to 0 with zeroed optimizer state; a newly grown one (inactive before) starts at 0 with
+      zeroed state. With random growth a dropped weight is drawn again with probability
+      n_drop / (inactive + n_drop), so a layer changes 2 n_drop inactive / (inactive + n_drop) weights
+      per update on average against 2 min(n_drop, inactive) under ``"exclusive"``: the ratio,
+      1 + min / max of n_drop and inactive, is largest (up to 2) where n_drop is near the inactive
+      count, i.e. in the denser layers (the early ones under IGQ).
+
+    In both, the weights that change are exactly those whose mask flipped; ``update_log`` and
+    ``last_update`` count them (``changed``). Per-layer counts never change. ``r`` (the paper's death
+    rate) follows a cosine decay from ``drop_fraction`` to ``drop_fraction_final`` over
+    ``total_steps``: r(t) = final + (initial - final) (1 + cos(pi t / T)) / 2.
+
+    Unlike the paper's code (Bernoulli growth, so densities drift), counts are exact under both rules.
     """
 
     def __init__(
@@ -198,6 +214,7 @@ class DynamicSparse(Static):
         drop_fraction: float = 0.5,
         drop_fraction_final: float = 0.005,
         growth: Literal["random", "gradient"] = "random",
+        regrowth: Literal["exclusive", "authors"] = "exclusive",
         seed: int = 0,
     ):
         if total_steps < 1:
@@ -213,6 +230,8 @@ class DynamicSparse(Static):
             )
         if growth not in GROWTH_MODES:
             raise ConfigError(f"unknown growth {growth!r}; valid: {', '.join(GROWTH_MODES)}")
+        if regrowth not in REGROWTH_RULES:
+            raise ConfigError(f"unknown regrowth {regrowth!r}; valid: {', '.join(REGROWTH_RULES)}")
         super().__init__(model, optimizer, masks)
         self.total_steps = total_steps
         self.update_every = update_every
@@ -223,10 +242,12 @@ class DynamicSparse(Static):
         self.initial_drop_fraction = drop_fraction
         self.final_drop_fraction = drop_fraction_final
         self.growth = growth
+        self.regrowth = regrowth
         self.generator = torch.Generator().manual_seed(seed)  # CPU: same draws on every device and rank
         self.topology_updates = 0
-        self.update_log: list[dict[str, Any]] = []  # one entry per update: step, drop_fraction, dropped, grown
-        self.last_update: dict[str, dict[str, int]] = {}  # per-layer {"dropped": {name: n}, "grown": {...}}
+        # one entry per update: step, drop_fraction, dropped, grown, changed (totals), changed_by_layer
+        self.update_log: list[dict[str, Any]] = []
+        self.last_update: dict[str, dict[str, int]] = {}  # per layer: {"dropped": {name: n}, "grown", "changed"}
         self.last_step = 0
 
     # -- schedule ----------------------------------------------------------------------------------
@@ -256,42 +277,57 @@ class DynamicSparse(Static):
 
     @torch.no_grad()
     def _drop_and_grow(self, step: int, extra_drop_fraction: float = 0.0, extra_grow_fraction: float = 0.0) -> None:
-        """One topology update. Per layer with ``nnz`` active weights and drop fraction ``r``:
+        """One topology update. Per layer with ``nnz`` active weights, ``inactive`` inactive ones and
+        drop fraction ``r``:
 
-        - drop ``n_drop = ceil(r * nnz)`` (capped at the inactive count, so regrowth is possible) plus
-          ``ceil(extra_drop_fraction * r * nnz)`` that are not regrown (kept >= 1 weight alive);
-        - grow ``n_drop + ceil(extra_grow_fraction * n_drop)`` (capped at the inactive count).
+        - drop ``n_drop = ceil(r * nnz)`` plus ``ceil(extra_drop_fraction * r * nnz)`` that are not
+          regrown (kept >= 1 weight alive). Under ``"exclusive"`` ``n_drop`` is capped at
+          ``inactive`` so that as many can be grown among the positions inactive before the drop;
+        - grow ``n_drop + ceil(extra_grow_fraction * n_drop)``, the extra capped so that the growth
+          fits the candidates: ``inactive`` positions (``"exclusive"``) or every position inactive
+          after the drop, ``inactive + dropped`` (``"authors"``).
+
+        Positions whose mask flipped (dropped and not re-drawn, or newly grown) are set to 0 with
+        their optimizer state zeroed; a re-drawn position (``"authors"`` only) keeps both.
         """
         r = self.drop_fraction(step)
+        authors = self.regrowth == "authors"
         changed: dict[str, torch.Tensor] = {}
         dropped: dict[str, int] = {}
         grown: dict[str, int] = {}
+        flipped: dict[str, int] = {}
         for name, mask in self.masks.items():
             weight = self.masks.params[name]
             active = mask.view(-1)  # (numel,) view: in-place edits below update the stored mask
             nnz = int(active.count_nonzero())  # host sync: update steps only
             inactive = active.numel() - nnz
-            n_drop = min(_ceil(r * nnz), inactive)
+            n_drop = _ceil(r * nnz) if authors else min(_ceil(r * nnz), inactive)
             n_drop_extra = max(0, min(_ceil(extra_drop_fraction * r * nnz), nnz - n_drop - 1))
-            n_grow = n_drop + min(_ceil(extra_grow_fraction * n_drop), inactive - n_drop)
-            dropped[name], grown[name] = n_drop + n_drop_extra, n_grow
+            candidates = inactive + n_drop + n_drop_extra if authors else inactive
+            n_grow = n_drop + min(_ceil(extra_grow_fraction * n_drop), candidates - n_drop)
+            dropped[name], grown[name], flipped[name] = n_drop + n_drop_extra, n_grow, 0
             if n_drop + n_drop_extra == 0 and n_grow == 0:
                 continue
             # (numel,) scores; positions that may not be chosen get +inf
             drop = _smallest(weight.abs().reshape(-1).masked_fill(~active, math.inf), n_drop + n_drop_extra)
-            grow = self._grow_positions(weight, active, n_grow)  # chosen among the pre-drop inactive
+            # (numel,) bool, growth among the positions inactive after the drop ("authors") or before it
+            grow = self._grow_positions(weight, active & ~drop if authors else active, n_grow)
             active.masked_fill_(drop, False).masked_fill_(grow, True)
-            changed[name] = (drop | grow).view(mask.shape)
+            # the mask flipped here: dropped and not re-drawn, or grown and inactive before (under
+            # "exclusive" drop and grow are disjoint, so this is every dropped and grown position)
+            changed[name] = (drop ^ grow).view(mask.shape)
+            flipped[name] = int(changed[name].count_nonzero())
             weight.masked_fill_(changed[name], 0.0)  # dropped weights vanish, grown ones start at 0
         self.masks.zero_optimizer_state_(self.optimizer, changed)  # no stale momentum / Adam moments
         self.topology_updates += 1
-        self.last_update = {"dropped": dropped, "grown": grown}
+        self.last_update = {"dropped": dropped, "grown": grown, "changed": flipped}
         self.update_log.append(
-            {"step": step, "drop_fraction": r, "dropped": sum(dropped.values()), "grown": sum(grown.values())}
+            {"step": step, "drop_fraction": r, "dropped": sum(dropped.values()), "grown": sum(grown.values()),
+             "changed": sum(flipped.values()), "changed_by_layer": dict(flipped)}
         )
 
     def _grow_positions(self, weight: torch.Tensor, active: torch.Tensor, n_grow: int) -> torch.Tensor:
-        """(numel,) bool: ``n_grow`` positions among those inactive in ``active`` (numel,)."""
+        """(numel,) bool: ``n_grow`` positions among those False in ``active`` (numel,), the candidates."""
         if n_grow == 0:
             return torch.zeros_like(active)
         if self.growth == "random":  # SET: uniform over inactive positions
@@ -311,6 +347,7 @@ class DynamicSparse(Static):
             "density": self.masks.density(),
             "topology_updates": self.topology_updates,
             "drop_fraction": self.drop_fraction(self.last_step),
+            "topology_changed_total": sum(entry["changed"] for entry in self.update_log),  # churn so far
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -326,6 +363,8 @@ class DynamicSparse(Static):
         super().load_state_dict(state)
         self.topology_updates = int(state["topology_updates"])
         self.update_log = [dict(entry) for entry in state["update_log"]]
+        for entry in self.update_log:  # states saved before churn was logged: only "exclusive" existed then,
+            entry.setdefault("changed", entry["dropped"] + entry["grown"])  # where drop and grow are disjoint
         self.generator.set_state(state["generator"])
         self.last_step = int(state["last_step"])
 
