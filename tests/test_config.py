@@ -42,6 +42,7 @@ def test_yaml_fraction_and_int_to_float(tmp_path):
     (["method.density=1.5"], "method.density must be in (0, 1]"),
     (["method.name=flying_bird_plus", "data.val_size=0"], "needs a validation split"),
     (["method.update_every=0"], "method.update_every must be > 0"),
+    (["method.regrowth=rigl"], "method.regrowth must be one of exclusive, authors"),
 ])
 def test_bad_values_are_one_line(override, message):
     with pytest.raises(ConfigError) as e:
@@ -94,6 +95,19 @@ def test_paper_flying_bird_plus_preset():
     assert cfg.method.name == "flying_bird_plus" and cfg.method.density == 0.2
     assert (cfg.method.update_every, cfg.method.update_every_late, cfg.method.adapt_from_epoch) == (900, 1200, 100)
     assert cfg.data.name == "cifar10" and cfg.epochs == 200 and cfg.optim.milestones == [100.0, 150.0]
+
+
+def test_flying_bird_presets_use_the_authors_regrowth_and_the_default_keeps_the_old_rule():
+    from sparta.methods import _dynamic_args
+
+    presets = sorted((ROOT / "configs").glob("*_flying_bird*.yaml"))
+    assert len(presets) == 9  # cifar10, cifar100, tinyimagenet, mnist (x FB, FB+) and the demo
+    for p in presets:
+        expected = "exclusive" if p.name.startswith("demo") else "authors"
+        assert load_config(p).method.regrowth == expected, p.name
+    assert load_config(None).method.regrowth == "exclusive"
+    cfg = load_config(ROOT / "configs" / "cifar10_flying_bird.yaml")
+    assert _dynamic_args(cfg, steps_per_epoch=352)["regrowth"] == "authors"
 
 
 def _schedule(**optim) -> LrSchedule:
