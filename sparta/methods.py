@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -92,7 +92,7 @@ METHODS.register("flying_bird_plus")(_one_stage(
 # ------------------------------------------------------------------ ticket methods: shared pieces
 
 
-def search_config(cfg: Config, *, epochs: int, attack: str, lr: float, milestones: list[float] = ()) -> Config:
+def search_config(cfg: Config, *, epochs: int, attack: str, lr: float, milestones: Sequence[float] = ()) -> Config:
     """The config of a cheap first stage: ``lr`` for ``epochs`` epochs under ``attack``, constant, or
     multiplied by ``optim.gamma`` at each of ``milestones`` (epochs of this stage), without warm-up.
 
