@@ -147,6 +147,16 @@ class MethodConfig:
     # Robust Bird
     pruning: Literal["unstructured", "channel"] = "unstructured"
     max_search_epochs: int = 50  # the search ends at the early-bird ticket or after this many epochs
+    min_search_epochs: int = 0  # the ticket may not be drawn before the end of this search epoch
+    # search lr x optim.gamma at these search epochs; [] = constant search_lr. The authors' code:
+    # max_search_epochs=200 search_milestones=[50]
+    search_milestones: list[float] = field(default_factory=list)
+    # compare the masks every N optimizer steps of the search (e.g. 352 = a CIFAR epoch of 45,000
+    # images at batch 128); null = after every epoch. The search still stops at an epoch's end
+    eb_every_steps: Optional[int] = None
+    # L1 penalty lambda * sum |gamma| on BatchNorm weights during the search (network slimming);
+    # null: 1e-4 for pruning=channel, 0 for unstructured
+    bn_l1: Optional[float] = None
     eb_window: int = 5  # masks compared (the newest against the window - 1 older ones)
     eb_threshold: Optional[float] = None  # max normalised Hamming distance; null: 0.08 unstructured, 0.1 channel
     channel_density: Optional[float] = None  # fraction of BN channels kept; null: sqrt(density)
@@ -402,6 +412,13 @@ def validate(cfg: Config) -> None:
     need(0 < m.threshold <= 1, f"method.threshold must be in (0, 1], got {m.threshold}")
     need(m.adapt_from_epoch is None or m.adapt_from_epoch >= 0, f"method.adapt_from_epoch must be >= 0, got {m.adapt_from_epoch}")
     need(m.max_search_epochs >= 1, f"method.max_search_epochs must be >= 1, got {m.max_search_epochs}")
+    need(0 <= m.min_search_epochs <= m.max_search_epochs,
+         f"method.min_search_epochs must be in [0, max_search_epochs={m.max_search_epochs}], got {m.min_search_epochs}: "
+         "lower it or raise method.max_search_epochs")
+    need(all(x >= 0 for x in m.search_milestones), f"method.search_milestones must be epochs >= 0, got {m.search_milestones}")
+    need(m.eb_every_steps is None or m.eb_every_steps >= 1,
+         f"method.eb_every_steps must be >= 1 (or null: after every epoch), got {m.eb_every_steps}")
+    need(m.bn_l1 is None or m.bn_l1 >= 0, f"method.bn_l1 must be >= 0 (or null for the default), got {m.bn_l1}")
     need(m.finder_epochs >= 1, f"method.finder_epochs must be >= 1, got {m.finder_epochs}")
     need(m.rounds >= 1, f"method.rounds must be >= 1, got {m.rounds}")
     need(m.eb_window >= 2, f"method.eb_window must be >= 2, got {m.eb_window}")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -92,15 +92,18 @@ METHODS.register("flying_bird_plus")(_one_stage(
 # ------------------------------------------------------------------ ticket methods: shared pieces
 
 
-def search_config(cfg: Config, *, epochs: int, attack: str, lr: float) -> Config:
-    """The config of a cheap first stage: constant ``lr`` for ``epochs`` epochs under ``attack``.
+def search_config(cfg: Config, *, epochs: int, attack: str, lr: float, milestones: Sequence[float] = ()) -> Config:
+    """The config of a cheap first stage: ``lr`` for ``epochs`` epochs under ``attack``, constant, or
+    multiplied by ``optim.gamma`` at each of ``milestones`` (epochs of this stage), without warm-up.
 
     FGSM here is the boosting-ticket finder's (eps = step = attack.eps, no random start); PGD is
     the run's own training attack; none is clean training.
     """
     stage = copy.deepcopy(cfg)
     stage.epochs = epochs
-    stage.optim.lr, stage.optim.schedule, stage.optim.warmup_epochs = lr, "constant", 0.0
+    stage.optim.lr, stage.optim.warmup_epochs = lr, 0.0
+    stage.optim.schedule = "multistep" if milestones else "constant"
+    stage.optim.milestones = [float(x) for x in milestones] if milestones else stage.optim.milestones
     stage.attack.name = attack
     if attack == "fgsm":
         stage.attack.alpha, stage.attack.random_start = cfg.attack.eps, False
@@ -128,12 +131,21 @@ def robust_bird(cfg: Config) -> list[Stage]:
 
     Unstructured: prune globally by magnitude over conv + linear weights to ``method.density``.
     Channel: remove the BN channels with the smallest |gamma| (global threshold), giving a
-    physically smaller dense network (dependency-aware, through torch-pruning).
+    physically smaller dense network (dependency-aware, through torch-pruning); the search adds
+    network slimming's L1 penalty on the gammas (``method.bn_l1``, default 1e-4 for channels).
+
+    The search's lr is ``search_lr`` (0.1), constant or decayed by ``optim.gamma`` at
+    ``search_milestones``; the mask is compared after every epoch or every ``eb_every_steps`` steps,
+    never drawn before ``min_search_epochs``. ``run.info`` (hence summary.json) gets ``eb_epoch``,
+    ``eb_step``, ``search_ended_by`` ("early_bird" or "cap": ``max_search_epochs`` ran out) and
+    ``ticket_weights``.
     """
-    from .sparse.early_bird import EarlyBirdSearch
+    from .sparse.early_bird import DEFAULT_BN_L1, EarlyBirdSearch
 
     m = cfg.method
-    search = search_config(cfg, epochs=m.max_search_epochs, attack=m.search_attack or "none", lr=m.search_lr or 0.1)
+    search = search_config(cfg, epochs=m.max_search_epochs, attack=m.search_attack or "none", lr=m.search_lr or 0.1,
+                           milestones=m.search_milestones)
+    bn_l1 = DEFAULT_BN_L1[m.pruning] if m.bn_l1 is None else m.bn_l1
 
     def searcher(stage_cfg: Config, run: RunContext, optimizer, steps_per_epoch: int) -> SparsityController:
         if m.pruning == "channel" and not any(isinstance(mod, torch.nn.modules.batchnorm._BatchNorm)
@@ -141,11 +153,14 @@ def robust_bird(cfg: Config) -> list[Stage]:
             raise ConfigError(f"method.pruning=channel scores channels by BatchNorm gamma, and {cfg.model.name} has "
                               "no BatchNorm: use preact_resnet18, resnet18, vgg16_bn or wide_resnet")
         return EarlyBirdSearch(run.model, density=m.density, kind=m.pruning, window=m.eb_window,
-                               threshold=m.eb_threshold, channel_density=m.channel_density, exclude=m.exclude)
+                               threshold=m.eb_threshold, channel_density=m.channel_density, exclude=m.exclude,
+                               bn_l1=bn_l1, every_steps=m.eb_every_steps, min_epochs=m.min_search_epochs)
 
     def draw_ticket(run: RunContext, controller: SparsityController) -> None:
         found = controller.done
         run.info.update(eb_epoch=controller.eb_epoch if found else None,
+                        eb_step=controller.eb_step if found else None,
+                        search_ended_by="early_bird" if found else "cap",
                         ticket_weights=f"early-bird epoch {controller.eb_epoch}" if found else
                         f"no early bird within {m.max_search_epochs} search epochs: weights of the last search epoch")
         if m.pruning == "channel":

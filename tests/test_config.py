@@ -43,6 +43,14 @@ def test_yaml_fraction_and_int_to_float(tmp_path):
     (["method.name=flying_bird_plus", "data.val_size=0"], "needs a validation split"),
     (["method.update_every=0"], "method.update_every must be > 0"),
     (["method.regrowth=rigl"], "method.regrowth must be one of exclusive, authors"),
+    (["method.min_search_epochs=51"], "method.min_search_epochs must be in [0, max_search_epochs=50], got 51"),
+    (["method.max_search_epochs=10", "method.min_search_epochs=11"], "raise method.max_search_epochs"),
+    (["method.min_search_epochs=-1"], "method.min_search_epochs must be in [0,"),
+    (["method.eb_every_steps=0"], "method.eb_every_steps must be >= 1"),
+    (["method.eb_every_steps=1.5"], "method.eb_every_steps must be of type int"),
+    (["method.bn_l1=-1e-4"], "method.bn_l1 must be >= 0"),
+    (["method.search_milestones=[-1]"], "method.search_milestones must be epochs >= 0"),
+    (["method.search_milestones=50"], "method.search_milestones must be a list"),
 ])
 def test_bad_values_are_one_line(override, message):
     with pytest.raises(ConfigError) as e:
@@ -108,6 +116,35 @@ def test_flying_bird_presets_use_the_authors_regrowth_and_the_default_keeps_the_
     assert load_config(None).method.regrowth == "exclusive"
     cfg = load_config(ROOT / "configs" / "cifar10_flying_bird.yaml")
     assert _dynamic_args(cfg, steps_per_epoch=352)["regrowth"] == "authors"
+
+
+def test_robust_bird_presets_and_the_authors_search_schedule():
+    from sparta.methods import build_recipe
+
+    for dataset in ("cifar10", "cifar100", "cifar10_vgg16", "cifar100_vgg16", "tinyimagenet"):
+        unstructured = load_config(ROOT / "configs" / f"{dataset}_robust_bird.yaml")
+        channel = load_config(ROOT / "configs" / f"{dataset}_robust_bird_channel.yaml")
+        m = unstructured.method
+        assert (m.max_search_epochs, m.min_search_epochs, m.search_milestones, m.eb_every_steps, m.bn_l1) == \
+            (50, 0, [], None, None)
+        assert (channel.method.pruning, channel.method.bn_l1) == ("channel", 1e-4)
+    # the authors' code: up to 200 search epochs, lr 0.1 then x0.1 from search epoch 50 (352 steps an epoch)
+    cfg = load_config(ROOT / "configs" / "cifar10_robust_bird.yaml",
+                      ["method.max_search_epochs=200", "method.search_milestones=[50]"])
+    search = build_recipe(cfg)[0].cfg
+    s = LrSchedule(search.optim, steps_per_epoch=352, epochs=search.epochs)
+    assert search.epochs == 200 and s.lr_at(0) == 0.1 and s.lr_at(50 * 352 - 1) == 0.1
+    assert s.lr_at(50 * 352) == pytest.approx(0.01) and s.lr_at(200 * 352 - 1) == pytest.approx(0.01)
+
+
+def test_bad_search_setting_exits_with_one_line(tmp_path, capsys):
+    from sparta.cli import main
+
+    code = main(["train", str(ROOT / "configs" / "cifar10_robust_bird.yaml"), f"out_dir={tmp_path / 'r'}",
+                 "method.min_search_epochs=60"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "method.min_search_epochs" in err[0], err
+    assert not (tmp_path / "r").exists()
 
 
 def _schedule(**optim) -> LrSchedule:

@@ -3,6 +3,10 @@ import pytest
 import torch
 
 from sparta.config import from_dict, with_overrides
+from sparta.data import load_dataset
+from sparta.methods import build_recipe
+from sparta.netspec import build_model, model_spec
+from sparta.stages import RunContext
 from sparta.experiment import load_model, prepare_resume, train
 from sparta.rundir import RunDir
 from test_train import TINY
@@ -42,6 +46,7 @@ def test_robust_bird_unstructured(tmp_path):
     records = RunDir(cfg.run_dir).read_metrics()
     assert [(r["stage"], r["epoch"]) for r in records] == [("search", 1), ("search", 2), ("train", 1), ("train", 2)]
     assert summary["eb_epoch"] == 2 and "early-bird epoch 2" in summary["ticket_weights"]
+    assert summary["search_ended_by"] == "early_bird" and summary["eb_step"] == 2 * 16  # 512 images / 32 a batch
     assert [s["name"] for s in summary["stages"]] == ["search", "train"] and summary["stages"][0]["epochs"] == 2
     masks = checkpoint_of(cfg)["masks"]
     total = sum(m.numel() for m in masks.values())
@@ -58,6 +63,7 @@ def test_robust_bird_without_early_bird_uses_last_search_weights(tmp_path):
     cfg = cfg_for(tmp_path / "run", *RB, "method.eb_threshold=0.0", "method.max_search_epochs=2", "epochs=1")
     summary = train(cfg)
     assert summary["eb_epoch"] is None and "no early bird within 2 search epochs" in summary["ticket_weights"]
+    assert summary["search_ended_by"] == "cap" and summary["eb_step"] is None
     assert summary["stages"][0]["epochs"] == 2
 
 
@@ -71,6 +77,84 @@ def test_robust_bird_channel_trains_a_physically_smaller_network(tmp_path):
     assert sum(p.numel() for p in model.parameters()) == summary["params_after_slimming"]
     out = model(torch.rand(4, 1, 8, 8))
     assert out.shape == (4, 10) and torch.isfinite(out).all()
+
+
+def test_robust_bird_masks_every_n_steps_with_a_minimum_search_length(tmp_path):
+    """16 steps an epoch; masks every 5 steps (after 5, 10, 15, 20, ...), window 2, any distance: the
+    ticket is found at step 10 in epoch 1, or with min_search_epochs=2 at step 20, the first
+    observation of epoch 2 (steps 17..32)."""
+    cfg = cfg_for(tmp_path / "a", *RB, "epochs=1", "method.eb_every_steps=5")
+    summary = train(cfg)
+    assert (summary["eb_epoch"], summary["eb_step"], summary["search_ended_by"]) == (1, 10, "early_bird")
+    assert summary["stages"][0]["epochs"] == 1 and summary["stages"][0]["steps"] == 16  # to the epoch's end
+    cfg = cfg_for(tmp_path / "b", *RB, "epochs=1", "method.eb_every_steps=5", "method.min_search_epochs=2")
+    summary = train(cfg)
+    assert (summary["eb_epoch"], summary["eb_step"], summary["search_ended_by"]) == (2, 20, "early_bird")
+    assert summary["stages"][0]["epochs"] == 2
+    # the ticket may not be drawn before max_search_epochs either: min 3 = max 3, so epoch 3
+    cfg = cfg_for(tmp_path / "c", *RB, "epochs=1", "method.min_search_epochs=3")
+    assert train(cfg)["eb_epoch"] == 3
+
+
+def test_robust_bird_search_milestones_decay_the_search_lr(tmp_path):
+    """lr 0.1, x optim.gamma=0.5 at search epochs 1 and 2; an epoch's record holds the lr of its last step."""
+    cfg = cfg_for(tmp_path / "run", *RB, "epochs=1", "method.eb_threshold=0.0", "method.search_milestones=[1, 2]",
+                  "optim.gamma=0.5")
+    summary = train(cfg)
+    search = [r for r in RunDir(cfg.run_dir).read_metrics() if r["stage"] == "search"]
+    assert [r["lr"] for r in search] == [0.1, 0.05, 0.025]
+    assert summary["search_ended_by"] == "cap"
+    # [] keeps the constant search lr; the second stage has its own schedule (cosine with warm-up here)
+    constant = cfg_for(tmp_path / "c", *RB, "method.eb_threshold=0.0")
+    stages = build_recipe(constant)
+    assert stages[0].cfg.optim.schedule == "constant" and stages[1].cfg.optim.schedule == "cosine"
+    decayed = build_recipe(cfg)[0].cfg.optim
+    assert (decayed.schedule, decayed.milestones, decayed.warmup_epochs) == ("multistep", [1.0, 2.0], 0.0)
+
+
+@pytest.mark.parametrize("pruning,expected", [("unstructured", 0.0), ("channel", 1e-4)])
+def test_robust_bird_bn_l1_defaults(tmp_path, pruning, expected):
+    extra = RB_CHANNEL if pruning == "channel" else RB
+    for setting, want in ((None, expected), (0.5, 0.5)):
+        cfg = cfg_for(tmp_path, *extra, *([f"method.bn_l1={setting}"] if setting is not None else []))
+        net = build_model(model_spec(cfg, load_dataset("digits", None)))
+        run = RunContext(net, {}, torch.device("cpu"))
+        controller = build_recipe(cfg)[0].controller(cfg, run, torch.optim.SGD(net.parameters(), lr=0.1), 10)
+        assert controller.bn_l1 == want
+
+
+def test_robust_bird_step_search_resumes_mid_epoch(tmp_path, monkeypatch):
+    """Channel search with the L1 penalty and masks every 3 steps (16 steps an epoch), no ticket before
+    epoch 2: found at step 18; a crash at step 23 resumes from the step-20 checkpoint, after the
+    ticket was found but before its epoch ended, and finishes that epoch as the uninterrupted run."""
+    method = [*RB_CHANNEL, "method.eb_every_steps=3", "method.min_search_epochs=2", "method.bn_l1=1e-3",
+              "checkpoint.every_steps=5", "epochs=1"]
+    a = cfg_for(tmp_path / "a", *method)
+    sa = train(a)
+    import sparta.train as loop
+
+    real_step = loop.train_step
+
+    def crashing(*args, step, **kwargs):
+        if step == 23:
+            raise Crash
+        return real_step(*args, step=step, **kwargs)
+
+    b = cfg_for(tmp_path / "b", *method)
+    monkeypatch.setattr(loop, "train_step", crashing)
+    with pytest.raises(Crash):
+        train(b)
+    saved = checkpoint_of(b)
+    assert saved["stage"] == "search" and saved["step"] == 20 and saved["controller"]["steps"] == 20
+    assert saved["controller"]["detector"]["found"] and saved["controller"]["eb_epoch"] is None
+    monkeypatch.setattr(loop, "train_step", real_step)
+    sb = train(prepare_resume(b.run_dir, [], force=False), resume=True)
+    ca, cb = checkpoint_of(a), checkpoint_of(b)
+    assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])
+    assert (sa["eb_epoch"], sa["eb_step"], sa["stages"][0]["steps"]) == (2, 18, 32)
+    assert [s["steps"] for s in sa["stages"]] == [s["steps"] for s in sb["stages"]]
+    for key in ("ra_final", "sa_final", "eb_epoch", "eb_step", "search_ended_by", "params_after_slimming"):
+        assert sa[key] == sb[key], key
 
 
 @pytest.mark.parametrize("rewind", ["none", "init"])

@@ -14,12 +14,17 @@ newest of the last ``window`` masks differs from EACH of the ``window - 1`` olde
   channels both keep a fraction c keeps about c^2 of its weights, so sqrt(density) of the channels
   gives roughly ``density`` of the conv weights.
 
-``EarlyBirdSearch`` wraps the detector as a SparsityController for the search stage: it never
-touches the weights (density 1.0) and only observes in ``end_epoch``.
+``EarlyBirdSearch`` wraps the detector as a SparsityController for the search stage. It never
+masks anything (density 1.0); it observes the mask after every epoch (``end_epoch``) or every
+``every_steps`` optimizer steps (``after_step``), refuses to draw the ticket before ``min_epochs``
+epochs, and may add an L1 penalty on the BatchNorm gammas (``bn_l1``, network slimming, Liu et al.
+2017) to their gradients, which pushes unimportant channels' gammas to zero so that |gamma| ranks
+channels (You et al. train their channel early birds this way, lambda = 1e-4).
 """
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Literal, Mapping, Sequence
 
 import torch
@@ -32,6 +37,9 @@ from .tickets import global_magnitude_masks
 
 KINDS = ("unstructured", "channel")
 DEFAULT_THRESHOLDS = {"unstructured": 0.08, "channel": 0.1}
+# lambda of the L1 penalty on BN gammas during the search: network slimming's 1e-4 (Liu et al. 2017,
+# You et al. 2020) where gammas score the channels, none where weight magnitudes score the ticket
+DEFAULT_BN_L1 = {"unstructured": 0.0, "channel": 1e-4}
 
 
 def _flatten(mask: Tensor | Mapping[str, Tensor]) -> Tensor:
@@ -113,9 +121,10 @@ class EarlyBirdDetector:
             return global_magnitude_masks(self._conv_weights(), self.density)
         return bn_channel_masks(self.model, self.channel_density)
 
-    def observe(self, mask: Tensor | Mapping[str, Tensor] | None = None) -> float | None:
+    def observe(self, mask: Tensor | Mapping[str, Tensor] | None = None, *, may_fire: bool = True) -> float | None:
         """Record the current (or given) mask; the largest distance to the older ones, or None while
-        fewer than ``window`` masks have been seen."""
+        fewer than ``window`` masks have been seen. With ``may_fire=False`` (a minimum search length
+        not reached yet) the mask and distance are recorded but ``found`` cannot turn True."""
         newest = _flatten(self.current_mask() if mask is None else mask)
         if self.history and newest.numel() != self.history[-1].numel():
             raise ValueError(f"mask has {newest.numel()} positions, earlier ones {self.history[-1].numel()}")
@@ -126,7 +135,7 @@ class EarlyBirdDetector:
             self.last_distance = None
             return None
         self.last_distance = max(hamming_distance(newest, older) for older in self.history[:-1])
-        if not self.found and self.last_distance <= self.threshold:
+        if may_fire and not self.found and self.last_distance <= self.threshold:
             self.found, self.found_at = True, index
         return self.last_distance
 
@@ -153,32 +162,73 @@ class EarlyBirdDetector:
 
 
 class EarlyBirdSearch:
-    """SparsityController of Robust Bird's search stage: trains densely, observes after every epoch.
+    """SparsityController of Robust Bird's search stage: trains densely and watches the ticket's mask.
 
-    ``end_epoch(epoch, metrics)`` calls ``detector.observe()``; when the ticket appears, ``eb_epoch``
-    is the ``epoch`` passed in and ``done`` turns True (the stage's stop condition). Arguments are
-    ``EarlyBirdDetector``'s.
+    - ``every_steps=None``: ``end_epoch(epoch, metrics)`` observes the mask after every epoch (You et
+      al.'s and Chen et al.'s schedule). ``every_steps=N``: ``after_step`` observes it after every N
+      optimizer steps of the stage, counted here (a step the fp16 scaler skipped is not counted), so
+      the masks in the window are N steps apart whatever the size of an epoch.
+    - ``min_epochs``: an observation made during epoch e (1-based) may draw the ticket only when
+      e >= ``min_epochs``; earlier ones still fill the window.
+    - ``done`` (the stage's stop condition) turns True at the end of the epoch in which the ticket
+      was found: ``eb_epoch`` is that epoch (the ``epoch`` passed to ``end_epoch``) and ``eb_step``
+      the number of search steps taken when the settled mask was observed. The ticket is pruned from
+      the weights at the end of that epoch, up to one epoch's steps after ``eb_step``.
+    - ``bn_l1 > 0``: ``after_backward`` adds ``bn_l1 * sign(gamma)`` to the gradient of every affine
+      BatchNorm weight, the subgradient of ``bn_l1 * sum |gamma|``. The loop calls it after the
+      gradients were unscaled (fp16) and all-reduced (DDP), and gammas are float32 and identical on
+      every rank, so the penalty is the same under every precision and on every rank.
+
+    Other arguments are ``EarlyBirdDetector``'s.
     """
 
-    def __init__(self, model: nn.Module, **detector_args: Any):
+    def __init__(self, model: nn.Module, *, bn_l1: float = 0.0, every_steps: int | None = None,
+                 min_epochs: int = 0, **detector_args: Any):
+        if isinstance(bn_l1, bool) or not isinstance(bn_l1, (int, float)) or not bn_l1 >= 0.0:
+            raise ConfigError(f"bn_l1 must be a number >= 0, got {bn_l1!r}")
+        if every_steps is not None and (isinstance(every_steps, bool) or not isinstance(every_steps, int)
+                                        or every_steps < 1):
+            raise ConfigError(f"early-bird every_steps must be an integer >= 1 (or None: every epoch), got {every_steps!r}")
+        if isinstance(min_epochs, bool) or not isinstance(min_epochs, int) or min_epochs < 0:
+            raise ConfigError(f"min_epochs must be an integer >= 0, got {min_epochs!r}")
         self.detector = EarlyBirdDetector(model, **detector_args)
+        self.bn_l1, self.every_steps, self.min_epochs = float(bn_l1), every_steps, min_epochs
+        # the gammas penalised: Parameter objects, so they stay right when a wrapper (DDP,
+        # SyncBatchNorm conversion, torch.compile) reuses them; each (C,) float32
+        self.gammas = [m.weight for m in unwrap(model).modules()
+                       if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine] if bn_l1 > 0 else []
+        self.steps = 0  # optimizer steps of the search stage taken so far
+        self.epochs_done = 0  # epochs of the search stage completed so far
         self.eb_epoch: int | None = None
+        self.eb_step: int | None = None
 
     @property
     def done(self) -> bool:
-        return self.detector.found
+        return self.detector.found and self.eb_epoch is not None
 
+    @torch.no_grad()
     def after_backward(self, step: int) -> None:
-        pass
+        for gamma in self.gammas:
+            if gamma.grad is not None:  # None: a BN this step's graph did not reach
+                gamma.grad.add_(torch.sign(gamma), alpha=self.bn_l1)
 
     def after_step(self, step: int) -> None:
-        pass
+        self.steps += 1
+        if self.every_steps is not None and self.steps % self.every_steps == 0:
+            self._observe(epoch=self.epochs_done + 1)  # during the epoch after the completed ones
 
     def end_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
-        was_found = self.detector.found
-        self.detector.observe()
-        if self.detector.found and not was_found:
+        self.epochs_done = int(epoch)
+        if self.every_steps is None:
+            self._observe(epoch=int(epoch))
+        if self.detector.found and self.eb_epoch is None:
             self.eb_epoch = int(epoch)
+
+    def _observe(self, epoch: int) -> None:
+        was_found = self.detector.found
+        self.detector.observe(may_fire=epoch >= self.min_epochs)
+        if self.detector.found and not was_found:
+            self.eb_step = self.steps
 
     def epoch_log(self) -> dict[str, Any]:
         return {"density": 1.0, "eb_distance": self.detector.last_distance, "eb_found": self.detector.found}
@@ -187,8 +237,19 @@ class EarlyBirdSearch:
         return {}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"detector": self.detector.state_dict(), "eb_epoch": self.eb_epoch}
+        return {"detector": self.detector.state_dict(), "eb_epoch": self.eb_epoch, "eb_step": self.eb_step,
+                "steps": self.steps, "epochs_done": self.epochs_done}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Also loads states saved before step counting and the BN penalty existed: those observed
+        once per epoch (so their epochs completed equal their observations) and continue without the
+        penalty, as they started."""
         self.detector.load_state_dict(state["detector"])
+        if "steps" not in state and self.gammas:
+            warnings.warn("this search was saved before the L1 penalty on BatchNorm gammas existed: it continues "
+                          "without it, as it started")
+            self.gammas = []
         self.eb_epoch = None if state["eb_epoch"] is None else int(state["eb_epoch"])
+        self.eb_step = None if state.get("eb_step") is None else int(state["eb_step"])
+        self.steps = int(state.get("steps", 0))
+        self.epochs_done = int(state.get("epochs_done", self.detector.observations))
