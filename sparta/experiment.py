@@ -25,8 +25,8 @@ from .data.loader import DeviceLoader
 from .distributed import Distributed, resolve_device, setup
 from .errors import CheckpointError, ConfigError, DivergedError
 from .evaluate import evaluate
-from .flops import (dense_training_flops, forward_flops_by_layer, inference_flops, mask_densities, savings,
-                    step_multiplier)
+from .flops import (attack_full_backward_flops, attack_steps_of, dense_training_flops, forward_flops_by_layer,
+                    inference_flops, mask_densities, paper_table_flops, savings)
 from .layout import channels_last_problem
 from .methods import build_recipe
 from .netspec import build_model, input_shape, model_spec
@@ -320,7 +320,7 @@ def summarize(cfg: Config, stages: list[Stage], run: RunContext, records: list[d
         summary.update(gap_subset=g["n"], train_clean_acc=g["clean_acc"], train_robust_acc=g["robust_acc"],
                        robust_gap=g["robust_acc"] - final["test_robust_acc"],
                        clean_gap=g["clean_acc"] - final["test_clean_acc"])
-    summary.update(training_cost(run, masks, final_cfg))
+    summary.update(training_cost(run, masks, final_cfg, train_images=len(data.train)))
     summary.update(
         density_final=final.get("density", 1.0),
         layer_densities_final={name: mask.float().mean().item() for name, mask in masks.items()},
@@ -330,25 +330,40 @@ def summarize(cfg: Config, stages: list[Stage], run: RunContext, records: list[d
     return summary
 
 
-def training_cost(run: RunContext, masks: dict[str, torch.Tensor], cfg: Config) -> dict[str, Any]:
+def training_cost(run: RunContext, masks: dict[str, torch.Tensor], cfg: Config, *, train_images: int) -> dict[str, Any]:
     """FLOPs of the run (see ``sparta.flops`` for every formula) against the dense model of the same
-    architecture (the full network, before any channel slimming) trained for the same steps."""
+    architecture (the full network, before any channel slimming) trained for the same steps.
+
+    ``cfg``: the final stage's config; ``train_images``: training images per epoch.
+    ``train_flops_paper_table`` is the formula of Chen et al. 2022's training-FLOPs columns, epochs x
+    ``train_images`` x (3k + 3) x the final network's inference FLOPs, for the final stage alone (its
+    epochs and attack steps): the formula has one epoch count and one network, and an earlier ticket
+    search / finder stage trains another network (dense, or at other densities), so it is left out
+    here; ``train_flops`` and ``train_flops_attack_full_backward`` include it. None for TRADES (the
+    formula is PGD-AT's).
+    """
     dense_spec = {k: v for k, v in run.spec.items() if k != "channel_plan"}
     dense = forward_flops_by_layer(build_model(dense_spec), input_shape(dense_spec))
     final = forward_flops_by_layer(run.model, input_shape(run.spec))
     cost = run.cost
+    stages = cost.state_dict()["stages"]
     dense_total = sum(dense_training_flops(dense, steps_images=s["images"], attack_steps=s["attack_steps"],
-                                           objective=s["objective"]) for s in cost.state_dict()["stages"])
-    paper = sum(s["total"] * (3 * s["attack_steps"] + 3) / step_multiplier(s["attack_steps"], "ce")
-                for s in cost.state_dict()["stages"] if s["objective"] == "ce")
+                                           objective=s["objective"]) for s in stages)
+    final_f = inference_flops(final, mask_densities(masks) if masks else None)  # the slim network for a channel ticket
+    epochs = int(run.stages[-1]["epochs"])  # the final stage's (recorded when it finished)
+    table = (paper_table_flops(epochs, train_images, final_f, attack_steps_of(cfg))
+             if cfg.objective.name == "ce" else None)
     return {"train_flops": cost.total, "train_flops_dense": dense_total,
             "train_flops_saving": savings(cost.total, dense_total),
-            "train_flops_paper_convention": paper,
-            "inference_flops": inference_flops(final, mask_densities(masks) if masks else None),
+            "train_flops_attack_full_backward": attack_full_backward_flops(stages),
+            "train_flops_paper_table": table,
+            "inference_flops": final_f,
             "inference_flops_dense": dense.total,
             "flops_convention": "2 FLOPs per multiply-add; attack step = forward + input-only backward (2F), "
-                                "training step = forward + full backward (3F), at the densities in force; "
-                                "paper convention counts every attack step as 3F; the same at every train.precision "
+                                "training step = forward + full backward (3F), at the densities in force, every stage; "
+                                "train_flops_attack_full_backward: the same with every attack step as 3F; "
+                                "train_flops_paper_table: final stage epochs x training images x (3k+3) x final "
+                                "inference FLOPs (null for TRADES); the same at every train.precision "
                                 f"(this run: {run.info['train_precision']})"}
 
 

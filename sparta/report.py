@@ -278,6 +278,7 @@ def run_stats(run: Run) -> dict[str, Any]:
         "sa_best": pick("sa_best", "test_clean_acc", best), "sa_final": pick("sa_final", "test_clean_acc", final),
         "train_flops": _num(s["train_flops"]) if "train_flops" in s else cumulative(recs, "train_flops")[-1],
         "inference_flops": _num(s.get("inference_flops")),
+        "inference_flops_dense": _num(s.get("inference_flops_dense")),
         "train_flops_dense": _num(s.get("train_flops_dense")),
         "robust_gap": _num(s.get("robust_gap")),
         "train_robust_acc": _num(s.get("train_robust_acc")),  # on the gap subset of gap_subset training images
@@ -418,6 +419,13 @@ def _flops_unit(mean: float):
         if abs(mean) >= 10 ** exp:
             return 10.0 ** exp, ".3g", f" {prefix}FLOP"
     return 1.0, ".3g", " FLOP"
+
+
+def _with_dense_share(text: str, stats: Sequence[dict[str, Any]], key: str) -> str:
+    """``text`` + `` (N% of dense)``: the mean of ``key / key_dense`` over the runs that recorded both."""
+    ratios = _present(s[key] / s[f"{key}_dense"] if s[key] is not None and s[f"{key}_dense"] else None
+                      for s in stats)
+    return text + f" ({100 * statistics.fmean(ratios):.0f}% of dense)" if ratios and text != "-" else text
 
 
 def _time_unit(mean: float):
@@ -677,16 +685,13 @@ def _config_table(groups: list[list[Run]], labels: list[str], diffs: list[str]) 
     for group, label, diff in zip(groups, labels, diffs):
         st = [r.stats() for r in group]
         col = lambda k, unit: _fmt([s[k] for s in st], unit, len(group))
-        flops = col("train_flops", _flops_unit)
-        ratios = _present(s["train_flops"] / s["train_flops_dense"]
-                          if s["train_flops"] is not None and s["train_flops_dense"] else None for s in st)
-        if ratios and flops != "-":
-            flops += f" ({100 * statistics.fmean(ratios):.0f}% of dense)"
+        flops = _with_dense_share(col("train_flops", _flops_unit), st, "train_flops")
+        inference = _with_dense_share(col("inference_flops", _flops_unit), st, "inference_flops")
         unfinished = sum(not r.finished for r in group)
         seeds = ", ".join(str(r.seed) for r in group) + (f" ({unfinished} unfinished)" if unfinished else "")
         row = [label, group[0].method, seeds, col("ra_best", _pct_unit), col("ra_final", _pct_unit),
                col("ra_diff", _pct_unit), col("sa_best", _pct_unit), col("sa_final", _pct_unit),
-               col("sa_diff", _pct_unit), flops, col("inference_flops", _flops_unit),
+               col("sa_diff", _pct_unit), flops, inference,
                col("robust_gap", _pct_unit), col("density", _density_unit), col("wall_time_s", _time_unit)]
         if len(header) > len(row):
             row.insert(1, diff or "-")
@@ -710,7 +715,8 @@ def _run_table(runs: Sequence[Run]) -> str:
         row = [r.label or r.name, r.method, str(r.seed), status, best, one("ra_best", _pct_unit),
                one("ra_final", _pct_unit), one("ra_diff", _pct_unit), one("sa_best", _pct_unit),
                one("sa_final", _pct_unit), one("sa_diff", _pct_unit), one("train_flops", _flops_unit),
-               one("inference_flops", _flops_unit), one("robust_gap", _pct_unit), one("density", _density_unit),
+               _with_dense_share(one("inference_flops", _flops_unit), [s], "inference_flops"),
+               one("robust_gap", _pct_unit), one("density", _density_unit),
                one("wall_time_s", _time_unit)]
         if with_eb:
             row.append("-" if s["eb_epoch"] is None else str(s["eb_epoch"]))
@@ -852,7 +858,9 @@ def _measurement_section(runs: Sequence[Run]) -> str:
         "(RA diff is the robust overfitting).",
         "- Robust gen. gap = RA on a fixed training subset (eval mode, no augmentation) − test RA, at the final "
         "epoch. Train FLOPs: every stage, attack steps included; inference FLOPs: one forward pass at the final "
-        "density. `-` = not recorded by that run.",
+        "density (each layer's dense FLOPs x its density), its % of dense = `inference_flops / "
+        "inference_flops_dense`, the number to set beside a paper's inference-FLOPs ratio: it depends on how the "
+        "density is spread over layers, not on the density alone. `-` = not recorded by that run.",
         "- Per-config rows: mean ± sample standard deviation (n − 1) over the runs whose config is equal up to "
         f"{', '.join(f'`{k}`' for k in GROUP_IGNORED)}; (n=k) where only k of the runs recorded the value.",
         "- Wall time: cumulative training plus per-epoch evaluation time as logged in metrics.jsonl/summary.json.",

@@ -1,5 +1,6 @@
 """FLOPs accounting (sparta.flops): per-layer counts by hand, sparse inference, the per-step
-training cost checked against FlopCounterMode on real attack/training steps, the meter, the CLI."""
+training cost checked against FlopCounterMode on real attack/training steps, the meter, the CLI,
+the summary.json FLOPs keys of tiny runs."""
 from __future__ import annotations
 
 import argparse
@@ -16,8 +17,9 @@ from sparta.attacks.pgd import pgd
 from sparta.attacks.trades import trades_attack, trades_loss
 from sparta.config import load_config
 from sparta.errors import CheckpointError, SpartaError
-from sparta.flops import (LayerFlops, TrainingCostMeter, dense_training_flops, forward_flops_by_layer,
-                          inference_flops, paper_training_flops, savings, step_flops_per_image, step_multiplier)
+from sparta.flops import (LayerFlops, TrainingCostMeter, attack_full_backward_flops, dense_training_flops,
+                          forward_flops_by_layer, full_backward_multiplier, inference_flops, paper_table_flops, savings,
+                          step_flops_per_image, step_multiplier)
 from sparta.models import create_model
 from sparta.sparse.masks import MaskSet
 
@@ -118,6 +120,23 @@ def test_preact_resnet18_about_056_giga_multiply_adds():
     assert set(lf.per_weight) == set(MaskSet.from_model(model).masks) and lf.other == 0
 
 
+def test_igq_at_density_02_keeps_about_half_the_flops_of_preact_resnet18():
+    """The FLOPs fraction depends on how the density is spread over layers: IGQ (and ERK) keep the
+    early layers (few weights, many FLOPs per weight) dense-ish, so density 0.2 keeps ~52% of the
+    inference FLOPs, while uniform layer densities keep 20%."""
+    model = create_model("preact_resnet18", num_classes=10, in_channels=3, image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
+    lf = forward_flops_by_layer(model, (3, 32, 32))
+
+    def fraction(distribution: str) -> float:
+        masks = MaskSet.random(model, 0.2, distribution, seed=0)
+        assert sum(int(m.sum()) for m in masks.masks.values()) == round(0.2 * sum(m.numel() for m in masks.masks.values()))
+        return inference_flops(lf, flops.mask_densities(masks)) / lf.total
+
+    assert fraction("igq") == pytest.approx(0.52, abs=0.01)
+    assert fraction("erk") == pytest.approx(0.51, abs=0.01)
+    assert fraction("uniform") == pytest.approx(0.2, abs=1e-3)
+
+
 # ---------------------------------------------------------------- sparse inference
 
 
@@ -178,9 +197,22 @@ def test_formulas_match_flop_counter_on_real_steps():
     assert train == b * (6 * TOY - 2 * CONV)
 
 
-def test_paper_convention_and_dense_equivalent():
-    assert paper_training_flops(200, 45_000, 1e9) == 200 * 45_000 * 33 * 1e9  # PGD-10: 33 x F
-    assert paper_training_flops(1, 1, 2.0, attack_steps=0) == 6.0
+def test_paper_table_formula_full_backward_and_dense_equivalent():
+    assert paper_table_flops(200, 45_000, 1e9) == 200 * 45_000 * 33 * 1e9  # PGD-10: 33 x F
+    assert paper_table_flops(2, 10, 5.0, attack_steps=3) == 2 * 10 * 12 * 5.0
+    assert paper_table_flops(1, 1, 2.0, attack_steps=0) == 6.0  # clean training: forward + full backward
+    with pytest.raises(ValueError, match="epochs"):
+        paper_table_flops(1.5, 10, 1.0)
+    with pytest.raises(ValueError, match="attack_steps"):
+        paper_table_flops(1, 10, 1.0, attack_steps=-1)
+    assert full_backward_multiplier(10, "ce") == 33 and full_backward_multiplier(0, "ce") == 3
+    assert full_backward_multiplier(3, "trades") == 1 + 3 * 3 + 6
+    # a CE PGD-10 stage of 4 images at 1 FLOP (23 each) and a TRADES k=3 stage of 2 images at 1 FLOP
+    # (13 each): re-charged at 33 and 16 per image
+    stages = [{"total": 4 * 23.0, "attack_steps": 10, "objective": "ce"},
+              {"total": 2 * 13.0, "attack_steps": 3, "objective": "trades"}]
+    assert attack_full_backward_flops(stages) == pytest.approx(4 * 33 + 2 * 16)
+    assert attack_full_backward_flops([]) == 0.0
     lf = LayerFlops({"w": 10.0})
     assert dense_training_flops(lf, steps_images=12, attack_steps=10, objective="ce") == 12 * 23 * 10.0
     assert savings(25.0, 100.0) == 0.75
@@ -303,12 +335,15 @@ def _args(*argv: str) -> argparse.Namespace:
 def test_cli_on_config(capsys):
     assert flops.cli_main(_args(str(ROOT / "configs" / "demo.yaml"))) == 0
     out = capsys.readouterr().out
-    assert "body.layer4.1.conv2.weight" in out and "total" in out and "paper convention" in out
+    assert "body.layer4.1.conv2.weight" in out and "total" in out and "paper table formula" in out
     r = flops.flops_report(ROOT / "configs" / "demo.yaml", ["attack.steps=3"])
     assert r["input_shape"] == [1, 8, 8] and r["attack_steps"] == 3 and r["step_multiplier"] == 9
     assert r["train_images"] == 1297 - 200  # digits, default val_size
     assert r["inference_flops"] == r["inference_flops_dense"]
-    assert r["paper_run_flops"] == paper_training_flops(15, 1097, r["inference_flops"], 3)
+    assert r["paper_table_run_flops"] == paper_table_flops(15, 1097, r["inference_flops"], 3)
+    trades = flops.flops_report(ROOT / "configs" / "demo.yaml", ["objective.name=trades"])
+    assert trades["paper_table_run_flops"] is None and trades["step_multiplier"] == 2 * 7 + 7
+    assert "not given for objective trades" in flops.format_report(trades)
 
 
 def test_cli_on_sparse_config():
@@ -360,3 +395,42 @@ def test_cli_bad_paths(tmp_path):
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError):
         flops.cli_main(_args(str(junk)))
+
+
+# ---------------------------------------------------------------- summary.json of tiny runs
+
+
+def _tiny_run(tmp_path, name, *overrides):
+    from sparta.config import from_dict, with_overrides
+    from sparta.experiment import train
+    from test_train import TINY
+
+    return train(from_dict(with_overrides(TINY, [f"out_dir={tmp_path / name}", *overrides])))
+
+
+def test_summary_flops_keys_of_tiny_runs(tmp_path):
+    """Dense PGD-3 (one stage), a boosting ticket (a 2-epoch dense finder, then 1 sparse epoch) and
+    TRADES: the paper-table key is the final stage's epochs x training images x (3k + 3) x final F;
+    the full-backward key re-charges every stage's steps with attack steps at 3F."""
+    images = 512  # TINY: data.train_subset
+    dense = _tiny_run(tmp_path, "dense", "epochs=2")
+    assert dense["train_flops_paper_table"] == 2 * images * (3 * 3 + 3) * dense["inference_flops"]
+    assert dense["inference_flops"] == dense["inference_flops_dense"]
+    # one stage at constant density: every step is charged 9 F; with full-backward attack steps 12 F
+    assert dense["train_flops"] == pytest.approx(2 * images * 9 * dense["inference_flops"])
+    assert dense["train_flops_attack_full_backward"] == pytest.approx(dense["train_flops"] * 12 / 9)
+    assert "train_flops_paper_convention" not in dense
+
+    boost = _tiny_run(tmp_path, "boost", "epochs=1", "method.name=boosting_ticket", "method.density=0.2",
+                      "method.finder_epochs=2")
+    assert [s["name"] for s in boost["stages"]] == ["finder", "train"]
+    assert boost["inference_flops"] < boost["inference_flops_dense"]
+    # the final stage only: 1 epoch at the ticket's F; the finder's 2 dense epochs are not in it
+    assert boost["train_flops_paper_table"] == 1 * images * 12 * boost["inference_flops"]
+    finder, ticket = (s["train_flops"] for s in boost["stages"])
+    assert finder == pytest.approx(2 * images * 5 * boost["inference_flops_dense"])  # dense FGSM: 2k + 3 = 5
+    assert boost["train_flops_attack_full_backward"] == pytest.approx(finder * 6 / 5 + ticket * 12 / 9)
+
+    trades = _tiny_run(tmp_path, "trades", "epochs=1", "objective.name=trades")
+    assert trades["train_flops_paper_table"] is None
+    assert trades["train_flops_attack_full_backward"] == pytest.approx(trades["train_flops"] * (3 * 3 + 7) / (2 * 3 + 7))

@@ -78,7 +78,8 @@ def runs_root(tmp_path):
                   summary_of(cfg, recs, 3, robust_gap=10.0 + 2 * seed, gap_subset=512, inference_flops=5.6e8))
     cfg = config("fbplus", 0, "flying_bird_plus", density=0.2)
     write_run(root / "fbplus", cfg, FBPLUS, summary_of(
-        cfg, FBPLUS, 2, robust_gap=6.0, gap_subset=512, sa_overfitting=0.0, inference_flops=1.1e8, eb_epoch=2,
+        cfg, FBPLUS, 2, robust_gap=6.0, gap_subset=512, sa_overfitting=0.0, inference_flops=1.1e8,
+        inference_flops_dense=5.5e8, eb_epoch=2,
         stages=[{"name": "search", "epochs": 2, "wall_time_s": 4.0, "train_flops": 0.2e15},
                 {"name": "train", "epochs": 4, "wall_time_s": 24.0, "train_flops": 1.6e15}]))
     return root
@@ -115,7 +116,10 @@ def test_report_tables_plots_and_time_to_robustness(runs_root, tmp_path, capsys)
     fb = table_row(md, "Results per config", "fbplus")
     assert fb["RA best"] == "43.00" and fb["RA final"] == "41.00" and fb["RA diff"] == "2.00"
     assert fb["SA diff"] == "0.00"  # summary's sa_overfitting is used as given
-    assert fb["density"] == "0.170" and fb["inference FLOPs"] == "110 MFLOP"
+    # inference FLOPs as a share of the dense network's, where the summary has inference_flops_dense
+    assert fb["density"] == "0.170" and fb["inference FLOPs"] == "110 MFLOP (20% of dense)"
+    assert table_row(md, "Results per run", "fbplus")["inference FLOPs"] == "110 MFLOP (20% of dense)"
+    assert table_row(md, "Results per run", "dense-s0")["inference FLOPs"] == "560 MFLOP"  # an older summary: no share
 
     # per run, with seeds; FB+ best epoch is in its second stage
     run = table_row(md, "Results per run", "dense-s1")
