@@ -142,15 +142,16 @@ class MethodConfig:
     extra_grow_fraction: float = 0.05  # grow-more: regrow 5% more than dropped
     # Robust Bird and boosting tickets: a cheap first stage finds the ticket, the second trains it
     search_attack: Optional[Literal["none", "fgsm", "pgd"]] = None  # null: none (robust_bird), fgsm (boosting)
-    search_lr: Optional[float] = None  # constant lr of the first stage; null: 0.1 (robust_bird),
+    search_lr: Optional[float] = None  # lr of the first stage; null: 0.1 (robust_bird),
     #                                    0.01 for VGG and 0.05 otherwise (boosting_ticket, Li et al.)
+    # first-stage lr x optim.gamma at these epochs of that stage; [] = constant search_lr. The authors'
+    # Robust Bird: max_search_epochs=200 search_milestones=[50]; the boosting paper's finder:
+    # finder_epochs=100 search_milestones=[50, 75]
+    search_milestones: list[float] = field(default_factory=list)
     # Robust Bird
     pruning: Literal["unstructured", "channel"] = "unstructured"
     max_search_epochs: int = 50  # the search ends at the early-bird ticket or after this many epochs
     min_search_epochs: int = 0  # the ticket may not be drawn before the end of this search epoch
-    # search lr x optim.gamma at these search epochs; [] = constant search_lr. The authors' code:
-    # max_search_epochs=200 search_milestones=[50]
-    search_milestones: list[float] = field(default_factory=list)
     # compare the masks every N optimizer steps of the search (e.g. 352 = a CIFAR epoch of 45,000
     # images at batch 128); null = after every epoch. The search still stops at an epoch's end
     eb_every_steps: Optional[int] = None

@@ -205,7 +205,7 @@ def _slim_to_ticket(run: RunContext, keep_fraction: float, *, rewind: bool) -> N
 @METHODS.register("boosting_ticket")
 def boosting_ticket(cfg: Config) -> list[Stage]:
     """Boosting tickets (Li et al. 2020): train the dense net from a saved initialisation with a small
-    constant lr (naturally or with FGSM), prune with one global threshold on |w| / mean |w| of its
+    lr (constant, or stepped at ``search_milestones``; naturally or with FGSM), prune with one global threshold on |w| / mean |w| of its
     layer over all conv and linear weights, rewind the survivors to the initialisation, retrain
     adversarially (the run's own schedule). ``rounds > 1`` repeats finder + prune + rewind with
     densities density^(k/rounds); ``reinit: random`` gives the lottery-ticket control.
@@ -214,7 +214,8 @@ def boosting_ticket(cfg: Config) -> list[Stage]:
 
     m = cfg.method
     lr = m.search_lr or (0.01 if cfg.model.name.startswith("vgg") else 0.05)
-    finder = search_config(cfg, epochs=m.finder_epochs, attack=m.search_attack or "fgsm", lr=lr)
+    finder = search_config(cfg, epochs=m.finder_epochs, attack=m.search_attack or "fgsm", lr=lr,
+                           milestones=m.search_milestones)
     densities = iterative_densities(m.density, m.rounds)
 
     def prune_and_rewind(round_index: int) -> Callable[[RunContext, SparsityController], None]:

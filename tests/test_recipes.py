@@ -157,6 +157,18 @@ def test_robust_bird_step_search_resumes_mid_epoch(tmp_path, monkeypatch):
         assert sa[key] == sb[key], key
 
 
+def test_boosting_finder_milestones_decay_the_finder_lr(tmp_path):
+    """The paper's finder steps its lr down (x optim.gamma at each of method.search_milestones); the
+    retraining keeps the run's own schedule."""
+    cfg = cfg_for(tmp_path / "run", *BOOST, "method.finder_epochs=3", "method.search_milestones=[1, 2]",
+                  "optim.gamma=0.5", "method.search_lr=0.04")
+    train(cfg)
+    finder = [r for r in RunDir(cfg.run_dir).read_metrics() if r["stage"] == "finder"]
+    assert [r["lr"] for r in finder] == [0.04, 0.02, 0.01]
+    stages = build_recipe(cfg)
+    assert stages[0].cfg.optim.milestones == [1.0, 2.0] and stages[1].cfg.optim == cfg.optim
+
+
 @pytest.mark.parametrize("rewind", ["none", "init"])
 def test_boosting_ticket_and_rewind(tmp_path, rewind):
     extra = ["method.reinit=random"] if rewind == "none" else []
