@@ -7,7 +7,7 @@ evaluated with AutoAttack and PGD-20 on the same test images, and one report is 
 claims of ``sparta.claims`` with their verdicts.
 
 * ``cpu-mini``: a scaled-down CIFAR-10 protocol (``CPU_MINI`` below, with the reasons for each
-  number) that fits about an hour on 2 CPU cores.
+  number) that fits about an hour and a quarter per seed on 2 CPU cores.
 * ``paper``: the papers' protocols unchanged (200 epochs, preact_resnet18, density 0.2, PGD-10
   training, PGD-20 and AutoAttack on the full test set), for GPUs.
 
@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import shlex
+import statistics
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -41,9 +42,12 @@ DATASETS = tuple(DATASET_FOLDERS)
 # role -> preset name (``{dataset}_<preset>.yaml``); the order is the order of training
 ROLES = {"dense": "pgd", "robust_bird": "robust_bird", "robust_bird_channel": "robust_bird_channel",
          "flying_bird": "flying_bird", "flying_bird_plus": "flying_bird_plus",
-         "boosting_dense": "boosting_dense", "boosting_ticket": "boosting_ticket"}
+         "boosting_dense": "boosting_dense", "boosting_ticket": "boosting_ticket", "boosting_control": "boosting_ticket"}
+# runs that are a preset changed in one setting: the boosting paper's control trains the ticket's mask
+# from a fresh random initialisation (the same finder, so the same mask on a deterministic device)
+ROLE_OVERRIDES: dict[str, list[str]] = {"boosting_control": ["method.reinit=random"]}
 
-# cpu-mini: one protocol for every run, sized for about an hour on 2 CPU cores (docs/reproduce.md
+# cpu-mini: one protocol for every run, sized for about 75 minutes a seed on 2 CPU cores (docs/reproduce.md
 # gives the reasons and the measured cost)
 CPU_MINI_EPOCHS = 80
 CPU_MINI: list[str] = [
@@ -67,25 +71,32 @@ CPU_MINI: list[str] = [
     "eval.every=4", "eval.steps=10", "eval.val_subset=250", "eval.test_subset=500", "eval.gap_subset=500",
     "progress=lines",
 ]
+BOOSTING_MINI = ["epochs=40", "optim.milestones=[20,30]", "optim.warmup_epochs=2"]
+BOOSTING_MINI_FINDER = ["method.finder_epochs=40", "method.search_milestones=[20,30]"]
 CPU_MINI_ROLE: dict[str, list[str]] = {
-    # the ticket search is at most a third of the adversarial epochs (paper: 50 of 200 allowed)
-    "robust_bird": ["method.max_search_epochs=27"],
-    "robust_bird_channel": ["method.max_search_epochs=27"],
+    # the ticket search is at most a third of the adversarial epochs (paper: 50 of 200 allowed), and
+    # at least 8 epochs (64 SGD steps): with 8 steps an epoch the masks of the first epochs barely
+    # train, and a first version's early bird "fired" after 48 steps; on a channel search the distance
+    # stayed >= 0.2 until epoch 9
+    "robust_bird": ["method.max_search_epochs=27", "method.min_search_epochs=8"],
+    "robust_bird_channel": ["method.max_search_epochs=27", "method.min_search_epochs=8"],
     # paper: an update every 900 (later 1200) iterations = 2.6 (3.4) epochs of 352 iterations, ~68
     # updates in 200 epochs; here every 4 epochs of 8 iterations (6 in the second half), 17 updates
     "flying_bird": ["method.update_every_epochs=4", "method.update_every_late_epochs=6"],
     "flying_bird_plus": ["method.update_every_epochs=4", "method.update_every_late_epochs=6",
                          "method.adapt_from_epoch=40"],
-    # boosting: the shortened schedule is half the dense one (paper: 100 of 200 epochs), the finder a
-    # fifth of that (paper: 20 of 100)
-    "boosting_dense": ["epochs=40", "optim.milestones=[20,30]", "optim.warmup_epochs=2"],
-    "boosting_ticket": ["epochs=40", "optim.milestones=[20,30]", "optim.warmup_epochs=2", "method.finder_epochs=8"],
+    # boosting: the shortened schedule is half the dense one (paper: 100 of 200 epochs); the finder as
+    # long as that schedule with its lr steps at 50% and 75% (paper: 100 epochs, x0.1 at 50 and 75)
+    "boosting_dense": BOOSTING_MINI,
+    "boosting_ticket": [*BOOSTING_MINI, *BOOSTING_MINI_FINDER],
+    "boosting_control": [*BOOSTING_MINI, *BOOSTING_MINI_FINDER],
 }
 
 # a one-epoch run of any profile on a few images: checks that every stage runs, nothing more
 SMOKE: list[str] = ["epochs=1", "data.val_size=32", "data.train_subset=64", "batch_size=32", "attack.steps=2",
                     "eval.steps=2", "eval.val_subset=32", "eval.test_subset=32", "eval.gap_subset=32",
-                    "method.max_search_epochs=1", "method.finder_epochs=1", "optim.milestones=[1]",
+                    "method.max_search_epochs=1", "method.finder_epochs=1", "method.search_milestones=[]",
+                    "optim.milestones=[1]",
                     "optim.warmup_epochs=0", "progress=none"]
 
 
@@ -109,6 +120,12 @@ class PlannedRun:
     preset: Path
     overrides: tuple[str, ...]
     run_dir: Path
+    seed: int = 0
+
+    @property
+    def name(self) -> str:
+        """The run's name: its role, with ``-seed<k>`` for the seeds after the first."""
+        return self.run_dir.name
 
     def command(self, nproc: int | None = None) -> list[str]:
         """The ``sparta train`` arguments of this run (the preset path as the user would type it)."""
@@ -119,9 +136,13 @@ def _nproc_args(nproc: int | None) -> list[str]:
     return ["--nproc", str(nproc)] if nproc and nproc > 1 else []
 
 
-def plan(profile: str, dataset: str, data_root: str | Path, out: str | Path, *, smoke: bool = False,
+def plan(profile: str, dataset: str, data_root: str | Path, out: str | Path, *, seeds: int = 1, smoke: bool = False,
          only: list[str] | None = None, overrides: list[str] | tuple[str, ...] = ()) -> list[PlannedRun]:
-    """The runs of ``profile``: preset + profile overrides (+ ``SMOKE``) + the caller's ``overrides``."""
+    """The runs of ``profile``, ``seeds`` of each: preset + the role's change + profile overrides (+ ``SMOKE``)
+    + the caller's ``overrides``. Seed k > 0 of a role runs in ``runs/<role>-seed<k>``, so that a call
+    with more seeds keeps the runs of an earlier one."""
+    if seeds < 1:
+        raise SpartaError(f"--seeds must be >= 1, got {seeds}")
     if profile not in PROFILES:
         raise SpartaError(f"unknown profile {profile!r}; valid: {', '.join(PROFILES)}")
     if dataset not in DATASETS:
@@ -136,13 +157,16 @@ def plan(profile: str, dataset: str, data_root: str | Path, out: str | Path, *, 
         roles = [r for r in roles if r in only]
     runs = []
     for role in roles:
-        run_dir = Path(out) / "runs" / role
-        args = [f"data.root={data_root}", f"name={role}", f"out_dir={run_dir}"]
-        if profile == "cpu-mini":
-            args += CPU_MINI + CPU_MINI_ROLE.get(role, [])
-        if smoke:
-            args += SMOKE
-        runs.append(PlannedRun(role, PRESETS / f"{dataset}_{ROLES[role]}.yaml", (*args, *overrides), run_dir))
+        for seed in range(seeds):
+            name = role if seed == 0 else f"{role}-seed{seed}"
+            run_dir = Path(out) / "runs" / name
+            args = [f"data.root={data_root}", f"name={name}", f"out_dir={run_dir}",
+                    *([f"seed={seed}"] if seeds > 1 else []), *ROLE_OVERRIDES.get(role, [])]
+            if profile == "cpu-mini":
+                args += CPU_MINI + CPU_MINI_ROLE.get(role, [])
+            if smoke:
+                args += SMOKE
+            runs.append(PlannedRun(role, PRESETS / f"{dataset}_{ROLES[role]}.yaml", (*args, *overrides), run_dir, seed))
     return runs
 
 
@@ -160,7 +184,7 @@ def check_existing(run: PlannedRun, wanted: Any) -> None:
     saved = load_config(run.run_dir / "config.yaml")
     changed = [k for k in changed_keys(saved.to_dict(), wanted.to_dict()) if k not in MAY_DIFFER]
     if changed:
-        raise SpartaError(f"{run.run_dir} holds a {run.role} run with other settings ({', '.join(changed)}); "
+        raise SpartaError(f"{run.run_dir} holds a {run.name} run with other settings ({', '.join(changed)}); "
                           "give another --out, or delete that folder to train it again")
 
 
@@ -181,17 +205,17 @@ def train_run(run: PlannedRun, *, nproc: int | None, log: Callable[[str], None])
     """Train ``run`` with ``sparta train`` in a child process, or resume it, or keep it if finished."""
     rd = run.run_dir
     if (rd / "summary.json").is_file():
-        log(f"== {run.role}: finished earlier, kept ({rd})")
+        log(f"== {run.name}: finished earlier, kept ({rd})")
         return
     if (rd / "checkpoints" / "last.pt").is_file():
         args = ["train", *_nproc_args(nproc), "--resume", str(rd)]
-        log(f"== {run.role}: resuming {rd}")
+        log(f"== {run.name}: resuming {rd}")
     else:  # a folder without a checkpoint holds nothing a rerun would not rewrite
         args = [*run.command(nproc), *(["--overwrite"] if rd.exists() else [])]
-        log(f"== {run.role}: sparta {shlex.join(args)}")
+        log(f"== {run.name}: sparta {shlex.join(args)}")
     code = subprocess.call([sys.executable, "-m", "sparta", *args])
     if code != 0:
-        raise SpartaError(f"run {run.role} stopped with exit code {code} (its error is above); "
+        raise SpartaError(f"run {run.name} stopped with exit code {code} (its error is above); "
                           "rerun the same command to resume: finished runs are kept")
 
 
@@ -204,7 +228,7 @@ def evaluate_final(run: PlannedRun, final: FinalEval, data_root: Path, log: Call
     cache = run.run_dir / "final-eval.json"
     if cache.is_file():
         return json.loads(cache.read_text())
-    log(f"== {run.role}: AutoAttack and PGD-{final.steps} of the final model on "
+    log(f"== {run.name}: AutoAttack and PGD-{final.steps} of the final model on "
         f"{'all' if final.n is None else f'the first {final.n}'} test images")
     # the PGD reference of the AutoAttack evaluation is PGD-<steps> (eval.restarts 1) on the same images
     result = evaluate_checkpoint(last, attack="autoattack", n_examples=final.n,
@@ -217,9 +241,9 @@ def evaluate_final(run: PlannedRun, final: FinalEval, data_root: Path, log: Call
     return out
 
 
-def check_claims(runs: dict[str, Any], n_test: int) -> list[C.Claim]:
-    """The papers' claims that the present runs allow (``runs``: role -> ``sparta.report.Run``)."""
-    seeds = {role: [run.stats()] for role, run in runs.items()}  # one seed per run
+def check_claims(runs: dict[str, list[Any]], n_test: int) -> list[C.Claim]:
+    """The papers' claims that the present runs allow (``runs``: role -> its ``sparta.report.Run`` per seed)."""
+    seeds = {role: [run.stats() for run in group] for role, group in runs.items()}
     out = []
     paper_sparse = [r for r in C.PAPER_SPARSE_ROLES if r in seeds]
     if "dense" in seeds and paper_sparse:
@@ -233,39 +257,56 @@ def check_claims(runs: dict[str, Any], n_test: int) -> list[C.Claim]:
                                (C.robust_overfitting, "robust overfitting (RA best - final)")):
             out.append(C.smaller_than(seeds, "flying_bird", ["flying_bird_plus"], quantity, what, n_test))
         out.append(C.fb_plus_best_final_ra(seeds, n_test))
-    if "boosting_dense" in runs and "boosting_ticket" in runs:
-        out.append(boosting_claim(runs["boosting_dense"], runs["boosting_ticket"], n_test))
+    if "boosting_dense" in runs:
+        baseline = runs["boosting_dense"]
+        target = statistics.fmean(s["ra_final"] for s in seeds["boosting_dense"])
+        epoch_flops = statistics.fmean(s["train_flops"] / run.records[-1]["epoch"] for s, run in
+                                       zip(seeds["boosting_dense"], baseline))
+        dense = [epochs_to(run, target, epoch_flops) for run in baseline]
+        ticket = [epochs_to(run, target, epoch_flops) for run in runs.get("boosting_ticket", [])]
+        if ticket:
+            out.append(C.boosting_reaches_dense_ra_in_fewer_epochs(
+                target, [t.best for t in ticket], [t.epochs for t in ticket], [d.epochs for d in dense], n_test))
+        control = [epochs_to(run, target, epoch_flops) for run in runs.get("boosting_control", [])]
+        if ticket and control:
+            out.append(C.boosting_control_is_slower(target, [t.epochs for t in ticket], [c.epochs for c in control],
+                                                    [c.best for c in control], n_test))
     return out
 
 
-def boosting_claim(dense: Any, ticket: Any, n_test: int) -> C.Claim:
-    """The boosting claim on epochs to the baseline's final RA; the ticket's finder counts as the dense
-    PGD epochs its training FLOPs would buy (the baseline's FLOPs per epoch)."""
+@dataclass(frozen=True)
+class EpochsTo:
+    """A run's way to a robustness target: dense-equivalent epochs to it (None: never) and its best test RA."""
+
+    epochs: float | None
+    best: float | None
+
+
+def epochs_to(run: Any, target: float, dense_epoch_flops: float) -> EpochsTo:
+    """Epochs of ``run``'s last stage until its first evaluated epoch at or above ``target`` test RA,
+    plus its earlier stages (a boosting finder) as the dense epochs their training FLOPs would buy
+    (``dense_epoch_flops``: the matched dense baseline's training FLOPs per epoch)."""
     from .report import time_to_robustness
 
-    dense_stats = dense.stats()
-    target = dense_stats["ra_final"]
-    dense_hit = time_to_robustness(dense.records, target)
-    retrained = [r for r in ticket.records if r.get("stage") == ticket.records[-1].get("stage")]  # not the finder's
-    finder = [r for r in ticket.records if r.get("stage") != retrained[-1].get("stage")]
-    finder_flops = (finder[-1].get("train_flops") or 0.0) if finder else 0.0
-    per_epoch = dense_stats["train_flops"] / dense.records[-1]["epoch"]
-    hit = time_to_robustness(ticket.records, target)
-    ticket_max = max((r["test_robust_acc"] for r in retrained if r.get("test_robust_acc") is not None), default=None)
-    return C.boosting_reaches_dense_ra_in_fewer_epochs(
-        target, [ticket_max], [None if hit is None else hit["epoch"] + finder_flops / per_epoch],
-        [None if dense_hit is None else dense_hit["epoch"]], n_test)
+    last = run.records[-1].get("stage")
+    trained = [r for r in run.records if r.get("stage") == last]
+    earlier = [r for r in run.records if r.get("stage") != last]
+    earlier_flops = (earlier[-1].get("train_flops") or 0.0) if earlier else 0.0
+    hit = time_to_robustness(run.records, target)
+    best = max((r["test_robust_acc"] for r in trained if r.get("test_robust_acc") is not None), default=None)
+    return EpochsTo(None if hit is None else hit["epoch"] + earlier_flops / dense_epoch_flops, best)
 
 
-def sanity_checks(runs: dict[str, Any], evals: dict[str, dict[str, Any]]) -> list[C.Claim]:
+def sanity_checks(runs: dict[str, list[Any]], evals: dict[str, dict[str, Any]]) -> list[C.Claim]:
     """Checks of the pipeline, not of the papers: AutoAttack below PGD, FB+'s adaptation at work."""
     out = [C.autoattack_below_pgd(evals)] if evals else []
     if "flying_bird" in runs and "flying_bird_plus" in runs:
-        out.append(C.fb_plus_sparser_and_cheaper({r: [runs[r].stats()] for r in ("flying_bird", "flying_bird_plus")}))
+        out.append(C.fb_plus_sparser_and_cheaper({r: [run.stats() for run in runs[r]]
+                                                  for r in ("flying_bird", "flying_bird_plus")}))
     return out
 
 
-def reproduce(profile: str, data_root: str | Path, out: str | Path, *, dataset: str = "cifar10",
+def reproduce(profile: str, data_root: str | Path, out: str | Path, *, dataset: str = "cifar10", seeds: int = 1,
               nproc: int | None = None, smoke: bool = False, only: list[str] | None = None,
               overrides: list[str] | tuple[str, ...] = (), command: str = "", log: Callable[[str], None] = lambda line: None) -> Path:
     """Train, evaluate and report ``profile``; returns the path of the report."""
@@ -281,7 +322,7 @@ def reproduce(profile: str, data_root: str | Path, out: str | Path, *, dataset: 
                           f"official {dataset} files")
     if out.exists() and not out.is_dir():
         raise SpartaError(f"--out {out} exists and is not a folder")
-    planned = plan(profile, dataset, data_root, out, smoke=smoke, only=only, overrides=overrides)
+    planned = plan(profile, dataset, data_root, out, seeds=seeds, smoke=smoke, only=only, overrides=overrides)
     require_autoattack()  # before an hour of training, not after
     configs = [load_config(run.preset, list(run.overrides)) for run in planned]  # all valid before any run
     final = SMOKE_EVAL if smoke else FINAL_EVAL[profile]
@@ -290,20 +331,24 @@ def reproduce(profile: str, data_root: str | Path, out: str | Path, *, dataset: 
             check_existing(run, cfg)
         for run in planned:
             train_run(run, nproc=nproc, log=log)
-        evals = {run.role: evaluate_final(run, final, data_root, log) for run in planned}
-    runs = {run.role: load_run(run.run_dir) for run in planned}
-    n_test = _test_images(runs[planned[0].role])
+        evals = {run.name: evaluate_final(run, final, data_root, log) for run in planned}
+    loaded = {run.name: load_run(run.run_dir) for run in planned}
+    runs: dict[str, list[Any]] = {}
+    for run in planned:
+        runs.setdefault(run.role, []).append(loaded[run.name])
+    n_test = _test_images(loaded[planned[0].name])
     found, checks = check_claims(runs, n_test), sanity_checks(runs, evals)
-    target = runs["boosting_dense"].stats()["ra_final"] if "boosting_dense" in runs else None
+    target = statistics.fmean(r.stats()["ra_final"] for r in runs["boosting_dense"]) if "boosting_dense" in runs else None
     written = _dt.datetime.now(_dt.timezone.utc)
-    preamble = _preamble(profile, dataset, planned, found, checks, evals, final, n_test, command, written, nproc)
-    report = write_report([out / "runs"], out / "report", target_ra=target, preamble=preamble)
+    preamble = _preamble(profile, dataset, planned, found, checks, evals, final, n_test, command, written, nproc, seeds)
+    # the planned run directories only: runs of an earlier call with more seeds stay out of this report
+    report = write_report([run.run_dir for run in planned], out / "report", target_ra=target, preamble=preamble)
     write_text_atomic(out / "claims.json", dumps({
         "profile": profile, "dataset": dataset, "smoke": smoke, "command": command,
         "written_utc": written.isoformat(timespec="seconds"), "machine": _machine(),
         "claims": [c.to_dict() for c in found], "sanity_checks": [c.to_dict() for c in checks], "final_eval": evals,
-        "runs": {run.role: {"command": ["sparta", *run.command(nproc)], "stats": runs[run.role].stats()}
-                 for run in planned}}))
+        "seeds": seeds, "runs": {run.name: {"role": run.role, "seed": run.seed, "command": ["sparta", *run.command(nproc)],
+                                            "stats": loaded[run.name].stats()} for run in planned}}))
     return report.path
 
 
@@ -325,14 +370,16 @@ def _machine() -> str:
 
 def _preamble(profile: str, dataset: str, planned: list[PlannedRun], found: list[C.Claim], checks: list[C.Claim],
               evals: dict[str, dict[str, Any]], final: FinalEval, n_test: int, command: str,
-              written: _dt.datetime, nproc: int | None) -> str:
+              written: _dt.datetime, nproc: int | None, seeds: int) -> str:
     counts = ", ".join(f"{sum(c.verdict == v for c in found)} {v}" for v in C.VERDICTS)
     lines = [f"# Reproduction: profile `{profile}` on {dataset}", "",
              f"- Command: `{command}`" if command else "- Command: (library call)",
              f"- Written {written:%Y-%m-%d %H:%M} UTC on {_machine()} (each run's own date and device are "
              "in its summary.json)",
-             f"- Verdicts: {counts} (rules fixed in `sparta/claims.py` before the runs; one seed per run, so a "
-             f"claim that holds is *evidence*, never *reproduced*; per-epoch RA on {n_test} test images)", "",
+             f"- Verdicts: {counts} (rules fixed in `sparta/claims.py` before the runs; "
+             + ("one seed per run, so a claim that holds is *evidence*, never *reproduced*" if seeds == 1 else
+                f"{seeds} seeds per run, each run's value their mean with the seed spread in its error")
+             + f"; per-epoch RA on {n_test} test images)", "",
              "## Claims", ""]
     for c in found:
         lines += [f"### {c.claim}: **{c.verdict}**", ""] + [f"- {e}" for e in c.evidence] + ["", f"Rule: {c.why}.", ""]
@@ -352,10 +399,11 @@ def _preamble(profile: str, dataset: str, planned: list[PlannedRun], found: list
               "| --- | --- | --- | --- | --- | --- |"]
     for role, e in evals.items():
         failed = [ch["name"] for ch in e["checks"] if not ch["passed"]]
-        lines.append(f"| {C.LABELS.get(role, role)} | {e['clean']:.2f} | {e['pgd']:.2f} | {e['autoattack']:.2f} | "
+        lines.append(f"| {C.label(role)} | {e['clean']:.2f} | {e['pgd']:.2f} | {e['autoattack']:.2f} | "
                      f"{e['autoattack'] - e['pgd']:+.2f} | {'failed: ' + ', '.join(failed) if failed else 'all passed'} |")
     lines += ["", "## Runs", "", "Each run is this `sparta train` command (`--resume RUN_DIR` continues one):", ""]
-    lines += [f"- {C.LABELS.get(r.role, r.role)}: `sparta {shlex.join(r.command(nproc))}`" for r in planned]
+    lines += [f"- {C.LABELS.get(r.role, r.role)}{f' (seed {r.seed})' if seeds > 1 else ''}: "
+              f"`sparta {shlex.join(r.command(nproc))}`" for r in planned]
     return "\n".join(lines) + "\n"
 
 
@@ -366,13 +414,16 @@ def add_cli_arguments(parser) -> None:
     parser.add_argument("overrides", nargs="*",
                         help="dotted overrides applied to every run after the profile's, e.g. device=cuda")
     parser.add_argument("--profile", required=True, choices=PROFILES,
-                        help="cpu-mini: the scaled-down CIFAR-10 protocol (~1 h on 2 CPU cores); paper: the papers' "
+                        help="cpu-mini: the scaled-down CIFAR-10 protocol (~75 min a seed on 2 CPU cores); paper: the papers' "
                              "full protocols (GPUs)")
     parser.add_argument("--data-root", required=True, metavar="DIR",
                         help="folder with the dataset's official files (cifar-10-batches-py/, cifar-100-python/ "
                              "or tiny-imagenet-200/)")
     parser.add_argument("--dataset", default="cifar10", choices=DATASETS)
     parser.add_argument("--out", default=None, metavar="DIR", help="default: results/<profile>-<dataset>")
+    parser.add_argument("--seeds", type=int, default=1, metavar="N",
+                        help="train every run with seeds 0..N-1 (seed k > 0 in runs/<run>-seed<k>; runs kept from a "
+                             "call with fewer seeds are reused); the claims use the mean and the seed spread")
     parser.add_argument("--nproc", type=int, default=None, metavar="N",
                         help="train each run with N local processes (torchrun, DistributedDataParallel)")
     parser.add_argument("--only", default=None, metavar="RUN,RUN",
@@ -387,7 +438,8 @@ def cli_main(args) -> int:
     out = args.out or f"results/{args.profile}-{args.dataset}" + ("-smoke" if args.smoke else "")
     only = [r.strip() for r in args.only.split(",") if r.strip()] if args.only else None
     command = "sparta " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["reproduce"] else ""
-    path = reproduce(args.profile, args.data_root, out, dataset=args.dataset, nproc=args.nproc, smoke=args.smoke,
+    path = reproduce(args.profile, args.data_root, out, dataset=args.dataset, seeds=args.seeds, nproc=args.nproc,
+                     smoke=args.smoke,
                      only=only, overrides=args.overrides, command=command, log=lambda line: print(line, flush=True))
     print(path)
     return 0

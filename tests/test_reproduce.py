@@ -109,25 +109,52 @@ def test_boosting_is_judged_on_epochs_and_returns_every_verdict():
     assert "4.1 points" in claim(30.0, [28.0], [None], [14], 1000).why
 
 
-def test_boosting_claim_counts_the_finder_in_dense_epochs():
-    from sparta.reproduce import boosting_claim
+def test_boosting_control_is_slower_returns_every_verdict():
+    # target 30% on 1,000 images: a control that never reached it counts as slower below 25.9%
+    claim = C.boosting_control_is_slower
+    assert claim(30.0, [9.5], [14.0], [31.0], 1000).verdict == C.EVIDENCE  # the control needed more epochs
+    assert claim(30.0, [9.5, 10.0], [14.0, None], [31.0, 20.0], 1000).verdict == C.REPRODUCED  # never close
+    assert claim(30.0, [9.5], [9.5], [31.0], 1000).verdict == C.NOT_REPRODUCED  # as early
+    assert claim(30.0, [None], [12.0], [31.0], 1000).verdict == C.NOT_REPRODUCED  # only the control reached it
+    assert claim(30.0, [9.5], [None], [28.0], 1000).verdict == C.INCONCLUSIVE  # missed it by noise
+    assert claim(30.0, [None], [None], [20.0], 1000).verdict == C.INCONCLUSIVE  # neither
+    assert claim(30.0, [9.5, 9.5], [14.0, 8.0], [31.0, 31.0], 1000).verdict == C.INCONCLUSIVE  # seeds disagree
 
-    class Run:
-        def __init__(self, records, flops):
-            self.records, self._flops = records, flops
 
-        def stats(self):
-            return {"ra_final": self.records[-1]["test_robust_acc"], "train_flops": self._flops}
+class FakeRun:
+    """What the boosting claims read of a run: its metrics records and its table numbers."""
 
+    def __init__(self, records, flops):
+        self.records, self._flops = records, flops
+
+    def stats(self):
+        return {"ra_final": self.records[-1]["test_robust_acc"], "train_flops": self._flops}
+
+
+def boosting_runs(control_ra=25.0):
     # the baseline: 10 epochs at 100 FLOPs each, its final RA 30% first reached at epoch 8
-    dense = Run([{"stage": "train", "epoch": e, "test_robust_acc": 30.0 if e >= 8 else 20.0, "train_flops": 100.0 * e}
-                 for e in (2, 4, 6, 8, 10)], 1000.0)
-    # the ticket: a finder that cost 250 FLOPs (2.5 dense epochs), then 30% at retraining epoch 4 -> 6.5 epochs
-    ticket = Run([{"stage": "finder", "epoch": 2, "test_robust_acc": 15.0, "train_flops": 250.0},
-                  *({"stage": "train", "epoch": e, "test_robust_acc": 31.0 if e >= 4 else 25.0, "train_flops": 20.0 * e}
-                    for e in (2, 4, 6))], 370.0)
-    claim = boosting_claim(dense, ticket, 1000)
-    assert claim.verdict == C.EVIDENCE and "6.5 epochs" in claim.evidence[1] and "8 epochs" in claim.evidence[1]
+    dense = FakeRun([{"stage": "train", "epoch": e, "test_robust_acc": 30.0 if e >= 8 else 20.0,
+                      "train_flops": 100.0 * e} for e in (2, 4, 6, 8, 10)], 1000.0)
+
+    def ticket(ra_from_4):  # a finder that cost 250 FLOPs (2.5 dense epochs), then retraining
+        return FakeRun([{"stage": "finder", "epoch": 2, "test_robust_acc": 15.0, "train_flops": 250.0},
+                        *({"stage": "train", "epoch": e, "test_robust_acc": ra_from_4 if e >= 4 else 25.0,
+                           "train_flops": 20.0 * e} for e in (2, 4, 6))], 370.0)
+    return {"boosting_dense": [dense], "boosting_ticket": [ticket(31.0)], "boosting_control": [ticket(control_ra)]}
+
+
+def test_boosting_claims_count_the_finder_in_dense_epochs():
+    from sparta.reproduce import check_claims, epochs_to
+
+    runs = boosting_runs()
+    # 30% at retraining epoch 4 plus the finder's 250 FLOPs / 100 per dense epoch -> 6.5 epochs
+    assert epochs_to(runs["boosting_ticket"][0], 30.0, 100.0).epochs == 6.5
+    assert epochs_to(runs["boosting_dense"][0], 30.0, 100.0).epochs == 8
+    assert epochs_to(runs["boosting_control"][0], 30.0, 100.0).epochs is None
+    ticket, control = check_claims(runs, 1000)
+    assert ticket.verdict == C.EVIDENCE and "6.5 epochs" in ticket.evidence[1] and "8 epochs" in ticket.evidence[1]
+    assert control.verdict == C.EVIDENCE and "never reached the target" in control.evidence[1]  # 25% < 25.9%
+    assert check_claims(boosting_runs(control_ra=30.0), 1000)[1].verdict == C.NOT_REPRODUCED  # as fast
 
 
 def test_sanity_checks():
@@ -159,9 +186,30 @@ def test_cpu_mini_plan_is_one_protocol(tmp_path):
     assert cfgs["dense"].epochs == CPU_MINI_EPOCHS and cfgs["boosting_dense"].epochs == CPU_MINI_EPOCHS // 2
     assert cfgs["robust_bird_channel"].method.pruning == "channel"
     assert cfgs["flying_bird_plus"].method.adapt_from_epoch == CPU_MINI_EPOCHS // 2
-    # the boosting pair differ only in the method: the ticket's retraining matches its baseline
+    # the boosting pair differ only in the method: the ticket's retraining matches its baseline; the paper's
+    # finder is as long as that schedule, with its lr steps
     a, b = cfgs["boosting_dense"].to_dict(), cfgs["boosting_ticket"].to_dict()
     assert {k for k in a if a[k] != b[k]} == {"name", "out_dir", "method"}
+    assert (cfgs["boosting_ticket"].method.finder_epochs, cfgs["boosting_ticket"].method.search_milestones) == (40, [20, 30])
+    # the control is the ticket from a random initialisation
+    c = cfgs["boosting_control"].to_dict()
+    assert {k for k in b if b[k] != c[k]} == {"name", "out_dir", "method"}
+    assert {k for k in b["method"] if b["method"][k] != c["method"][k]} == {"reinit"} and c["method"]["reinit"] == "random"
+
+
+def test_seeds_are_runs_of_their_own(tmp_path):
+    runs = plan("cpu-mini", "cifar10", tmp_path, tmp_path / "out", seeds=3, only=["dense", "flying_bird"])
+    assert [(r.role, r.seed, r.name) for r in runs] == [
+        ("dense", 0, "dense"), ("dense", 1, "dense-seed1"), ("dense", 2, "dense-seed2"),
+        ("flying_bird", 0, "flying_bird"), ("flying_bird", 1, "flying_bird-seed1"), ("flying_bird", 2, "flying_bird-seed2")]
+    cfgs = [load_config(r.preset, list(r.overrides)) for r in runs]
+    assert [c.seed for c in cfgs] == [0, 1, 2] * 2 and cfgs[1].run_dir == tmp_path / "out" / "runs" / "dense-seed1"
+    # seed 0 is the run a one-seed call trains, so more seeds later keep it
+    (one,) = plan("cpu-mini", "cifar10", tmp_path, tmp_path / "out", only=["dense"])
+    assert load_config(one.preset, list(one.overrides)).to_dict() == cfgs[0].to_dict()
+    assert C.label("dense-seed2") == "dense PGD-AT (seed 2)" and C.label("flying_bird") == "Flying Bird"
+    with pytest.raises(SpartaError, match="--seeds must be >= 1, got 0"):
+        plan("paper", "cifar10", tmp_path, tmp_path, seeds=0)
 
 
 @pytest.mark.parametrize("dataset", ["cifar10", "cifar100", "tinyimagenet"])
@@ -171,6 +219,8 @@ def test_paper_plan_is_the_presets(tmp_path, dataset):
         assert run.preset.parent == PRESETS and cfg.data.name == dataset
         assert cfg.model.name == "preact_resnet18" and cfg.attack.steps == 10 and cfg.eval.steps == 20
         assert cfg.epochs == (100 if "boosting" in run.role else 200)
+        if run.role in ("boosting_ticket", "boosting_control"):  # the paper's finder
+            assert (cfg.method.finder_epochs, cfg.method.search_milestones) == (100, [50, 75])
         if run.role != "dense" and run.role != "boosting_dense":
             assert cfg.method.density == 0.2
 
@@ -236,7 +286,7 @@ def check_smoke(out, roles, n_claims):
 
 def test_smoke_trains_evaluates_reports_and_keeps_finished_runs(tmp_path, cifar100):
     """Two runs of the paper profile for one epoch, AutoAttack, report and claims; a second call retrains
-    nothing and other settings are refused. (The seven presets each train in-process below; all seven
+    nothing and other settings are refused. (The eight runs each train in-process below; all eight
     through the whole pipeline: the slow test after it.)"""
     pytest.importorskip("pyautoattack")
     out, env = tmp_path / "out", {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -269,9 +319,9 @@ def test_every_paper_preset_trains_with_the_smoke_settings(tmp_path, cifar100, r
     assert summary["epochs"] == 1 and summary["steps"] > 0
 
 
-@pytest.mark.slow  # seven training processes and seven AutoAttack evaluations: over 2 minutes on 2 CPU cores
-def test_paper_smoke_of_all_seven_runs(tmp_path, cifar100):
+@pytest.mark.slow  # eight training processes and eight AutoAttack evaluations: over 2 minutes on 2 CPU cores
+def test_paper_smoke_of_all_eight_runs(tmp_path, cifar100):
     pytest.importorskip("pyautoattack")
     _, result = smoke(tmp_path / "out", cifar100, "model.base_width=4")
     assert result.returncode == 0, result.stderr[-3000:]
-    check_smoke(tmp_path / "out", list(ROLES), n_claims=7)
+    check_smoke(tmp_path / "out", list(ROLES), n_claims=8)
