@@ -22,6 +22,10 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
+from .fmt import flops as _flops  # a bare number: "1.23e+15"
+from .fmt import percent as _pct  # "44.50%"
+from .fmt import share as _ratio  # "31%"
+
 REPRODUCED, EVIDENCE, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "evidence", "not reproduced", "inconclusive"
 VERDICTS = (REPRODUCED, EVIDENCE, NOT_REPRODUCED, INCONCLUSIVE)
 # the papers' claims concern these runs; Robust Bird's channel variant is sparta's extension (the
@@ -343,15 +347,3 @@ def _est(e: Estimate | None) -> str:
 
 def _epochs(x: float | None) -> str:
     return "never reached the target" if x is None else f"{x:.3g} epochs"
-
-
-def _ratio(a: float | None, b: float | None) -> str:
-    return "-" if a is None or not b else f"{100 * a / b:.0f}%"
-
-
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{x:.2f}%"
-
-
-def _flops(x: float | None) -> str:
-    return "-" if x is None else f"{x:.3g}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
+from . import fmt
 from .config import from_dict, with_overrides
 from .experiment import train
 
@@ -57,9 +58,10 @@ def comparison(rows: list[dict[str, Any]]) -> str:
     """What the demo's table shows, in words: Flying Bird against dense (``rows`` from ``run_demo``)."""
     dense, fb = ({r["method"]: r for r in rows}[m] for m in ("dense", "flying_bird"))
     gap = fb["ra_final"] - dense["ra_final"]
-    return (f"Flying Bird kept {100 * fb['density_final']:.0f}% of the weights and trained at "
-            f"{100 * fb['train_flops'] / dense['train_flops']:.0f}% of dense's training FLOPs; its final robust "
+    return (f"Flying Bird kept {fmt.fraction(fb['density_final'])} of the weights and trained at "
+            f"{fmt.share(fb['train_flops'], dense['train_flops'])} of dense's training FLOPs; its final robust "
             f"accuracy is {abs(gap):.1f} points {'below' if gap < 0 else 'above'} dense's "
-            f"({fb['ra_final']:.1f}% vs {dense['ra_final']:.1f}%, PGD-20 on the 500 test digits). One seed on a "
+            f"({fmt.percent(fb['ra_final'], '.1f')} vs {fmt.percent(dense['ra_final'], '.1f')}, PGD-20 on the 500 "
+            "test digits). One seed on a "
             "tiny dataset, where a few points are noise: the demo shows sparse adversarial training working, "
             "`sparta reproduce` judges the papers' claims.")

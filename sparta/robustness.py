@@ -47,6 +47,7 @@ from .data.base import ImageSet
 from .data.loader import DeviceLoader
 from .errors import ConfigError, SpartaError
 from .evaluate import evaluate
+from .fmt import eps as format_eps  # "8/255", "0.1"
 
 __all__ = ["ATTACKS", "DEFAULT_EPS_LIST", "evaluate_robustness", "sanity_checks", "run_autoattack",
            "require_autoattack", "parse_eps_list", "format_eps", "large_eps"]
@@ -80,14 +81,6 @@ def parse_eps_list(value: str | Sequence[float | str]) -> list[float]:
     if not out:
         raise ConfigError("--eps-list is empty; give e.g. 0,2/255,4/255,8/255")
     return out
-
-
-def format_eps(eps: float) -> str:
-    """``8/255`` when eps is a whole number of 255ths, else 4 significant digits."""
-    k = eps * 255
-    if 0 < eps < 1 and abs(k - round(k)) < 1e-6:
-        return f"{round(k)}/255"
-    return f"{eps:.4g}"
 
 
 def large_eps(norm: str, image_shape: Sequence[int]) -> float:
