@@ -6,12 +6,13 @@ pieces, resuming from ``checkpoints/last.pt``, evaluating each epoch, keeping th
 """
 from __future__ import annotations
 
+import math
 import platform
 import time
 import warnings
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -68,11 +69,41 @@ def eval_attack(cfg: Config) -> Callable:
     return build_attack(e.attack, **settings)
 
 
-def eval_protocol(cfg: Config) -> dict[str, Any]:
-    e = cfg.eval
-    return {"attack": e.attack, "norm": e.norm or cfg.attack.norm, "eps": cfg.attack.eps if e.eps is None else e.eps,
-            "alpha": e.alpha, "steps": e.steps, "restarts": e.restarts, "random_start": True,
-            "val_subset": e.val_subset, "test_subset": e.test_subset, "bn": "eval", "precision": e.precision}
+def eval_protocol(cfg: Config | Mapping[str, Any]) -> dict[str, Any]:
+    """What validation and test accuracy are measured with (``summary.json``'s ``eval_protocol``): the
+    attack ``eval_attack`` builds, the image subsets, BatchNorm mode and precision.
+
+    ``cfg`` may also be a run's ``config.yaml`` as a dict (``sparta report`` on an unfinished run): a key
+    that file lacks is None here (``eval.attack``: "pgd"), not today's default, so the file is described
+    as it was written.
+    """
+    c = cfg.to_dict() if isinstance(cfg, Config) else cfg
+    e, a = c.get("eval") or {}, c.get("attack") or {}
+    return {"attack": e.get("attack", "pgd"), "norm": e.get("norm") or a.get("norm"),
+            "eps": a.get("eps") if e.get("eps") is None else e.get("eps"), "alpha": e.get("alpha"),
+            "steps": e.get("steps"), "restarts": e.get("restarts"), "random_start": True,
+            "val_subset": e.get("val_subset"), "test_subset": e.get("test_subset"), "bn": "eval",
+            "precision": e.get("precision")}
+
+
+def improves(value: float, best: float | None) -> bool:
+    """The best-epoch rule: an evaluated epoch is the new best when its selector (validation robust
+    accuracy) is strictly above the best so far, so the earliest epoch wins a tie."""
+    return best is None or value > best
+
+
+def best_index(records: Sequence[Mapping[str, Any]]) -> int:
+    """Index of the best of one stage's evaluated ``records`` (metrics.jsonl rows) by the rule that
+    picks ``checkpoints/best.pt``: the highest finite ``val_robust_acc``, the earliest on ties; the
+    last record when none has one (no validation split: the latest epoch wins)."""
+    best, best_value = len(records) - 1, None
+    for i, r in enumerate(records):
+        v = r.get("val_robust_acc")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            continue
+        if improves(v, best_value):
+            best, best_value = i, v
+    return best
 
 
 def _first(data: ImageSet | None, n: int | None) -> ImageSet | None:
@@ -236,7 +267,7 @@ def _run_stage(stages: list[Stage], index: int, run: RunContext, data: DatasetSp
         is_best = False
         if evaluated and stage.select_best:
             selector = v["robust_acc"] if v is not None else float(stats.epoch)  # no validation: latest wins
-            is_best = selector > state.best_val_robust_acc
+            is_best = improves(selector, state.best_val_robust_acc)
             if is_best:
                 state.best_val_robust_acc, state.best_epoch = selector, stats.epoch
         eval_time = time.perf_counter() - start
@@ -298,7 +329,7 @@ def summarize(cfg: Config, stages: list[Stage], run: RunContext, records: list[d
     mine = [r for r in records if r["stage"] == stages[-1].name]
     final = mine[-1]
     with_val = [r for r in mine if r.get("val_robust_acc") is not None]
-    best = max(with_val, key=lambda r: r["val_robust_acc"]) if with_val else final  # max() keeps the first
+    best = mine[best_index(mine)]  # the rule that picks checkpoints/best.pt
     summary = {
         "name": cfg.name, "method": cfg.method.name, "dataset": cfg.data.name, "model": cfg.model.name,
         "seed": cfg.seed,
