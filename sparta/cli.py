@@ -1,4 +1,6 @@
-"""``sparta train|eval|demo``: parse arguments, load the config, call the library, print.
+"""The ``sparta`` command (train, eval, flops, report, reproduce, demo): parse arguments, call the
+library, print. Library modules never print; what they have to say comes back as values (or through a
+``log`` callback) and is printed here.
 
 Bad input (a ``SpartaError``) is one line on stderr and exit code 2, never a traceback.
 """
@@ -122,7 +124,7 @@ SUMMARY_COLUMNS = [("name", "run"), ("method", "method"), ("density_final", "den
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .experiment import evaluate_checkpoint
-    from .robustness import format_eps
+    from .fmt import eps as format_eps
 
     result = evaluate_checkpoint(args.checkpoint, attack=args.attack, overrides=args.overrides,
                                  n_examples=args.n_examples, eps_list=args.eps_list)
@@ -146,6 +148,85 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(table(rows, SUMMARY_COLUMNS))
     print()
     print(comparison(rows))
+    return 0
+
+
+def add_flops_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``sparta flops CONFIG|CHECKPOINT [overrides]``."""
+    parser.add_argument("source", help="a YAML config (configs/...) or a checkpoint (.pt)")
+    parser.add_argument("overrides", nargs="*",
+                        help="config overrides, e.g. attack.steps=7 method.density=0.1 (applied to a checkpoint's config too)")
+
+
+def cmd_flops(args: argparse.Namespace) -> int:
+    """``sparta flops``: print the per-layer table, inference and training FLOPs; returns 0."""
+    from .flops import flops_report, format_report
+
+    print(format_report(flops_report(args.source, list(getattr(args, "overrides", []) or []))))
+    return 0
+
+
+def add_report_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``sparta report RUN_DIR... --out DIR [--target-ra X]``."""
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                        help="run directories, or folders holding run directories")
+    parser.add_argument("--out", required=True, metavar="DIR", help="where report.md and plots/ are written")
+    parser.add_argument("--target-ra", type=float, default=None, metavar="X",
+                        help="add a 'time to test RA >= X%%' table (default: the dense run's final RA when "
+                             "exactly one dense config is present)")
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """``sparta report``: write the report; its notes (skipped plots, skipped runs) on stderr, its path on stdout."""
+    from .report import write_report
+
+    report = write_report(args.run_dirs, args.out, target_ra=args.target_ra)
+    for note in report.notes:
+        print(note, file=sys.stderr)
+    print(report.path)
+    return 0
+
+
+def add_reproduce_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``sparta reproduce --profile P --data-root DIR [overrides]``."""
+    from .reproduce import DATASETS, PROFILES, ROLES
+
+    parser.add_argument("overrides", nargs="*",
+                        help="dotted overrides applied to every run after the profile's, e.g. device=cuda")
+    parser.add_argument("--profile", required=True, choices=PROFILES,
+                        help="cpu-mini: the scaled-down CIFAR-10 protocol (~75 min a seed on 2 CPU cores); paper: the papers' "
+                             "full protocols (GPUs)")
+    parser.add_argument("--data-root", required=True, metavar="DIR",
+                        help="folder with the dataset's official files (cifar-10-batches-py/, cifar-100-python/ "
+                             "or tiny-imagenet-200/)")
+    parser.add_argument("--dataset", default="cifar10", choices=DATASETS)
+    parser.add_argument("--out", default=None, metavar="DIR", help="default: results/<profile>-<dataset>")
+    parser.add_argument("--seeds", type=int, default=1, metavar="N",
+                        help="train every run with seeds 0..N-1 (seed k > 0 in runs/<run>-seed<k>; runs kept from a "
+                             "call with fewer seeds are reused); the claims use the mean and the seed spread")
+    parser.add_argument("--nproc", type=int, default=None, metavar="N",
+                        help="train each run with N local processes (torchrun, DistributedDataParallel)")
+    parser.add_argument("--only", default=None, metavar="RUN,RUN",
+                        help=f"a subset of the runs: {','.join(ROLES)}")
+    parser.add_argument("--smoke", action="store_true",
+                        help="one epoch on a few images per run: checks the whole pipeline, measures nothing")
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    """``sparta reproduce``: train, evaluate and report; progress lines on stdout, then the report's path."""
+    import shlex
+
+    from .reproduce import reproduce
+
+    if args.nproc is not None and args.nproc < 1:
+        raise SpartaError(f"--nproc must be >= 1, got {args.nproc}")
+    out = args.out or f"results/{args.profile}-{args.dataset}" + ("-smoke" if args.smoke else "")
+    only = [r.strip() for r in args.only.split(",") if r.strip()] if args.only else None
+    command = "sparta " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["reproduce"] else ""
+    path = reproduce(args.profile, args.data_root, out, dataset=args.dataset, seeds=args.seeds, nproc=args.nproc,
+                     smoke=args.smoke,
+                     only=only, overrides=args.overrides, command=command, log=lambda line: print(line, flush=True))
+    print(path)
     return 0
 
 
@@ -183,20 +264,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "0 and the config's eps are always added)")
     p.set_defaults(func=cmd_eval)
 
-    from . import flops, report, reproduce
-
     p = sub.add_parser("flops", help="inference and training FLOPs of a config or checkpoint (densities included)")
-    flops.add_cli_arguments(p)
-    p.set_defaults(func=flops.cli_main)
+    add_flops_arguments(p)
+    p.set_defaults(func=cmd_flops)
 
     p = sub.add_parser("report", help="markdown tables and PNG plots from run directories")
-    report.add_cli_arguments(p)
-    p.set_defaults(func=report.cli_main)
+    add_report_arguments(p)
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("reproduce", help="train every method of the papers under one protocol, evaluate them with "
                                          "AutoAttack and PGD-20, and report which claims reproduce")
-    reproduce.add_cli_arguments(p)
-    p.set_defaults(func=reproduce.cli_main)
+    add_reproduce_arguments(p)
+    p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("demo", help="train dense and sparse models on the embedded 8x8 digits and compare")
     p.add_argument("--out-dir", default="runs/demo")

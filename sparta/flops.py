@@ -60,7 +60,6 @@ each step (Flying Bird+'s density changes during training) across every stage of
 """
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Mapping
@@ -69,6 +68,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from . import fmt
 from .errors import CheckpointError, ConfigError, SpartaError
 from .sparse.masks import MaskSet
 from .sparse.select import unwrap
@@ -80,7 +80,7 @@ __all__ = [
     "LayerFlops", "forward_flops_by_layer", "inference_flops", "step_multiplier", "step_flops_per_image",
     "paper_table_flops", "full_backward_multiplier", "attack_full_backward_flops",
     "TrainingCostMeter", "savings", "dense_training_flops", "attack_steps_of",
-    "mask_densities", "flops_report", "format_report", "add_cli_arguments", "cli_main",
+    "mask_densities", "flops_report", "format_report",
 ]
 
 
@@ -558,10 +558,7 @@ def flops_report(source: str | Path, overrides: list[str] | tuple[str, ...] = ()
 
 
 def _si(x: float) -> str:
-    for unit, scale in (("E", 1e18), ("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(x) >= scale:
-            return f"{x / scale:.3f} {unit}FLOPs"
-    return f"{x:.0f} FLOPs"
+    return fmt.flops(x, ".3f", unit="FLOPs", unscaled=".0f")  # "1.111 GFLOPs", "500 FLOPs"
 
 
 def format_report(r: dict[str, Any]) -> str:
@@ -585,7 +582,7 @@ def format_report(r: dict[str, Any]) -> str:
     lines += [
         "",
         f"inference per image:     dense {_si(dense)}   sparse {_si(sparse)}"
-        + (f"   ({100 * savings(sparse, dense):.1f}% saved)" if dense else ""),
+        + (f"   ({fmt.fraction(savings(sparse, dense), '.1f')} saved)" if dense else ""),
         f"training step per image: dense {_si(mult * dense)}   sparse {_si(mult * sparse)}   "
         f"(attack {r['attack']}, k={k} steps, objective {obj}: {formula} x F; each attack step = forward + input-only backward)",
         f"full run, this count:    dense {_si(r['run_flops_dense'])}   sparse {_si(r['run_flops'])}   "
@@ -602,14 +599,10 @@ def format_report(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``sparta flops CONFIG|CHECKPOINT [overrides]``."""
-    parser.add_argument("source", help="a YAML config (configs/...) or a checkpoint (.pt)")
-    parser.add_argument("overrides", nargs="*",
-                        help="config overrides, e.g. attack.steps=7 method.density=0.1 (applied to a checkpoint's config too)")
+def __getattr__(name: str):
+    """``add_cli_arguments`` / ``cli_main`` of ``sparta flops`` live in ``sparta.cli``; importable from here."""
+    if name in ("add_cli_arguments", "cli_main"):
+        from . import cli
 
-
-def cli_main(args: argparse.Namespace) -> int:
-    """``sparta flops``: print the per-layer table, inference and training FLOPs; returns 0."""
-    print(format_report(flops_report(args.source, list(getattr(args, "overrides", []) or []))))
-    return 0
+        return getattr(cli, {"add_cli_arguments": "add_flops_arguments", "cli_main": "cmd_flops"}[name])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -407,39 +407,10 @@ def _preamble(profile: str, dataset: str, planned: list[PlannedRun], found: list
     return "\n".join(lines) + "\n"
 
 
-# ---------------------------------------------------------------- command line (wired by sparta/cli.py)
+def __getattr__(name: str):
+    """``add_cli_arguments`` / ``cli_main`` of ``sparta reproduce`` live in ``sparta.cli``; importable from here."""
+    if name in ("add_cli_arguments", "cli_main"):
+        from . import cli
 
-
-def add_cli_arguments(parser) -> None:
-    parser.add_argument("overrides", nargs="*",
-                        help="dotted overrides applied to every run after the profile's, e.g. device=cuda")
-    parser.add_argument("--profile", required=True, choices=PROFILES,
-                        help="cpu-mini: the scaled-down CIFAR-10 protocol (~75 min a seed on 2 CPU cores); paper: the papers' "
-                             "full protocols (GPUs)")
-    parser.add_argument("--data-root", required=True, metavar="DIR",
-                        help="folder with the dataset's official files (cifar-10-batches-py/, cifar-100-python/ "
-                             "or tiny-imagenet-200/)")
-    parser.add_argument("--dataset", default="cifar10", choices=DATASETS)
-    parser.add_argument("--out", default=None, metavar="DIR", help="default: results/<profile>-<dataset>")
-    parser.add_argument("--seeds", type=int, default=1, metavar="N",
-                        help="train every run with seeds 0..N-1 (seed k > 0 in runs/<run>-seed<k>; runs kept from a "
-                             "call with fewer seeds are reused); the claims use the mean and the seed spread")
-    parser.add_argument("--nproc", type=int, default=None, metavar="N",
-                        help="train each run with N local processes (torchrun, DistributedDataParallel)")
-    parser.add_argument("--only", default=None, metavar="RUN,RUN",
-                        help=f"a subset of the runs: {','.join(ROLES)}")
-    parser.add_argument("--smoke", action="store_true",
-                        help="one epoch on a few images per run: checks the whole pipeline, measures nothing")
-
-
-def cli_main(args) -> int:
-    if args.nproc is not None and args.nproc < 1:
-        raise SpartaError(f"--nproc must be >= 1, got {args.nproc}")
-    out = args.out or f"results/{args.profile}-{args.dataset}" + ("-smoke" if args.smoke else "")
-    only = [r.strip() for r in args.only.split(",") if r.strip()] if args.only else None
-    command = "sparta " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["reproduce"] else ""
-    path = reproduce(args.profile, args.data_root, out, dataset=args.dataset, seeds=args.seeds, nproc=args.nproc,
-                     smoke=args.smoke,
-                     only=only, overrides=args.overrides, command=command, log=lambda line: print(line, flush=True))
-    print(path)
-    return 0
+        return getattr(cli, {"add_cli_arguments": "add_reproduce_arguments", "cli_main": "cmd_reproduce"}[name])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -3,6 +3,7 @@ import math
 
 from sparta.config import from_dict, load_config
 from sparta.experiment import best_index, eval_protocol, improves
+from sparta.runs import best_record
 
 
 def test_protocol_of_a_config_equals_the_protocol_of_its_yaml():
@@ -32,3 +33,12 @@ def test_best_index_is_the_checkpoint_rule():
             best, chosen = r["val_robust_acc"], i
     assert chosen == best_index(val(30, 41, 41, 40, 41.5, 41.5)) == 4
 
+
+def test_report_best_record_prefers_the_summary_then_the_rule():
+    recs = [{"stage": "search", "epoch": 1, "val_robust_acc": 99},
+            {"stage": "train", "epoch": 1, "val_robust_acc": 40}, {"stage": "train", "epoch": 2, "val_robust_acc": 45},
+            {"stage": "train", "epoch": 3, "val_robust_acc": 45}]
+    assert best_record(recs, None) == 2  # last stage only, earliest of the tie
+    assert best_record(recs, {"best_epoch": 3}) == 3
+    assert best_record(recs, {"best_epoch": 1, "best_stage": "search"}) == 0
+    assert best_record(recs, {"best_epoch": 9}) == 2  # not logged: the rule decides
