@@ -14,19 +14,13 @@ from sparta.sparse.controllers import AdaptiveDensity, Dense, DynamicSparse, Sta
 from sparta.sparse.masks import MaskSet
 from sparta.sparse.tickets import select_k_mask
 
+from conftest import tiny_net
+
 OPTIMIZERS = {
     "sgd": lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4),
     "adam": lambda ps: torch.optim.Adam(ps, lr=1e-2, weight_decay=5e-4, amsgrad=True),  # L2 decay via the grad
     "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.05),  # decoupled decay
 }
-
-
-def tiny_net(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
-    )
 
 
 def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:

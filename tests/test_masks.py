@@ -9,15 +9,9 @@ from sparta.errors import CheckpointError
 from sparta.sparse.masks import MaskSet, hamming_distance
 from sparta.sparse.select import prunable_parameters, strip_wrapper_prefixes, unwrap
 
+from conftest import tiny_net
+
 PRUNABLE = ["0.weight", "3.weight", "6.weight"]
-
-
-def tiny_net() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
-    )
 
 
 def hand_masks(model: nn.Module) -> MaskSet:
