@@ -12,18 +12,12 @@ from sparta import distributed
 from sparta.config import load_config
 from sparta.experiment import train
 
-
-class Crash(Exception):
-    pass
+from conftest import Crash, crash_after  # this file's folder is first on sys.path
 
 
 def crash(config: str, epoch: str, *overrides: str) -> None:
-    def on_epoch(record):
-        if record["epoch"] == int(epoch):
-            raise Crash
-
     try:
-        train(load_config(config, list(overrides)), on_epoch=on_epoch)
+        train(load_config(config, list(overrides)), on_epoch=crash_after(int(epoch)))
     except Crash:
         distributed.shutdown()  # every rank crashed at the same point: a clean exit
         distributed.exit_worker(3)

@@ -27,12 +27,11 @@ from sparta.cli import main
 from sparta.config import from_dict, with_overrides
 from sparta.experiment import train
 
-from conftest import write_cifar100
+from conftest import TINY_ARGS, write_cifar100
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "configs" / "demo.yaml")
-TINY = ["epochs=1", "batch_size=32", "data.train_subset=256", "data.val_size=64", "model.name=small_cnn",
-        "model.base_width=8", "attack.steps=2", "eval.steps=2", "eval.test_subset=64", "eval.gap_subset=64", "progress=none"]
+TINY = [*TINY_ARGS, "eval.gap_subset=64"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 # the stand-in datasets hold 20 training images; the checkpoint's config asks for 64 val + 256 train
 FEW = ["data.val_size=4", "data.train_subset=16"]

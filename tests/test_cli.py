@@ -7,9 +7,10 @@ import yaml
 
 from sparta.cli import main
 
+import conftest
+
 ROOT = Path(__file__).resolve().parents[1]
-TINY_ARGS = ["epochs=1", "batch_size=32", "data.train_subset=256", "data.val_size=64", "data.augment=false",
-             "model.name=small_cnn", "model.base_width=8", "attack.steps=2", "eval.steps=2", "eval.test_subset=64", "progress=none"]
+TINY_ARGS = [*conftest.TINY_ARGS, "data.augment=false"]
 
 
 @pytest.fixture(scope="module")

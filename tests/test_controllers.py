@@ -10,22 +10,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparta.errors import ConfigError
-from sparta.sparse.controllers import AdaptiveDensity, Dense, DynamicSparse, Static, _smallest, random_static
+from sparta.sparse.controllers import AdaptiveDensity, Dense, DynamicSparse, Static, random_static
 from sparta.sparse.masks import MaskSet
+from sparta.sparse.tickets import select_k_mask
+
+from conftest import tiny_net
 
 OPTIMIZERS = {
     "sgd": lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4),
     "adam": lambda ps: torch.optim.Adam(ps, lr=1e-2, weight_decay=5e-4, amsgrad=True),  # L2 decay via the grad
     "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.05),  # decoupled decay
 }
-
-
-def tiny_net(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
-    )
 
 
 def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -251,7 +246,8 @@ def test_authors_regrowth_keeps_redrawn_weights_and_restarts_only_flipped_ones(g
             new = fb.masks[name]
             n_drop = math.ceil(r * target[name])  # no cap at the inactive count under "authors"
             # the drop: the n_drop smallest |w| active before (same tie rule as the controller)
-            drop = _smallest(w_old.abs().reshape(-1).masked_fill(~old.reshape(-1), math.inf), n_drop).view_as(old)
+            drop = select_k_mask(w_old.abs().reshape(-1).masked_fill(~old.reshape(-1), math.inf), n_drop,
+                                 largest=False).view_as(old)
             grow = new & ~(old & ~drop)  # active now and not a survivor of the drop
             assert fb.last_update["dropped"][name] == n_drop == int(grow.sum()) == fb.last_update["grown"][name]
             redrawn, flipped = drop & new, old ^ new
@@ -358,9 +354,9 @@ def test_old_update_logs_without_churn_still_load():
 
 
 def test_ties_go_to_the_lowest_index():
-    assert _smallest(torch.tensor([1.0, 0.0, 0.0, 0.0, 2.0]), 2).tolist() == [False, True, True, False, False]
-    assert _smallest(torch.tensor([0.5, 0.0, 0.5, 0.5]), 3).tolist() == [True, True, True, False]
-    assert not _smallest(torch.tensor([3.0, 1.0]), 0).any()
+    assert select_k_mask(torch.tensor([1.0, 0.0, 0.0, 0.0, 2.0]), 2, largest=False).tolist() == [False, True, True, False, False]
+    assert select_k_mask(torch.tensor([0.5, 0.0, 0.5, 0.5]), 3, largest=False).tolist() == [True, True, True, False]
+    assert not select_k_mask(torch.tensor([3.0, 1.0]), 0, largest=False).any()
 
 
 def test_bad_dynamic_settings_are_config_errors():

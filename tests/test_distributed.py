@@ -18,7 +18,7 @@ import yaml
 
 import sparta
 from sparta import distributed
-from sparta.config import load_config
+from sparta.config import load_config, with_overrides
 from sparta.distributed import Distributed, mask_checksum, mask_layer_checksums
 from sparta.errors import ConfigError
 from sparta.experiment import train
@@ -27,19 +27,15 @@ from sparta.rundir import RunDir
 from sparta.sparse.distributions import exact_counts, layer_densities
 from sparta.sparse.select import prunable_parameters
 
+from conftest import TINY as BASE, untimed
+
 ROOT = Path(sparta.__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("ddp_worker.py")
-TIMING = {"epoch_time_s", "eval_time_s", "wall_time_s"}
 
-TINY = {
-    "name": "tiny", "seed": 1, "epochs": 3, "batch_size": 32, "device": "cpu", "progress": "none",
-    # 499 images: the last global batch (19) splits 10 / 9, which the loss weighting must handle
-    "data": {"name": "digits", "val_size": 100, "train_subset": 499, "augment": True},
-    "model": {"name": "small_cnn", "base_width": 8},
-    "optim": {"lr": 0.05, "schedule": "cosine"},
-    "attack": {"name": "pgd", "eps": 0.1, "alpha": 0.03, "steps": 2},
-    "eval": {"eps": 0.1, "alpha": 0.03, "steps": 2, "test_subset": 101, "val_subset": 51, "gap_subset": 64},
-}
+# 499 images: the last global batch (19) splits 10 / 9, which the loss weighting must handle
+TINY = with_overrides(BASE, ["data.train_subset=499", "data.augment=true", "model.base_width=8", "optim.lr=0.05",
+                             "optim.warmup_epochs=0", "attack.steps=2", "eval.steps=2", "eval.test_subset=101",
+                             "eval.val_subset=51", "eval.gap_subset=64"])
 FLYING_BIRD = {"method": {"name": "flying_bird", "density": 0.3, "update_every": 5, "update_every_late": None,
                           "growth": "gradient"}}
 
@@ -64,7 +60,7 @@ def sparta_train(*args):
 
 
 def records(run_dir):
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in RunDir(run_dir).read_metrics()]
+    return untimed(RunDir(run_dir).read_metrics())
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["nchw", "channels_last"])

@@ -401,11 +401,11 @@ def test_cli_bad_paths(tmp_path):
 
 
 def _tiny_run(tmp_path, name, *overrides):
-    from sparta.config import from_dict, with_overrides
     from sparta.experiment import train
-    from test_train import TINY
 
-    return train(from_dict(with_overrides(TINY, [f"out_dir={tmp_path / name}", *overrides])))
+    from conftest import tiny_cfg
+
+    return train(tiny_cfg(tmp_path / name, *overrides))
 
 
 def test_summary_flops_keys_of_tiny_runs(tmp_path):

@@ -6,18 +6,12 @@ import torch
 from torch import nn
 
 from sparta.errors import CheckpointError
-from sparta.sparse.masks import MaskSet
+from sparta.sparse.masks import MaskSet, hamming_distance
 from sparta.sparse.select import prunable_parameters, strip_wrapper_prefixes, unwrap
 
+from conftest import tiny_net
+
 PRUNABLE = ["0.weight", "3.weight", "6.weight"]
-
-
-def tiny_net() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
-    )
 
 
 def hand_masks(model: nn.Module) -> MaskSet:
@@ -78,6 +72,19 @@ def test_distance_is_fraction_of_differing_positions():
     assert b.distance(a.state_dict()) == (162 + 1151) / 1528  # plain dicts work too
     with pytest.raises(ValueError):
         a.distance({"0.weight": a["0.weight"]})
+
+
+def test_hamming_distance_pools_mappings_like_one_flat_mask():
+    a = {"x": torch.tensor([[True, False], [True, True]]), "y": torch.tensor([False, False, True, True, True, True])}
+    b = {"y": torch.tensor([True, False, True, True, True, False]), "x": torch.tensor([[True, True], [True, True]])}
+    assert hamming_distance(a, b) == 3 / 10  # x: 1 differs, y: 2 differ, 10 positions
+    flat = lambda m: torch.cat([m[n].reshape(-1) for n in ("x", "y")])
+    assert hamming_distance(flat(a), flat(b)) == 3 / 10
+    assert hamming_distance({}, {}) == 0.0 and hamming_distance(torch.ones(0), torch.ones(0)) == 0.0
+    with pytest.raises(ValueError, match="different tensors"):
+        hamming_distance(a, {"x": b["x"]})
+    with pytest.raises(ValueError, match="shape"):
+        hamming_distance(a, {**b, "y": torch.ones(2, 3, dtype=torch.bool)})
 
 
 # -- in-place operations --------------------------------------------------------------------------

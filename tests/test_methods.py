@@ -1,24 +1,21 @@
 """Sparse methods end to end on the digits: exact densities, zero pruned weights, exact resume."""
+import functools
+
 import pytest
 import torch
 
-from sparta.config import from_dict, with_overrides
 from sparta.experiment import load_model, prepare_resume, train
 from sparta.rundir import RunDir
 from sparta.sparse.masks import MaskSet
-from test_train import TINY, Crash, crash_after
+
+from conftest import Crash, checkpoint_of, crash_after, tiny_cfg, untimed
 
 FB = ["method.name=flying_bird", "method.density=0.2", "method.update_every=4", "method.update_every_late=6"]
 FBPLUS = ["method.name=flying_bird_plus", "method.density=0.3", "method.update_every=4", "method.update_every_late=4",
           "method.adapt_from_epoch=0", "method.window=2"]
 
 
-def cfg_for(path, *overrides):
-    return from_dict(with_overrides(TINY, [f"out_dir={path}", "epochs=4", *overrides]))
-
-
-def final_checkpoint(cfg):
-    return torch.load(RunDir(cfg.run_dir).last, weights_only=True)
+cfg_for = functools.partial(tiny_cfg, epochs=4)  # TINY writing to a path, 4 epochs unless a test says otherwise
 
 
 @pytest.mark.parametrize("method", [["method.name=static", "method.density=0.2", "method.distribution=erk"], FB,
@@ -26,7 +23,7 @@ def final_checkpoint(cfg):
 def test_density_is_exact_and_pruned_weights_are_zero(tmp_path, method):
     cfg = cfg_for(tmp_path / "run", *method)
     summary = train(cfg)
-    ckpt = final_checkpoint(cfg)
+    ckpt = checkpoint_of(cfg)
     masks = ckpt["masks"]
     total = sum(m.numel() for m in masks.values())
     kept = sum(int(m.sum()) for m in masks.values())
@@ -47,7 +44,7 @@ def test_flying_bird_changes_topology_at_fixed_per_layer_counts(tmp_path):
     train(cfg)
     torch.manual_seed(cfg.seed)
     from sparta.experiment import build_model
-    ckpt = final_checkpoint(cfg)
+    ckpt = checkpoint_of(cfg)
     initial = MaskSet.random(build_model(ckpt["model_spec"]), 0.2, "igq", seed=cfg.seed)
     final = ckpt["masks"]
     assert all(int(final[n].sum()) == c for n, c in initial.counts().items())  # per-layer counts kept
@@ -67,21 +64,19 @@ def test_resume_equals_uninterrupted(tmp_path, method):
     with pytest.raises(Crash):
         train(b, on_epoch=crash_after(2))
     train(prepare_resume(b.run_dir, [], force=False), resume=True)
-    ca, cb = final_checkpoint(a), final_checkpoint(b)
+    ca, cb = checkpoint_of(a), checkpoint_of(b)
     assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])
     assert all(torch.equal(ca["masks"][k], cb["masks"][k]) for k in ca["masks"])
     assert ca["controller"]["topology_updates"] == cb["controller"]["topology_updates"] > 0
     if method is FBPLUS:
         assert ca["controller"]["decisions"] == cb["controller"]["decisions"] != []
-    drop = {"epoch_time_s", "eval_time_s", "wall_time_s"}
-    strip = lambda rs: [{k: v for k, v in r.items() if k not in drop} for r in rs]
-    assert strip(RunDir(a.run_dir).read_metrics()) == strip(RunDir(b.run_dir).read_metrics())
+    assert untimed(RunDir(a.run_dir).read_metrics()) == untimed(RunDir(b.run_dir).read_metrics())
 
 
 def test_flying_bird_plus_logs_decisions_and_moves_density(tmp_path):
     cfg = cfg_for(tmp_path / "run", *FBPLUS, "epochs=5")
     summary = train(cfg)
-    ckpt = final_checkpoint(cfg)
+    ckpt = checkpoint_of(cfg)
     decisions = ckpt["controller"]["decisions"]
     assert decisions, "with adapt_from_epoch=0 and window=2 the rule is active from the 2nd evaluated epoch"
     records = RunDir(cfg.run_dir).read_metrics()
@@ -95,5 +90,5 @@ def test_flying_bird_plus_learns_only_from_evaluated_epochs(tmp_path):
     # eval.every=2: epochs 1 and 3 have no validation numbers; the rule's window holds epochs 2 and 4
     cfg = cfg_for(tmp_path / "run", *FBPLUS, "epochs=4", "eval.every=2")
     train(cfg)
-    history = final_checkpoint(cfg)["controller"]["history"]
+    history = checkpoint_of(cfg)["controller"]["history"]
     assert [h["epoch"] for h in history] == [2, 4]

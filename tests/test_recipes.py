@@ -1,15 +1,17 @@
 """Multi-stage methods end to end on the digits: Robust Bird (unstructured, channel), boosting tickets."""
+import functools
+
 import pytest
 import torch
 
-from sparta.config import from_dict, with_overrides
 from sparta.data import load_dataset
 from sparta.methods import build_recipe
 from sparta.netspec import build_model, model_spec
 from sparta.stages import RunContext
 from sparta.experiment import load_model, prepare_resume, train
 from sparta.rundir import RunDir
-from test_train import TINY
+
+from conftest import Crash, checkpoint_of, crash_after, crash_at_step, tiny_cfg, untimed
 
 RB = ["method.name=robust_bird", "method.density=0.2", "method.max_search_epochs=3", "method.eb_window=2",
       "method.eb_threshold=1.0"]  # threshold 1: the ticket is drawn as soon as two masks exist
@@ -17,23 +19,7 @@ RB_CHANNEL = [*RB, "method.pruning=channel", "model.name=preact_resnet18", "mode
 BOOST = ["method.name=boosting_ticket", "method.density=0.2", "method.finder_epochs=2"]
 
 
-class Crash(Exception):
-    pass
-
-
-def crash_at(stage, epoch):
-    def on_epoch(record):
-        if (record["stage"], record["epoch"]) == (stage, epoch):
-            raise Crash
-    return on_epoch
-
-
-def cfg_for(path, *overrides):
-    return from_dict(with_overrides(TINY, [f"out_dir={path}", "epochs=2", *overrides]))
-
-
-def checkpoint_of(cfg, which="last"):
-    return torch.load(getattr(RunDir(cfg.run_dir), which), weights_only=True)
+cfg_for = functools.partial(tiny_cfg, epochs=2)  # TINY writing to a path, 2 epochs unless a test says otherwise
 
 
 def exact_density(masks):
@@ -123,7 +109,7 @@ def test_robust_bird_bn_l1_defaults(tmp_path, pruning, expected):
         assert controller.bn_l1 == want
 
 
-def test_robust_bird_step_search_resumes_mid_epoch(tmp_path, monkeypatch):
+def test_robust_bird_step_search_resumes_mid_epoch(tmp_path):
     """Channel search with the L1 penalty and masks every 3 steps (16 steps an epoch), no ticket before
     epoch 2: found at step 18; a crash at step 23 resumes from the step-20 checkpoint, after the
     ticket was found but before its epoch ended, and finishes that epoch as the uninterrupted run."""
@@ -131,23 +117,12 @@ def test_robust_bird_step_search_resumes_mid_epoch(tmp_path, monkeypatch):
               "checkpoint.every_steps=5", "epochs=1"]
     a = cfg_for(tmp_path / "a", *method)
     sa = train(a)
-    import sparta.train as loop
-
-    real_step = loop.train_step
-
-    def crashing(*args, step, **kwargs):
-        if step == 23:
-            raise Crash
-        return real_step(*args, step=step, **kwargs)
-
     b = cfg_for(tmp_path / "b", *method)
-    monkeypatch.setattr(loop, "train_step", crashing)
-    with pytest.raises(Crash):
+    with crash_at_step(23):
         train(b)
     saved = checkpoint_of(b)
     assert saved["stage"] == "search" and saved["step"] == 20 and saved["controller"]["steps"] == 20
     assert saved["controller"]["detector"]["found"] and saved["controller"]["eb_epoch"] is None
-    monkeypatch.setattr(loop, "train_step", real_step)
     sb = train(prepare_resume(b.run_dir, [], force=False), resume=True)
     ca, cb = checkpoint_of(a), checkpoint_of(b)
     assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])
@@ -185,7 +160,7 @@ def test_boosting_rewinds_survivors_to_the_initialisation(tmp_path):
     """After the finder, the ticket's surviving weights equal the saved initial weights bit for bit."""
     cfg = cfg_for(tmp_path / "run", *BOOST)
     with pytest.raises(Crash):
-        train(cfg, on_epoch=crash_at("train", 1))
+        train(cfg, on_epoch=crash_after(1, stage="train"))
     ckpt = checkpoint_of(cfg)
     initial = ckpt["run"]["carry"]["initial"]
     # rebuild the moment right after the transition: resume would redo epoch 1 of "train"; instead
@@ -204,15 +179,14 @@ def test_multi_stage_resume_equals_uninterrupted(tmp_path, method, crash):
     a = cfg_for(tmp_path / "a", *method)
     sa = train(a)
     b = cfg_for(tmp_path / "b", *method)
+    stage, epoch = crash
     with pytest.raises(Crash):
-        train(b, on_epoch=crash_at(*crash))
+        train(b, on_epoch=crash_after(epoch, stage=stage))
     sb = train(prepare_resume(b.run_dir, [], force=False), resume=True)
     ca, cb = checkpoint_of(a), checkpoint_of(b)
     assert ca["model"].keys() == cb["model"].keys()
     assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])
     assert all(torch.equal(ca["masks"][k], cb["masks"][k]) for k in ca["masks"])
-    drop = {"epoch_time_s", "eval_time_s", "wall_time_s"}
-    strip = lambda rs: [{k: v for k, v in r.items() if k not in drop} for r in rs]
-    assert strip(RunDir(a.run_dir).read_metrics()) == strip(RunDir(b.run_dir).read_metrics())
+    assert untimed(RunDir(a.run_dir).read_metrics()) == untimed(RunDir(b.run_dir).read_metrics())
     for key in ("ra_final", "sa_final", "train_flops", "eb_epoch", "best_epoch"):
         assert sa.get(key) == sb.get(key), key

@@ -18,20 +18,19 @@ import torch
 
 from sparta import checkpoint
 from sparta.cli import main
-from sparta.config import from_dict, with_overrides
+from sparta.config import with_overrides
 from sparta.errors import DivergedError, Interrupted
 from sparta.experiment import prepare_resume, train
 from sparta.rundir import RunDir
 from sparta.signals import StopRequests
 
+from conftest import TINY as BASE, TINY_ARGS, crash_at_step, tiny_cfg, untimed
+
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "configs" / "demo.yaml")
 # 16 steps an epoch, 2 epochs; a checkpoint after every step so a kill can land anywhere
-ARGS = ["epochs=2", "batch_size=32", "data.train_subset=512", "data.val_size=64", "model.name=small_cnn",
-        "model.base_width=8", "attack.steps=3", "eval.steps=2", "eval.test_subset=64", "eval.gap_subset=64", "progress=none",
-        "checkpoint.every_steps=1"]
+ARGS = [*TINY_ARGS, "epochs=2", "data.train_subset=512", "attack.steps=3", "eval.gap_subset=64", "checkpoint.every_steps=1"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-TIMES = {"epoch_time_s", "eval_time_s", "wall_time_s"}
 
 
 def sparta(*argv: str) -> subprocess.Popen:
@@ -61,10 +60,6 @@ def wait_for_step(proc: subprocess.Popen, run: Path, step: int) -> None:
         time.sleep(0.01)
 
 
-def strip(records):
-    return [{k: v for k, v in r.items() if k not in TIMES} for r in records]
-
-
 def assert_same_run(a: Path, b: Path) -> None:
     """Bit-identical final weights and optimizer state, identical metrics and summary numbers."""
     sa, sb = (torch.load(RunDir(p).last, weights_only=True) for p in (a, b))
@@ -72,7 +67,7 @@ def assert_same_run(a: Path, b: Path) -> None:
     assert all(torch.equal(sa["model"][k], sb["model"][k]) for k in sa["model"])
     ma, mb = sa["optimizer"]["state"], sb["optimizer"]["state"]
     assert all(torch.equal(ma[i]["momentum_buffer"], mb[i]["momentum_buffer"]) for i in ma)
-    assert strip(RunDir(a).read_metrics()) == strip(RunDir(b).read_metrics())
+    assert untimed(RunDir(a).read_metrics()) == untimed(RunDir(b).read_metrics())
     ja, jb = (json.loads(RunDir(p).summary.read_text()) for p in (a, b))
     for key in ("sa_best", "ra_best", "sa_final", "ra_final", "best_epoch", "steps", "robust_gap", "train_flops"):
         assert ja[key] == jb[key], key
@@ -142,14 +137,10 @@ def test_a_signal_after_the_boundary_decision_is_honoured_at_the_next_boundary()
 
 # ------------------------------------------------------------------ in-process: mid-epoch resume per method
 
-TINY = {
-    "name": "tiny", "seed": 3, "epochs": 2, "batch_size": 32, "device": "cpu", "progress": "none",
-    "data": {"name": "digits", "val_size": 100, "train_subset": 384, "augment": True},
-    "model": {"name": "small_cnn", "base_width": 8},
-    "attack": {"name": "pgd", "eps": 0.1, "alpha": 0.03, "steps": 2},
-    "eval": {"eps": 0.1, "alpha": 0.03, "steps": 2, "test_subset": 64, "gap_subset": 64},
-    "checkpoint": {"every_steps": 5},
-}
+# 12 steps an epoch (384 images), 2 epochs, a checkpoint every 5 steps; lr 0.1 without decay
+TINY = with_overrides(BASE, ["seed=3", "epochs=2", "data.train_subset=384", "data.augment=true", "model.base_width=8",
+                             "optim.schedule=multistep", "optim.warmup_epochs=0", "attack.steps=2", "eval.steps=2",
+                             "eval.test_subset=64", "eval.gap_subset=64", "checkpoint.every_steps=5"])
 ROBUST_BIRD = ["method.name=robust_bird", "method.density=0.3", "method.max_search_epochs=2",
                "model.name=preact_resnet18", "model.base_width=4"]
 METHODS = {
@@ -162,31 +153,15 @@ METHODS = {
 }
 
 
-class Crash(Exception):
-    pass
-
-
 @pytest.mark.parametrize("method", list(METHODS))
-def test_crash_mid_epoch_resumes_from_the_step_checkpoint(tmp_path, monkeypatch, method):
+def test_crash_mid_epoch_resumes_from_the_step_checkpoint(tmp_path, method):
     """12 steps an epoch, a checkpoint every 5 steps: a crash at step 18 resumes from step 15, in
     the middle of epoch 2 (of the search stage, for Robust Bird)."""
-    cfg = lambda d: from_dict(with_overrides(TINY, [f"out_dir={tmp_path / d}", *METHODS[method]]))
-    train(cfg("a"))
-    import sparta.train as loop
-
-    real_step = loop.train_step
-
-    def crashing(*args, step, **kwargs):
-        if step == 18:
-            raise Crash
-        return real_step(*args, step=step, **kwargs)
-
-    monkeypatch.setattr(loop, "train_step", crashing)
-    with pytest.raises(Crash):
-        train(cfg("b"))
+    train(tiny_cfg(tmp_path / "a", *METHODS[method], base=TINY))
+    with crash_at_step(18):
+        train(tiny_cfg(tmp_path / "b", *METHODS[method], base=TINY))
     state = torch.load(RunDir(tmp_path / "b").last, weights_only=True)
     assert state["step"] == 15 and state["train_state"]["batch"] == 3  # mid-epoch
-    monkeypatch.setattr(loop, "train_step", real_step)
     torn = tmp_path / "b" / "checkpoints" / ".last.pt.k1ll3d.tmp"  # as a kill during a write leaves it
     torn.write_bytes(b"half a checkpoint")
     train(prepare_resume(tmp_path / "b", [], force=False), resume=True)
@@ -212,7 +187,7 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint
 
 
 def test_nonfinite_loss_is_caught_without_step_checkpoints(tmp_path):
-    cfg = from_dict(with_overrides(TINY, [f"out_dir={tmp_path / 'r'}", "optim.lr=1e30", "checkpoint.every_steps=null"]))
+    cfg = tiny_cfg(tmp_path / "r", "optim.lr=1e30", "checkpoint.every_steps=null", base=TINY)
     with pytest.raises(DivergedError, match=r"at step \d+ \(epoch 1\)"):
         train(cfg)
     assert not RunDir(cfg.run_dir).last.exists()  # nothing non-finite was ever written

@@ -16,7 +16,9 @@ from sparta.sparse.tickets import (
     reinit_,
     rewind_,
     rewind_model_,
+    select_k_mask,
     top_k_mask,
+    zero_pruned_,
 )
 
 
@@ -53,6 +55,24 @@ def test_ties_broken_by_lowest_global_index():
     assert masks["a"].tolist() == [True, True, True] and masks["b"].tolist() == [[True, False], [False, False]]
     keep = top_k_mask(torch.tensor([2.0, 1.0, 1.0, 3.0, 1.0]), 3)  # 3, 2, then the first 1
     assert keep.tolist() == [True, True, False, True, False]
+
+
+@pytest.mark.parametrize("largest", [True, False])
+def test_select_k_mask_is_a_stable_sort_prefix(largest):
+    """Against the definition: the first k of a stable sort (ties in index order), on heavily tied
+    scores with +-inf (Flying Bird's "may not be chosen") and signed zeros, for every k."""
+    g = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        scores = torch.randint(-3, 4, (int(torch.randint(1, 30, (1,), generator=g)),), generator=g).float()
+        scores[torch.rand(scores.numel(), generator=g) < 0.15] = float("inf") if trial % 2 else float("-inf")
+        scores[scores == 0] = torch.where(torch.rand(int((scores == 0).sum()), generator=g) < 0.5, -0.0, 0.0)
+        order = torch.sort(scores, stable=True, descending=largest).indices
+        for k in range(scores.numel() + 1):
+            expected = torch.zeros(scores.numel(), dtype=torch.bool)
+            expected[order[:k]] = True
+            assert torch.equal(select_k_mask(scores, k, largest=largest), expected), (scores, k)
+    assert top_k_mask(torch.tensor([2.0, 1.0, 1.0, 3.0, 1.0]), 3).tolist() == \
+        select_k_mask(-torch.tensor([2.0, 1.0, 1.0, 3.0, 1.0]), 3, largest=False).tolist()
 
 
 @pytest.mark.parametrize("density", [0.0, 0.05, 0.2, 0.5, 1.0])
@@ -145,6 +165,21 @@ def test_rewind_restores_initial_bit_for_bit():
     for name, p in params.items():
         expected = torch.where(masks[name], initial[name], torch.zeros(()))
         assert torch.equal(p.detach(), expected)
+
+
+def test_zero_pruned_writes_positive_zeros_where_apply_multiplies():
+    """The two mask applications differ only in the sign of pruned zeros: the ticket functions
+    write +0.0 (masked_fill), MaskSet.apply_ multiplies (-0.0 for a pruned negative weight)."""
+    w = torch.tensor([[-2.0, 3.0], [-0.5, 1.5]])
+    mask = torch.tensor([[False, True], [False, False]])
+    filled, multiplied = w.clone(), nn.Parameter(w.clone())
+    zero_pruned_({"w": filled}, {"w": mask})
+    MaskSet({"w": multiplied}, {"w": mask}).apply_()
+    assert filled.tolist() == multiplied.tolist() == [[0.0, 3.0], [0.0, 0.0]]
+    assert torch.signbit(filled).tolist() == [[False, False], [False, False]]
+    assert torch.signbit(multiplied.detach()).tolist() == [[True, False], [True, False]]
+    with pytest.raises(ValueError, match="does not have"):
+        zero_pruned_({"w": filled}, {"v": mask})
 
 
 def test_rewind_model_accepts_wrapper_prefixes():

@@ -6,24 +6,11 @@ import pytest
 import torch
 
 from sparta import checkpoint
-from sparta.config import from_dict, with_overrides
 from sparta.errors import CheckpointError, ConfigError
 from sparta.experiment import load_model, prepare_resume, train
 from sparta.rundir import RunDir
 
-TINY = {
-    "name": "tiny", "seed": 1, "epochs": 3, "batch_size": 32, "device": "cpu", "progress": "none",
-    "data": {"name": "digits", "val_size": 100, "train_subset": 512, "augment": False},
-    "model": {"name": "small_cnn", "base_width": 16},
-    "optim": {"lr": 0.1, "schedule": "cosine", "warmup_epochs": 0.5},
-    "attack": {"name": "pgd", "eps": 0.1, "alpha": 0.03, "steps": 3},
-    "eval": {"eps": 0.1, "alpha": 0.03, "steps": 5, "test_subset": 200},
-}
-
-
-def cfg_for(tmp_path, *overrides):
-    return from_dict(with_overrides(TINY, [f"out_dir={tmp_path / 'run'}", *overrides]))
-
+from conftest import Crash, crash_after, tiny_cfg, untimed
 
 RECORD_KEYS = {"stage", "epoch", "step", "lr", "train_loss", "train_robust_acc", "val_clean_acc", "val_robust_acc",
                "val_robust_loss", "test_clean_acc", "test_robust_acc", "density", "epoch_time_s"}
@@ -31,7 +18,7 @@ SUMMARY_KEYS = {"sa_best", "ra_best", "sa_final", "ra_final", "robust_overfittin
 
 
 def test_run_directory_contract_and_learning(tmp_path):
-    cfg = cfg_for(tmp_path, "epochs=4")
+    cfg = tiny_cfg(tmp_path / "run", "epochs=4")
     summary = train(cfg)
     rd = RunDir(cfg.run_dir)
     records = rd.read_metrics()
@@ -53,23 +40,12 @@ def test_run_directory_contract_and_learning(tmp_path):
     assert all(torch.equal(v, ref[k]) for k, v in model.state_dict().items())
 
 
-class Crash(Exception):
-    pass
-
-
-def crash_after(epoch):
-    def on_epoch(record):
-        if record["epoch"] == epoch:
-            raise Crash
-    return on_epoch
-
-
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_resume_equals_uninterrupted(tmp_path, precision):
-    full = train(cfg_for(tmp_path / "a", f"train.precision={precision}"))
+    full = train(tiny_cfg(tmp_path / "a" / "run", f"train.precision={precision}"))
     assert full["train_precision"] == precision
     # the same run dies after its epoch-2 checkpoint, then is resumed from last.pt
-    part = cfg_for(tmp_path / "b", f"train.precision={precision}")
+    part = tiny_cfg(tmp_path / "b" / "run", f"train.precision={precision}")
     with pytest.raises(Crash):
         train(part, on_epoch=crash_after(2))
     resumed = train(prepare_resume(part.run_dir, [], force=False), resume=True)
@@ -77,15 +53,13 @@ def test_resume_equals_uninterrupted(tmp_path, precision):
     b = torch.load(RunDir(tmp_path / "b" / "run").last, weights_only=True)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     ma, mb = RunDir(tmp_path / "a" / "run").read_metrics(), RunDir(tmp_path / "b" / "run").read_metrics()
-    drop = {"epoch_time_s", "eval_time_s", "wall_time_s"}
-    strip = lambda rs: [{k: v for k, v in r.items() if k not in drop} for r in rs]
-    assert strip(ma) == strip(mb)
+    assert untimed(ma) == untimed(mb)
     for key in ("sa_best", "ra_best", "sa_final", "ra_final", "best_epoch", "steps"):
         assert full[key] == resumed[key]
 
 
 def test_resume_drops_metrics_written_after_the_checkpoint(tmp_path):
-    cfg = cfg_for(tmp_path)
+    cfg = tiny_cfg(tmp_path / "run")
     with pytest.raises(Crash):
         train(cfg, on_epoch=crash_after(2))
     rd = RunDir(cfg.run_dir)
@@ -96,7 +70,7 @@ def test_resume_drops_metrics_written_after_the_checkpoint(tmp_path):
 
 
 def test_resume_refuses_changed_config_and_non_runs(tmp_path):
-    cfg = cfg_for(tmp_path, "epochs=1")
+    cfg = tiny_cfg(tmp_path / "run", "epochs=1")
     train(cfg)
     with pytest.raises(ConfigError, match="optim.lr"):
         prepare_resume(cfg.run_dir, ["optim.lr=0.2"], force=False)
@@ -109,7 +83,7 @@ def test_resume_refuses_changed_config_and_non_runs(tmp_path):
 def test_trades_and_fgsm_and_clean_objectives_run(tmp_path):
     for i, extra in enumerate([["objective.name=trades"], ["attack.name=fgsm", "attack.random_start=true", "attack.alpha=0.125"],
                                ["attack.name=none", "attack.bn_mode=eval"]]):
-        s = train(cfg_for(tmp_path / str(i), "epochs=1", *extra))
+        s = train(tiny_cfg(tmp_path / str(i) / "run", "epochs=1", *extra))
         assert 0.0 <= s["ra_final"] <= s["sa_final"] + 100.0
 
 
@@ -125,7 +99,7 @@ def test_tensorboard_logging_writes_every_record(tmp_path):
     pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    cfg = cfg_for(tmp_path, "epochs=2", "logging.tensorboard=true")
+    cfg = tiny_cfg(tmp_path / "run", "epochs=2", "logging.tensorboard=true")
     train(cfg)
     events = EventAccumulator(str(cfg.run_dir / "tensorboard"))
     events.Reload()
@@ -137,7 +111,7 @@ def test_tensorboard_logging_writes_every_record(tmp_path):
 
 def test_precision_is_recorded_and_auto_is_decided_once_per_run(tmp_path, monkeypatch):
     monkeypatch.setattr("sparta.precision.fast_bf16", lambda device: (True, "test: fast"))
-    cfg = cfg_for(tmp_path, "train.precision=auto", "eval.precision=bf16")
+    cfg = tiny_cfg(tmp_path / "run", "train.precision=auto", "eval.precision=bf16")
     with pytest.raises(Crash):
         train(cfg, on_epoch=crash_after(1))
     monkeypatch.setattr("sparta.precision.fast_bf16", lambda device: (False, "test: slow"))
@@ -145,13 +119,13 @@ def test_precision_is_recorded_and_auto_is_decided_once_per_run(tmp_path, monkey
     assert summary["train_precision"] == "bf16" and summary["train_precision_rule"] == "auto: test: fast"
     assert summary["eval_protocol"]["precision"] == "bf16" and "this run: bf16" in summary["flops_convention"]
     assert torch.load(RunDir(cfg.run_dir).last, weights_only=True)["precision"]["name"] == "bf16"
-    fresh = train(cfg_for(tmp_path / "fresh", "train.precision=auto", "epochs=1"))
+    fresh = train(tiny_cfg(tmp_path / "fresh" / "run", "train.precision=auto", "epochs=1"))
     assert fresh["train_precision"] == "fp32" and fresh["eval_protocol"]["precision"] == "fp32"
 
 
 def test_fp16_without_cuda_is_one_config_error_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match="train.precision=fp16 needs CUDA"):
-        train(cfg_for(tmp_path, "train.precision=fp16"))
+        train(tiny_cfg(tmp_path / "run", "train.precision=fp16"))
     assert not (tmp_path / "run").exists()
 
 
@@ -169,8 +143,8 @@ def test_channels_last_trains_every_conv_weight_in_nhwc(tmp_path, monkeypatch):
         return real_step(model, *args, **kwargs)
 
     monkeypatch.setattr(loop, "train_step", recording)
-    train(cfg_for(tmp_path, "epochs=1", "train.channels_last=true", "method.name=flying_bird", "method.density=0.3",
-                  "method.update_every=4"))
+    train(tiny_cfg(tmp_path / "run", "epochs=1", "train.channels_last=true", "method.name=flying_bird",
+                   "method.density=0.3", "method.update_every=4"))
     assert layouts == [(True, 2)] * 16  # 512 images / 32 per step
 
 
@@ -180,7 +154,7 @@ def test_channels_last_refuses_the_narrow_strided_1x1_layer_that_crashed_onednn(
     narrow = ["model.name=preact_resnet18", "model.base_width=4", "train.channels_last=true"]
     with pytest.raises(ConfigError, match=r"body\.layer2\.0\.shortcut \(and 1 more\) is a strided 1x1 convolution with 4 input "
                                           r"channels.*base_width.*train\.channels_last=false"):
-        train(cfg_for(tmp_path, *narrow))
+        train(tiny_cfg(tmp_path / "run", *narrow))
     assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
@@ -213,8 +187,8 @@ def test_a_stage_whose_network_became_too_narrow_for_nhwc_trains_nchw_with_a_war
 
     monkeypatch.setattr(loop, "train_step", recording)
     with pytest.warns(UserWarning, match="too narrow; stage train trains in the default layout"):
-        train(cfg_for(tmp_path, "epochs=1", "train.channels_last=true", "method.name=robust_bird", "method.density=0.5",
-                      "method.max_search_epochs=1", "data.train_subset=128"))
+        train(tiny_cfg(tmp_path / "run", "epochs=1", "train.channels_last=true", "method.name=robust_bird",
+                       "method.density=0.5", "method.max_search_epochs=1", "data.train_subset=128"))
     assert layouts == [False] * 4 + [True] * 4  # search NHWC, the ticket's training NCHW
 
 
@@ -238,8 +212,8 @@ def test_channels_last_at_the_threshold_trains_on_the_avx2_kernels_that_crashed(
 
 
 def compiled_sparse_run(tmp_path):
-    cfg = cfg_for(tmp_path, "epochs=2", "train.compile=true", "train.precision=bf16", "method.name=flying_bird",
-                  "method.density=0.5", "method.update_every=4")
+    cfg = tiny_cfg(tmp_path / "run", "epochs=2", "train.compile=true", "train.precision=bf16",
+                   "method.name=flying_bird", "method.density=0.5", "method.update_every=4")
     summary = train(cfg)
     state = torch.load(RunDir(cfg.run_dir).last, weights_only=True)
     assert not any("_orig_mod" in k for k in [*state["model"], *state["masks"]])

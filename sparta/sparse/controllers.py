@@ -32,6 +32,7 @@ from torch import nn
 from ..errors import ConfigError
 from .masks import MaskSet
 from .select import unwrap
+from .tickets import select_k_mask
 
 
 class SparsityController(Protocol):
@@ -149,20 +150,6 @@ def random_static(
 def _ceil(x: float) -> int:
     """ceil that ignores float noise, e.g. 0.1 * 3 * 10 = 3.0000000000000004 counts as 3."""
     return math.ceil(round(x, 9))
-
-
-def _smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Bool mask over the 1-D ``scores`` (n,) marking exactly its ``k`` smallest entries.
-
-    ``kthvalue`` is a linear-time selection (no full sort). Entries tied with the k-th value are taken
-    lowest flat index first, so the choice is deterministic on every device. No host sync.
-    """
-    if k == 0:
-        return torch.zeros_like(scores, dtype=torch.bool)
-    kth = scores.kthvalue(k).values  # () tensor
-    below = scores < kth
-    tied = scores == kth
-    return below | (tied & (tied.cumsum(0) <= k - below.sum()))
 
 
 GROWTH_MODES = ("random", "gradient")
@@ -309,7 +296,8 @@ class DynamicSparse(Static):
             if n_drop + n_drop_extra == 0 and n_grow == 0:
                 continue
             # (numel,) scores; positions that may not be chosen get +inf
-            drop = _smallest(weight.abs().reshape(-1).masked_fill(~active, math.inf), n_drop + n_drop_extra)
+            drop = select_k_mask(weight.abs().reshape(-1).masked_fill(~active, math.inf), n_drop + n_drop_extra,
+                                 largest=False)
             # (numel,) bool, growth among the positions inactive after the drop ("authors") or before it
             grow = self._grow_positions(weight, active & ~drop if authors else active, n_grow)
             active.masked_fill_(drop, False).masked_fill_(grow, True)
@@ -339,7 +327,7 @@ class DynamicSparse(Static):
         # RigL: largest |dense gradient|; p.grad still holds this batch's unmasked gradient here
         grad = weight.grad
         magnitude = torch.zeros_like(weight).reshape(-1) if grad is None else grad.abs().reshape(-1)
-        return _smallest((-magnitude).masked_fill(active, math.inf), n_grow)
+        return select_k_mask((-magnitude).masked_fill(active, math.inf), n_grow, largest=False)
 
     # -- logging and checkpoints -------------------------------------------------------------------
     def epoch_log(self) -> dict[str, Any]:

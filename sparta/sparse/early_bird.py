@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from ..errors import CheckpointError, ConfigError
 from .channels import bn_channel_masks
+from .masks import hamming_distance
 from .select import prunable_parameters, unwrap
 from .tickets import global_magnitude_masks
 
@@ -49,13 +50,6 @@ def _flatten(mask: Tensor | Mapping[str, Tensor]) -> Tensor:
             raise ValueError("empty mask mapping")
         return torch.cat([mask[name].detach().reshape(-1).to("cpu", torch.bool) for name in sorted(mask)])
     return mask.detach().reshape(-1).to("cpu", torch.bool)
-
-
-def hamming_distance(a: Tensor, b: Tensor) -> float:
-    """Fraction of positions where two equally sized bool masks differ."""
-    if a.numel() != b.numel():
-        raise ValueError(f"masks of different sizes: {a.numel()} vs {b.numel()}")
-    return int((a != b).count_nonzero()) / a.numel() if a.numel() else 0.0
 
 
 class EarlyBirdDetector:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Iterator, Mapping, Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..errors import CheckpointError
 from .distributions import exact_counts, layer_densities, random_masks
@@ -21,6 +21,30 @@ from .select import prunable_parameters
 # Optimizer state tensors shaped like their parameter (SGD ``momentum_buffer``, Adam/AdamW ``exp_avg``,
 # ``exp_avg_sq``, ``max_exp_avg_sq``; also RMSprop/Adagrad accumulators) are zeroed where a weight is
 # pruned, so a pruned weight with zero gradient gets a zero update. Scalars such as ``step`` are left.
+
+
+def hamming_distance(a: Tensor | Mapping[str, Tensor], b: Tensor | Mapping[str, Tensor]) -> float:
+    """Normalised Hamming distance: the fraction of positions where two bool masks differ.
+
+    ``a`` and ``b`` are two tensors with the same number of elements (compared flat), or two
+    ``{name: tensor}`` mappings with the same names and shapes (compared name by name, each on the
+    device of ``a``'s tensor, and pooled over all positions). 0.0 when there are no positions.
+    Early-bird detection and ``MaskSet.distance`` both use it.
+    """
+    if isinstance(a, Mapping):
+        if set(a) != set(b):
+            raise ValueError(f"masks name different tensors: {sorted(set(a) ^ set(b))}")
+        pairs = [(a[name], b[name]) for name in a]
+        for name, (x, y) in zip(a, pairs):
+            if tuple(x.shape) != tuple(y.shape):
+                raise ValueError(f"mask {name}: shape {tuple(y.shape)} != {tuple(x.shape)}")
+    else:
+        if a.numel() != b.numel():
+            raise ValueError(f"masks of different sizes: {a.numel()} vs {b.numel()}")
+        pairs = [(a.reshape(-1), b.reshape(-1))]
+    total = sum(x.numel() for x, _ in pairs)
+    differ = sum(int((x != y.to(x.device)).count_nonzero()) for x, y in pairs)  # one host sync per tensor
+    return differ / total if total else 0.0
 
 
 class MaskSet:
@@ -98,7 +122,13 @@ class MaskSet:
 
     @torch.no_grad()
     def apply_(self) -> None:
-        """weights *= masks, in place (one fused multiply)."""
+        """weights *= masks, in place (one fused multiply).
+
+        Not ``tickets.zero_pruned_`` (``masked_fill``), on purpose: a multiply leaves -0.0 where a
+        negative weight is pruned (and NaN where an inf / NaN one is), ``masked_fill`` +0.0. Both
+        are zero to every comparison, but every sparse checkpoint saved so far holds this
+        multiply's bits, and the hot path needs one fused kernel with cached masks.
+        """
         torch._foreach_mul_(self._param_list, self._float_masks())
 
     @torch.no_grad()
@@ -152,9 +182,7 @@ class MaskSet:
         """Normalised Hamming distance: fraction of positions (over all masked parameters) that differ."""
         other_masks = other.masks if isinstance(other, MaskSet) else other
         self._check_same_layout(other_masks, ValueError)
-        differ = sum(int((m != other_masks[name].to(m.device)).count_nonzero()) for name, m in self.masks.items())
-        total = sum(self.numels().values())
-        return differ / total if total else 0.0
+        return hamming_distance(self.masks, other_masks)
 
     # -- checkpointing -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -30,27 +30,33 @@ def _check_density(density: float) -> float:
     return float(density)
 
 
-def top_k_mask(scores: Tensor, k: int) -> Tensor:
-    """(N,) bool: the ``k`` largest of the 1-D ``scores``, ties broken by the lowest index.
+def select_k_mask(scores: Tensor, k: int, *, largest: bool) -> Tensor:
+    """(N,) bool marking exactly ``k`` entries of the 1-D ``scores``: the largest (``largest=True``) or
+    the smallest. Entries tied with the k-th value are taken lowest index first, so the choice is
+    deterministic on every device.
 
-    O(N): the k-th largest value is the threshold; everything above it is kept, and the remaining
-    slots go to the lowest-index entries equal to it.
+    The one top-k selection of sparta: tickets, channel masks, early-bird masks and Flying Bird's
+    drop / RigL growth all call it. ``kthvalue`` is a linear-time selection (no full sort), and
+    nothing here waits for the device (no host sync), so the caller checks ``0 <= k <= N``; scores
+    of +inf / -inf are fine (Flying Bird marks positions that may not be chosen with them).
     """
+    if k == 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    kth = scores.kthvalue(scores.numel() - k + 1 if largest else k).values  # () the k-th largest / smallest
+    inside = scores > kth if largest else scores < kth  # strictly among the k
+    tied = scores == kth
+    return inside | (tied & (tied.cumsum(0) <= k - inside.sum()))
+
+
+def top_k_mask(scores: Tensor, k: int) -> Tensor:
+    """(N,) bool: the ``k`` largest of the 1-D ``scores``, ties broken by the lowest index
+    (``select_k_mask`` after checking ``k`` and that no score is NaN)."""
     n = scores.numel()
     if not 0 <= k <= n:
         raise ValueError(f"cannot keep {k} of {n} entries")
     if bool(torch.isnan(scores).any()):
         raise ValueError("scores contain NaN (did training diverge?)")
-    if k == 0:
-        return torch.zeros(n, dtype=torch.bool, device=scores.device)
-    if k == n:
-        return torch.ones(n, dtype=torch.bool, device=scores.device)
-    threshold = torch.kthvalue(scores, n - k + 1).values  # the k-th largest value
-    keep = scores > threshold
-    missing = k - int(keep.count_nonzero())  # >= 1: the threshold itself is one of the k largest
-    ties = (scores == threshold).nonzero().squeeze(1)[:missing]  # lowest indices first
-    keep[ties] = True
-    return keep
+    return select_k_mask(scores, k, largest=True)
 
 
 def _global_top(scores: Mapping[str, Tensor], density: float, shapes: Mapping[str, torch.Size]) -> dict[str, Tensor]:
@@ -113,6 +119,21 @@ def iterative_densities(density: float, rounds: int) -> list[float]:
 
 
 @torch.no_grad()
+def zero_pruned_(params: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> None:
+    """In place: ``params[name] = +0.0`` where ``masks[name]`` (bool, parameter-shaped, any device)
+    is False; kept positions and parameters without a mask are not touched.
+
+    The mask application of ``rewind_``, ``rewind_model_`` and ``reinit_``. ``MaskSet.apply_`` (the
+    training hot path) multiplies instead; its docstring says why the two stay apart.
+    """
+    unknown = sorted(set(masks) - set(params))
+    if unknown:
+        raise ValueError(f"masks name parameters the model does not have: {unknown[:5]}")
+    for name, mask in masks.items():
+        params[name].masked_fill_(~mask.to(params[name].device, torch.bool), 0.0)
+
+
+@torch.no_grad()
 def rewind_(params: Mapping[str, Tensor], initial: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> None:
     """In place: ``params[name] = initial[name]`` where ``masks[name]`` keeps, exactly 0 elsewhere.
 
@@ -127,20 +148,8 @@ def rewind_(params: Mapping[str, Tensor], initial: Mapping[str, Tensor], masks: 
         saved = initial[name].to(device=p.device, dtype=p.dtype)
         if saved.shape != p.shape:
             raise ValueError(f"{name}: initial shape {tuple(saved.shape)} != parameter {tuple(p.shape)}")
-        if name in masks:
-            zero = torch.zeros((), dtype=p.dtype, device=p.device)
-            saved = torch.where(masks[name].to(p.device, torch.bool), saved, zero)
         p.copy_(saved)
-
-
-def _apply_masks_(model: nn.Module, masks: Mapping[str, Tensor]) -> None:
-    params = dict(model.named_parameters())
-    unknown = sorted(set(masks) - set(params))
-    if unknown:
-        raise ValueError(f"masks name parameters the model does not have: {unknown[:5]}")
-    with torch.no_grad():
-        for name, mask in masks.items():
-            params[name].masked_fill_(~mask.to(params[name].device, torch.bool), 0.0)
+    zero_pruned_(params, masks)
 
 
 def rewind_model_(model: nn.Module, initial_state_dict: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> None:
@@ -153,7 +162,7 @@ def rewind_model_(model: nn.Module, initial_state_dict: Mapping[str, Tensor], ma
     bare = unwrap(model)
     state = {strip_wrapper_prefixes(k): v for k, v in initial_state_dict.items()}
     bare.load_state_dict(state, strict=True)
-    _apply_masks_(bare, dict(masks.items()))
+    zero_pruned_(dict(bare.named_parameters()), dict(masks.items()))
 
 
 def reinit_(model: nn.Module, masks: Mapping[str, Tensor], seed: int) -> None:
@@ -173,4 +182,4 @@ def reinit_(model: nn.Module, masks: Mapping[str, Tensor], seed: int) -> None:
             reset = getattr(module, "reset_parameters", None)
             if callable(reset):
                 reset()
-    _apply_masks_(bare, dict(masks.items()))
+    zero_pruned_(dict(bare.named_parameters()), dict(masks.items()))
