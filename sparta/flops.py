@@ -597,12 +597,3 @@ def format_report(r: dict[str, Any]) -> str:
     if r.get("note"):
         lines.append(f"note: {r['note']}")
     return "\n".join(lines)
-
-
-def __getattr__(name: str):
-    """``add_cli_arguments`` / ``cli_main`` of ``sparta flops`` live in ``sparta.cli``; importable from here."""
-    if name in ("add_cli_arguments", "cli_main"):
-        from . import cli
-
-        return getattr(cli, {"add_cli_arguments": "add_flops_arguments", "cli_main": "cmd_flops"}[name])
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -397,12 +397,3 @@ def write_report(paths: Sequence[str | Path], out: str | Path, *, target_ra: flo
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(report.path, "\n".join(lines))
     return report
-
-
-def __getattr__(name: str):
-    """``add_cli_arguments`` / ``cli_main`` of ``sparta report`` live in ``sparta.cli``; importable from here."""
-    if name in ("add_cli_arguments", "cli_main"):
-        from . import cli
-
-        return getattr(cli, {"add_cli_arguments": "add_report_arguments", "cli_main": "cmd_report"}[name])
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -405,12 +405,3 @@ def _preamble(profile: str, dataset: str, planned: list[PlannedRun], found: list
     lines += [f"- {C.LABELS.get(r.role, r.role)}{f' (seed {r.seed})' if seeds > 1 else ''}: "
               f"`sparta {shlex.join(r.command(nproc))}`" for r in planned]
     return "\n".join(lines) + "\n"
-
-
-def __getattr__(name: str):
-    """``add_cli_arguments`` / ``cli_main`` of ``sparta reproduce`` live in ``sparta.cli``; importable from here."""
-    if name in ("add_cli_arguments", "cli_main"):
-        from . import cli
-
-        return getattr(cli, {"add_cli_arguments": "add_reproduce_arguments", "cli_main": "cmd_reproduce"}[name])
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

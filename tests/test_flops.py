@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import sparta.flops as flops
+from sparta import cli
 from sparta.attacks.pgd import pgd
 from sparta.attacks.trades import trades_attack, trades_loss
 from sparta.config import load_config
@@ -328,12 +329,12 @@ def test_meter_state_dict_round_trip(tmp_path):
 
 def _args(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    flops.add_cli_arguments(parser)
+    cli.add_flops_arguments(parser)
     return parser.parse_args(list(argv))
 
 
 def test_cli_on_config(capsys):
-    assert flops.cli_main(_args(str(ROOT / "configs" / "demo.yaml"))) == 0
+    assert cli.cmd_flops(_args(str(ROOT / "configs" / "demo.yaml"))) == 0
     out = capsys.readouterr().out
     assert "body.layer4.1.conv2.weight" in out and "total" in out and "paper table formula" in out
     r = flops.flops_report(ROOT / "configs" / "demo.yaml", ["attack.steps=3"])
@@ -382,19 +383,19 @@ def test_cli_on_checkpoint(tmp_path, capsys):
     assert r["inference_flops"] == inference_flops(lf, {"body.features.2.weight": 0.5})
     assert r["inference_flops"] == lf.total - lf.per_weight["body.features.2.weight"] / 2
     assert r["step_flops_per_image"] == 17 * r["inference_flops"]  # demo: PGD-7
-    assert flops.cli_main(_args(str(path), "attack.name=none")) == 0
+    assert cli.cmd_flops(_args(str(path), "attack.name=none")) == 0
     assert "body.features.2.weight" in capsys.readouterr().out
 
 
 def test_cli_bad_paths(tmp_path):
     with pytest.raises(SpartaError, match="does not exist"):
-        flops.cli_main(_args(str(tmp_path / "missing.yaml")))
+        cli.cmd_flops(_args(str(tmp_path / "missing.yaml")))
     with pytest.raises(SpartaError, match="directory"):
-        flops.cli_main(_args(str(tmp_path)))
+        cli.cmd_flops(_args(str(tmp_path)))
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError):
-        flops.cli_main(_args(str(junk)))
+        cli.cmd_flops(_args(str(junk)))
 
 
 # ---------------------------------------------------------------- summary.json of tiny runs

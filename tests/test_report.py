@@ -7,7 +7,8 @@ import pytest
 import yaml
 
 from sparta.errors import SpartaError
-from sparta.report import (PLOTS_SKIPPED, cli_main, config_key, group_runs, load_run, stage_axis,
+from sparta.cli import add_report_arguments, cmd_report
+from sparta.report import (PLOTS_SKIPPED, config_key, group_runs, load_run, stage_axis,
                            time_to_robustness, write_report)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -100,7 +101,7 @@ def table_row(markdown: str, section: str, first_cell: str) -> list[str]:
 def test_report_tables_plots_and_time_to_robustness(runs_root, tmp_path, capsys):
     out = tmp_path / "report"
     args = type("Args", (), {"run_dirs": [str(runs_root)], "out": str(out), "target_ra": None})()
-    assert cli_main(args) == 0
+    assert cmd_report(args) == 0
     assert capsys.readouterr().out.strip() == str(out / "report.md")
     md = (out / "report.md").read_text()
 
@@ -223,13 +224,12 @@ def test_not_a_run_directory_is_one_line_error(tmp_path):
 def test_cli_wiring_and_bad_target(runs_root, tmp_path):
     import argparse
 
-    from sparta.report import add_cli_arguments
 
     parser = argparse.ArgumentParser()
-    add_cli_arguments(parser)
+    add_report_arguments(parser)
     args = parser.parse_args([str(runs_root / "dense-s0"), str(runs_root / "dense-s0"), "--out", str(tmp_path / "o"),
                               "--target-ra", "40"])
-    assert args.target_ra == 40.0 and cli_main(args) == 0
+    assert args.target_ra == 40.0 and cmd_report(args) == 0
     md = (tmp_path / "o" / "report.md").read_text()
     assert md.count("| dense-s0 |") == 2  # deduplicated: once per run table, once in time to robustness
     with pytest.raises(SpartaError, match="percentage"):
