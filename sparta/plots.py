@@ -96,13 +96,18 @@ def plot_accuracy(run: Run, path: Path, mpl) -> Path:
                     arrowprops=dict(arrowstyle="->", color="C3", linewidth=1.2))
         ax.plot([], [], color="C3", linestyle="dotted",
                 label=f"robust overfitting: RA best − final = {stats['ra_diff']:.2f}")
+    _finish_epoch_plot(ax, starts, "accuracy (%)", f"{run.label or run.name}: {run.method}, seed {run.seed}")
+    return _save(fig, Canvas, path)
+
+
+def _finish_epoch_plot(ax, starts: list[tuple[float, str]], ylabel: str, title: str) -> None:
+    """Stage boundaries, epoch axis, labels, grid and a legend outside the axes (room above for stage names)."""
     _mark_stages(ax, starts)
     _epoch_axis(ax, starts)
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title(f"{run.label or run.name}: {run.method}, seed {run.seed}", pad=16 if len(starts) > 1 else 6)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, pad=16 if len(starts) > 1 else 6)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
-    return _save(fig, Canvas, path)
 
 
 def _decision_epochs(records: list[dict[str, Any]], key: str) -> list[int]:
@@ -141,12 +146,7 @@ def plot_density(run: Run, path: Path, mpl) -> Path:
         if hits:
             ax.scatter([xs[i] for i in hits], [ys[i] for i in hits], marker=mark, s=45, color=color, zorder=3,
                        label=f"{what} ({len(hits)} epoch{'s' if len(hits) != 1 else ''})")
-    _mark_stages(ax, starts)
-    _epoch_axis(ax, starts)
-    ax.set_ylabel("density")
-    ax.set_title(f"{run.label or run.name}: density over training", pad=16 if len(starts) > 1 else 6)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    _finish_epoch_plot(ax, starts, "density", f"{run.label or run.name}: density over training")
     return _save(fig, Canvas, path)
 
 
