@@ -109,7 +109,7 @@ class FinalEval:
 
 
 # AutoAttack standard costs ~1 s an image on the cpu-mini models (Square's 5,000 queries on every
-# image still robust dominate): 100 images each keeps the seven evaluations to ~12 minutes
+# image still robust dominate): 100 images each keeps the eight evaluations of a seed to ~14 minutes
 FINAL_EVAL = {"cpu-mini": FinalEval(n=100), "paper": FinalEval(n=None)}
 SMOKE_EVAL = FinalEval(n=8, steps=2)
 
