@@ -245,8 +245,9 @@ class Distributed:
             tdist.broadcast(p.data, src=0)
 
     def watch(self, controller: Any) -> Any:
-        """``controller``, or (distributed, dynamic topology) a view of it that syncs after each change."""
-        if self.enabled and hasattr(controller, "topology_updates"):
+        """``controller``, or (distributed, with masks) a view of it that syncs the masks after each
+        topology update (``SparsityController.topology_updates``)."""
+        if self.enabled and controller.masks is not None:
             return _SyncedTopology(controller, self)
         return controller
 
@@ -298,7 +299,7 @@ SINGLE = Distributed()
 
 
 class _SyncedTopology:
-    """A DynamicSparse controller whose topology changes are checked and synced across ranks."""
+    """A masking controller whose topology changes are checked and synced across ranks."""
 
     def __init__(self, controller: Any, dist: Distributed):
         self.inner, self.dist = controller, dist

@@ -37,7 +37,6 @@ from .rundir import RunDir, TensorBoardLog, dumps, write_text_atomic
 from .schedules import LrSchedule
 from .signals import StopRequests
 from .sparse.controllers import SparsityController
-from .sparse.masks import MaskSet
 from .stages import RunContext, Stage
 from .train import EpochStats, Progress, Silent, TrainState, fit
 
@@ -219,7 +218,7 @@ def _run_stage(stages: list[Stage], index: int, run: RunContext, data: DatasetSp
         state = TrainState(**ckpt["train_state"])
         dist.set_rng_state(ckpt["rng"], seed=cfg.seed, step=state.step)
         dist.restore_epoch_sums_(state, ckpt.get("epoch_sums"))  # a mid-epoch checkpoint: this rank's share
-    if isinstance(getattr(controller, "masks", None), MaskSet):  # initial random masks, tickets, resumes
+    if controller.masks is not None:  # initial random masks, tickets, resumes
         dist.sync_masks_(controller.masks, f"the start of stage {stage.name}")
     if channels_last:  # in place (param.data): optimizer, controller and masks keep their tensors
         model.to(memory_format=torch.channels_last)  # 4-d weights only; evaluation uses the same layout
@@ -274,7 +273,7 @@ def _run_stage(stages: list[Stage], index: int, run: RunContext, data: DatasetSp
         state.wall_time_s += stats.epoch_time_s + eval_time
         record.update(epoch_time_s=stats.epoch_time_s, eval_time_s=eval_time,
                       wall_time_s=run.wall_time_s(excluding=stage.name) + state.wall_time_s)
-        done = stage.stop(controller)
+        done = controller.done
         stopping = stop.agree(dist.share_signal)  # a signal any rank got stops all of them here
         dist.agree(f"at the end of epoch {stats.epoch}", best=is_best, stop=done)
         if evaluated:
@@ -295,7 +294,7 @@ def _run_stage(stages: list[Stage], index: int, run: RunContext, data: DatasetSp
             save(rd.last)  # mid-epoch: the loader position and epoch sums are in train_state
             stop.raise_if_requested(state.step, rd.path)
 
-    if not stage.stop(controller):  # a resumed stage may have met its stop condition already
+    if not controller.done:  # a resumed stage may have met its stop condition already
         # (a stage resumed after its last epoch trains no further, unless its epochs were raised)
         fit(train_model, optimizer, dist.watch(controller), loader, schedule, objective, attack_bn_mode=cfg.attack.bn_mode,
             epochs=cfg.epochs, state=state, end_epoch=end_epoch, end_step=end_step, cost=run.cost, progress=progress,

@@ -297,7 +297,7 @@ def _stage_record(attack_steps: int, objective: str) -> dict[str, Any]:
 class TrainingCostMeter:
     """Training FLOPs accumulated step by step, with the densities in force at each step.
 
-    The training loop calls ``step(len(y), getattr(controller, "masks", None))`` once per optimizer
+    The training loop calls ``step(len(y), controller.masks)`` once per optimizer
     step. Each step is charged ``batch_size * step_flops_per_image(densities)`` where the densities are
     those in force when the step BEGAN: the masks as seen at the previous ``step`` call of the stage
     (for the first step of a stage, or the first after ``load_state_dict``, the masks as passed). So a

@@ -112,13 +112,13 @@ def search_config(cfg: Config, *, epochs: int, attack: str, lr: float, milestone
 
 def _save_initial_weights(run: RunContext) -> None:
     """Keep the initialisation (every parameter and buffer) for rewinding."""
-    run.carry["initial"] = {k: v.detach().cpu().clone() for k, v in run.model.state_dict().items()}
+    run.carry.initial = {k: v.detach().cpu().clone() for k, v in run.model.state_dict().items()}
 
 
 def _ticket_controller(cfg: Config, run: RunContext, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> SparsityController:
-    """Fixed masks drawn by the previous stage (``run.carry["ticket"]``)."""
+    """Fixed masks drawn by the previous stage (``run.carry.ticket``)."""
     params = prunable_parameters(run.model, cfg.method.exclude)
-    return Static(run.model, optimizer, MaskSet(params, run.carry["ticket"]))
+    return Static(run.model, optimizer, MaskSet(params, run.carry.ticket))
 
 
 # ------------------------------------------------------------------ Robust Bird
@@ -157,6 +157,7 @@ def robust_bird(cfg: Config) -> list[Stage]:
                                bn_l1=bn_l1, every_steps=m.eb_every_steps, min_epochs=m.min_search_epochs)
 
     def draw_ticket(run: RunContext, controller: SparsityController) -> None:
+        assert isinstance(controller, EarlyBirdSearch)  # the controller `searcher` built
         found = controller.done
         run.info.update(eb_epoch=controller.eb_epoch if found else None,
                         eb_step=controller.eb_step if found else None,
@@ -170,7 +171,7 @@ def robust_bird(cfg: Config) -> list[Stage]:
 
     before = _save_initial_weights if m.rewind == "init" else None
     second = _dense if m.pruning == "channel" else _ticket_controller
-    return [Stage("search", search, searcher, select_best=False, stop=lambda c: c.done, before=before, after=draw_ticket),
+    return [Stage("search", search, searcher, select_best=False, before=before, after=draw_ticket),
             Stage("train", cfg, second)]
 
 
@@ -180,8 +181,8 @@ def _magnitude_ticket(run: RunContext, density: float, *, exclude: list[str], re
     params = prunable_parameters(run.model, exclude)
     masks = global_magnitude_masks({n: p.detach() for n, p in params.items()}, density)
     if rewind:
-        rewind_model_(run.model, run.carry["initial"], masks)
-    run.carry["ticket"] = {n: mk.cpu() for n, mk in masks.items()}
+        rewind_model_(run.model, run.carry.initial, masks)
+    run.carry.ticket = {n: mk.cpu() for n, mk in masks.items()}
 
 
 def _slim_to_ticket(run: RunContext, keep_fraction: float, *, rewind: bool) -> None:
@@ -192,7 +193,7 @@ def _slim_to_ticket(run: RunContext, keep_fraction: float, *, rewind: bool) -> N
     small, plan = slim(run.model, masks, example)
     if rewind:  # the same channels removed from the initial network
         full = build_model(run.spec)
-        full.load_state_dict(run.carry["initial"])
+        full.load_state_dict(run.carry.initial)
         small = apply_plan(full, plan, example_input(run.spec))
     run.info["params_before_slimming"] = sum(p.numel() for p in run.model.parameters())
     run.replace_model(small, {**run.spec, "channel_plan": plan})
@@ -226,8 +227,8 @@ def boosting_ticket(cfg: Config) -> list[Stage]:
             if last and m.reinit == "random":
                 reinit_(run.model, masks, seed=cfg.seed + 1)
             else:
-                rewind_model_(run.model, run.carry["initial"], masks)
-            run.carry["ticket"] = {n: mk.cpu() for n, mk in masks.items()}
+                rewind_model_(run.model, run.carry.initial, masks)
+            run.carry.ticket = {n: mk.cpu() for n, mk in masks.items()}
             run.info["ticket_densities"] = densities[: round_index + 1]
         return transition
 

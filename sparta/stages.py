@@ -20,18 +20,36 @@ from .sparse.controllers import SparsityController
 
 
 @dataclass
+class Carry:
+    """Tensors a stage hands to the next (CPU copies): ``initial`` every parameter and buffer of the
+    network at initialisation, for rewinding a ticket (set by a recipe's ``before``); ``ticket`` the
+    keep-masks ``{parameter name: bool tensor}`` that the next stage trains (set by a transition).
+    Checkpointed as a plain dict with these keys, as before the class existed."""
+
+    initial: dict[str, torch.Tensor] | None = None
+    ticket: dict[str, torch.Tensor] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in (("initial", self.initial), ("ticket", self.ticket)) if v is not None}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> "Carry":
+        return cls(initial=state.get("initial"), ticket=state.get("ticket"))
+
+
+@dataclass
 class RunContext:
     """What lives across the stages of one run, all of it checkpointed.
 
     ``model`` may be replaced between stages (a channel ticket is a smaller network) together with
-    its ``spec``; ``carry`` holds tensors later stages need (initial weights, ticket masks); ``info``
+    its ``spec``; ``carry`` holds tensors later stages need (``Carry``: initial weights, ticket masks); ``info``
     holds facts for summary.json (e.g. the early-bird epoch); ``stages`` the cost of finished stages.
     """
 
     model: nn.Module
     spec: dict[str, Any]
     device: torch.device
-    carry: dict[str, Any] = field(default_factory=dict)
+    carry: Carry = field(default_factory=Carry)
     info: dict[str, Any] = field(default_factory=dict)
     stages: list[dict[str, Any]] = field(default_factory=list)
     records: int = 0  # metrics.jsonl records written so far
@@ -61,14 +79,14 @@ class RunContext:
             self.cost.reset_stage(layer_flops, **settings)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"carry": self.carry, "info": self.info, "stages": self.stages, "records": self.records,
+        return {"carry": self.carry.state_dict(), "info": self.info, "stages": self.stages, "records": self.records,
                 "cost": self.cost.state_dict() if self.cost is not None else None}
 
     def load_state_dict(self, state: dict[str, Any], spec: dict[str, Any], model_state: dict[str, Any]) -> None:
         if spec != self.spec:  # a later stage runs a different (e.g. slimmed) network
             self.replace_model(build_model(spec), spec)
         self.model.load_state_dict(model_state)
-        self.carry, self.info = state["carry"], state["info"]
+        self.carry, self.info = Carry.from_state(state["carry"]), state["info"]
         self.stages, self.records = [dict(s) for s in state["stages"]], int(state["records"])
 
 
@@ -76,16 +94,14 @@ class RunContext:
 ControllerBuilder = Callable[[Config, RunContext, torch.optim.Optimizer, int], SparsityController]
 
 
-def never(controller: SparsityController) -> bool:
-    return False
-
-
 @dataclass
 class Stage:
+    """One ``fit`` of a recipe. It ends after ``cfg.epochs`` epochs, or earlier at the end of an epoch
+    after which its controller's ``done`` is True (Robust Bird's search at the early-bird ticket)."""
+
     name: str  # "train", "search", "finder", ...: the `stage` field of metrics.jsonl
     cfg: Config  # this stage's config: epochs, optim, attack, objective, eval
     controller: ControllerBuilder
     select_best: bool = True  # keep checkpoints/best.pt on validation robust accuracy
-    stop: Callable[[SparsityController], bool] = never  # checked after every epoch: end the stage early
     before: Callable[[RunContext], None] | None = None  # runs once, before the stage's first epoch
     after: Callable[[RunContext, SparsityController], None] | None = None  # the transition to the next stage

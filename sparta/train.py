@@ -144,7 +144,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, controller: Sparsity
                 finite = (torch.isfinite(loss) & (state.sums[2] == state.batch)).float()
                 state.sums += torch.stack([loss.detach().float() * len(y), (logits.argmax(1) == y).sum().float(), finite])
             if cost is not None:  # FLOPs at the densities in force for this step; no host sync
-                cost.step(n_global, getattr(controller, "masks", None))
+                cost.step(n_global, controller.masks)
             state.step, state.batch, state.examples = state.step + 1, state.batch + 1, state.examples + len(y)
             state.epoch_time_s = time.perf_counter() - start
             end_step(state)

@@ -521,3 +521,17 @@ def test_resume_equals_uninterrupted_run(kind, regrowth):
     if kind == "fb_plus":
         assert controller.decisions == resumed.decisions and len(controller.decisions) > 0
         assert controller.history == resumed.history
+
+
+def test_every_controller_declares_what_the_loop_reads():
+    """The loop reads masks, topology_updates and done on every controller (SparsityController)."""
+    from sparta.sparse.early_bird import EarlyBirdSearch
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    static = Static(model, optimizer, MaskSet.from_model(model))
+    dynamic = DynamicSparse(model, optimizer, MaskSet.from_model(model), total_steps=10)
+    search = EarlyBirdSearch(model, density=0.5)
+    for controller, has_masks in ((Dense(), False), (static, True), (dynamic, True), (search, False)):
+        assert (controller.masks is not None) == has_masks
+        assert controller.topology_updates == 0 and controller.done is False

@@ -36,7 +36,21 @@ from .tickets import select_k_mask
 
 
 class SparsityController(Protocol):
-    """Hooks the training loop calls; see the module docstring for when."""
+    """Hooks the training loop calls (see the module docstring for when), and the attributes the loop
+    reads:
+
+    - ``masks``: the keep-masks in force (None when the controller masks nothing); the loop counts
+      FLOPs with them and synchronises them across ranks at the start of a stage;
+    - ``topology_updates``: how many times the masks changed so far (0 for fixed masks); under DDP a
+      change is synchronised across ranks right after the hook that made it;
+    - ``done``: True once the controller's stage has reached its goal, which ends the stage at the end
+      of that epoch.
+
+    Anything else a recipe reads (Robust Bird's ``eb_epoch``) it reads from the concrete class it built."""
+
+    masks: MaskSet | None
+    topology_updates: int
+    done: bool
 
     def after_backward(self, step: int) -> None: ...
 
@@ -59,6 +73,10 @@ class SparsityController(Protocol):
 
 class Dense:
     """No sparsity: every hook is a no-op and the density is 1."""
+
+    masks = None
+    topology_updates = 0
+    done = False
 
     def after_backward(self, step: int) -> None:
         pass
@@ -97,6 +115,9 @@ class Static:
     lottery) tickets. Construction applies the masks to the weights and zeroes the optimizer state
     of pruned weights, so a MaskSet can be handed over mid-training.
     """
+
+    topology_updates = 0  # fixed masks (DynamicSparse counts its updates)
+    done = False  # trains to the end of its stage
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, masks: MaskSet):
         _check_masks_belong_to(model, masks)

@@ -176,6 +176,9 @@ class EarlyBirdSearch:
     Other arguments are ``EarlyBirdDetector``'s.
     """
 
+    masks = None  # trains densely
+    topology_updates = 0
+
     def __init__(self, model: nn.Module, *, bn_l1: float = 0.0, every_steps: int | None = None,
                  min_epochs: int = 0, **detector_args: Any):
         if isinstance(bn_l1, bool) or not isinstance(bn_l1, (int, float)) or not bn_l1 >= 0.0:
