@@ -6,19 +6,16 @@ pieces, resuming from ``checkpoints/last.pt``, evaluating each epoch, keeping th
 """
 from __future__ import annotations
 
-import math
-import platform
 import time
 import warnings
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from . import checkpoint
-from .attacks import build_attack
 from .config import Config, dump_yaml, from_dict, load_config, with_overrides
 from .data import load_dataset
 from .data.base import DatasetSplits, ImageSet
@@ -26,83 +23,34 @@ from .data.loader import DeviceLoader
 from .distributed import Distributed, resolve_device, setup
 from .errors import CheckpointError, ConfigError, DivergedError
 from .evaluate import evaluate
-from .flops import (attack_full_backward_flops, attack_steps_of, dense_training_flops, forward_flops_by_layer,
-                    inference_flops, mask_densities, paper_table_flops, savings)
 from .layout import channels_last_problem
 from .methods import build_recipe
-from .netspec import build_model, input_shape, model_spec
+from .netspec import build_model, model_spec
 from .objectives import build_objective
 from .precision import StepPrecision, resolve_precision
+from .protocol import eval_attack, improves
 from .rundir import RunDir, TensorBoardLog, dumps, write_text_atomic
 from .schedules import LrSchedule
 from .signals import StopRequests
 from .sparse.controllers import SparsityController
 from .stages import RunContext, Stage
+from .summary import summarize
 from .train import EpochStats, Progress, Silent, TrainState, fit
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """The network stored in a checkpoint, in eval mode, masks applied (pruned weights exactly 0)."""
     state = checkpoint.load(path)
-    model = build_model(state["model_spec"])
+    model = build_model(state.model_spec)
     try:
-        model.load_state_dict(state["model"])
+        model.load_state_dict(state.model)
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint {path} does not fit its recorded architecture: {str(e).splitlines()[0]}") from None
     params = dict(model.named_parameters())
     with torch.no_grad():
-        for name, mask in state.get("masks", {}).items():
+        for name, mask in state.masks.items():
             params[name].mul_(mask.to(params[name].dtype))
     return model.to(device).eval()
-
-
-def eval_attack(cfg: Config) -> Callable:
-    """The attack used for validation/test robust accuracy (PGD-20 by default), described by ``eval_protocol``."""
-    e = cfg.eval
-    if e.attack == "none":
-        return build_attack("none")
-    settings = dict(eps=cfg.attack.eps if e.eps is None else e.eps, alpha=e.alpha,
-                    norm=e.norm or cfg.attack.norm, random_start=True)
-    if e.attack == "pgd":
-        settings.update(steps=e.steps, restarts=e.restarts)
-    return build_attack(e.attack, **settings)
-
-
-def eval_protocol(cfg: Config | Mapping[str, Any]) -> dict[str, Any]:
-    """What validation and test accuracy are measured with (``summary.json``'s ``eval_protocol``): the
-    attack ``eval_attack`` builds, the image subsets, BatchNorm mode and precision.
-
-    ``cfg`` may also be a run's ``config.yaml`` as a dict (``sparta report`` on an unfinished run): a key
-    that file lacks is None here (``eval.attack``: "pgd"), not today's default, so the file is described
-    as it was written.
-    """
-    c = cfg.to_dict() if isinstance(cfg, Config) else cfg
-    e, a = c.get("eval") or {}, c.get("attack") or {}
-    return {"attack": e.get("attack", "pgd"), "norm": e.get("norm") or a.get("norm"),
-            "eps": a.get("eps") if e.get("eps") is None else e.get("eps"), "alpha": e.get("alpha"),
-            "steps": e.get("steps"), "restarts": e.get("restarts"), "random_start": True,
-            "val_subset": e.get("val_subset"), "test_subset": e.get("test_subset"), "bn": "eval",
-            "precision": e.get("precision")}
-
-
-def improves(value: float, best: float | None) -> bool:
-    """The best-epoch rule: an evaluated epoch is the new best when its selector (validation robust
-    accuracy) is strictly above the best so far, so the earliest epoch wins a tie."""
-    return best is None or value > best
-
-
-def best_index(records: Sequence[Mapping[str, Any]]) -> int:
-    """Index of the best of one stage's evaluated ``records`` (metrics.jsonl rows) by the rule that
-    picks ``checkpoints/best.pt``: the highest finite ``val_robust_acc``, the earliest on ties; the
-    last record when none has one (no validation split: the latest epoch wins)."""
-    best, best_value = len(records) - 1, None
-    for i, r in enumerate(records):
-        v = r.get("val_robust_acc")
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            continue
-        if improves(v, best_value):
-            best, best_value = i, v
-    return best
 
 
 def _first(data: ImageSet | None, n: int | None) -> ImageSet | None:
@@ -156,7 +104,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, progres
     ckpt = None
     if resume:
         ckpt = checkpoint.load(rd.last, map_location=device)
-        run.load_state_dict(ckpt["run"], ckpt["model_spec"], ckpt["model"])
+        run.load_state_dict(ckpt.run, ckpt.model_spec, ckpt.model)
         # records written after this checkpoint will be written again; a write cut by a kill left a temporary file
         dist.on_main(lambda: (rd.truncate_metrics(run.records), rd.remove_torn_writes()))
     if not (cfg.train.precision == "auto" and "train_precision" in run.info):  # auto is decided once per run
@@ -167,8 +115,8 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, progres
         board, report = TensorBoardLog(rd.path, rd.read_metrics() if resume else []), on_epoch
         on_epoch = lambda record: (board.add(record), report(record))
     with StopRequests() as stop:  # SIGTERM/SIGINT: save at the next step, then stop
-        for index in range(ckpt["stage_index"] if ckpt else 0, len(stages)):
-            resumed = ckpt if ckpt is not None and index == ckpt["stage_index"] else None
+        for index in range(ckpt.stage_index if ckpt else 0, len(stages)):
+            resumed = ckpt if ckpt is not None and index == ckpt.stage_index else None
             controller = _run_stage(stages, index, run, data, rd, resumed, progress=progress, on_epoch=on_epoch,
                                     stop=stop, dist=dist, create=None if resume or index else
                                     (lambda: rd.create(dump_yaml(cfg), overwrite=overwrite)))
@@ -182,7 +130,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, progres
 
 
 def _run_stage(stages: list[Stage], index: int, run: RunContext, data: DatasetSplits, rd: RunDir,
-               ckpt: dict[str, Any] | None, *, progress: Progress, on_epoch: Callable[[dict[str, Any]], None],
+               ckpt: checkpoint.RunCheckpoint | None, *, progress: Progress, on_epoch: Callable[[dict[str, Any]], None],
                stop: StopRequests, create: Callable[[], None] | None, dist: Distributed) -> SparsityController:
     """Train one stage (or finish it from ``ckpt``), apply its transition to ``run``; returns its controller."""
     stage, cfg, device = stages[index], stages[index].cfg, run.device
@@ -208,16 +156,16 @@ def _run_stage(stages: list[Stage], index: int, run: RunContext, data: DatasetSp
     val, test = _first(data.val, cfg.eval.val_subset), _first(data.test, cfg.eval.test_subset)
     if create is not None:
         dist.on_main(create)  # the run directory is written only once the first stage proved buildable
-    run.start_cost(cfg, ckpt["run"]["cost"] if ckpt is not None else None)
+    run.start_cost(cfg, ckpt.run["cost"] if ckpt is not None else None)
     state = TrainState()
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])  # again: building the controller applied its initial masks
-        optimizer.load_state_dict(ckpt["optimizer"])
-        controller.load_state_dict(ckpt["controller"])
-        precision.load_state_dict(ckpt.get("precision", {}))  # the fp16 loss scale; older checkpoints have none
-        state = TrainState(**ckpt["train_state"])
-        dist.set_rng_state(ckpt["rng"], seed=cfg.seed, step=state.step)
-        dist.restore_epoch_sums_(state, ckpt.get("epoch_sums"))  # a mid-epoch checkpoint: this rank's share
+        model.load_state_dict(ckpt.model)  # again: building the controller applied its initial masks
+        optimizer.load_state_dict(ckpt.optimizer)
+        controller.load_state_dict(ckpt.controller)
+        precision.load_state_dict(ckpt.precision)  # the fp16 loss scale ({} in older checkpoints)
+        state = TrainState(**ckpt.train_state)
+        dist.set_rng_state(ckpt.rng, seed=cfg.seed, step=state.step)
+        dist.restore_epoch_sums_(state, ckpt.epoch_sums)  # a mid-epoch checkpoint: this rank's share
     if controller.masks is not None:  # initial random masks, tickets, resumes
         dist.sync_masks_(controller.masks, f"the start of stage {stage.name}")
     if channels_last:  # in place (param.data): optimizer, controller and masks keep their tensors
@@ -238,13 +186,13 @@ def _run_stage(stages: list[Stage], index: int, run: RunContext, data: DatasetSp
             raise DivergedError(f"the weights became NaN or infinite by step {state.step}; stopped without saving them, "
                                 "so checkpoints/last.pt holds the last good state: lower optim.lr (or check the data)")
         rng, epoch_sums = dist.rng_state(), dist.gather_epoch_sums(state)
-        dist.on_main(lambda: checkpoint.save_atomic({
-            "model": model.state_dict(), "masks": controller.mask_state(), "config": stages[-1].cfg.to_dict(),
-            "model_spec": run.spec, "stage_index": index, "stage": stage.name, "epoch": state.epoch,
-            "step": state.step, "optimizer": optimizer.state_dict(), "controller": controller.state_dict(),
-            "train_state": asdict(state), "epoch_sums": epoch_sums, "run": run.state_dict(), "rng": rng,
-            "precision": precision.state_dict(), "world_size": dist.world_size,
-            "torch_version": str(torch.__version__)}, path))
+        dist.on_main(lambda: checkpoint.save(checkpoint.RunCheckpoint(
+            model=model.state_dict(), masks=controller.mask_state(), config=stages[-1].cfg.to_dict(),
+            model_spec=run.spec, stage_index=index, stage=stage.name, epoch=state.epoch,
+            step=state.step, optimizer=optimizer.state_dict(), controller=controller.state_dict(),
+            train_state=asdict(state), epoch_sums=epoch_sums, run=run.state_dict(), rng=rng,
+            precision=precision.state_dict(), world_size=dist.world_size,
+            torch_version=str(torch.__version__)), path))
 
     def end_epoch(stats: EpochStats) -> bool:
         start = time.perf_counter()
@@ -316,87 +264,6 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     return make(model.parameters(), lr=o.lr, betas=(o.momentum, 0.999), weight_decay=o.weight_decay)
 
 
-def summarize(cfg: Config, stages: list[Stage], run: RunContext, records: list[dict[str, Any]],
-              data: DatasetSplits, masks: dict[str, torch.Tensor], *, dist: Distributed) -> dict[str, Any]:
-    """Final numbers of the last stage (the one that produces the model); accuracies in percent.
-
-    best = the first epoch with the highest validation robust accuracy (the final epoch when there
-    is no validation split); robust_overfitting = RA_best - RA_final (test); robust_gap = RA on the
-    first ``eval.gap_subset`` training images (eval mode, no augmentation) - test RA, at the end.
-    """
-    final_cfg = stages[-1].cfg
-    mine = [r for r in records if r["stage"] == stages[-1].name]
-    final = mine[-1]
-    with_val = [r for r in mine if r.get("val_robust_acc") is not None]
-    best = mine[best_index(mine)]  # the rule that picks checkpoints/best.pt
-    summary = {
-        "name": cfg.name, "method": cfg.method.name, "dataset": cfg.data.name, "model": cfg.model.name,
-        "seed": cfg.seed,
-        "sa_best": best["test_clean_acc"], "ra_best": best["test_robust_acc"],
-        "sa_final": final["test_clean_acc"], "ra_final": final["test_robust_acc"],
-        "robust_overfitting": best["test_robust_acc"] - final["test_robust_acc"],
-        "sa_overfitting": best["test_clean_acc"] - final["test_clean_acc"],
-        "best_epoch": best["epoch"],
-        "best_selected_on": "val_robust_acc" if with_val else "final epoch (no validation set)",
-        "epochs": final["epoch"], "steps": final["step"], "wall_time_s": run.wall_time_s(),
-        "stages": run.stages,
-        **run.info,
-    }
-    n = final_cfg.eval.gap_subset
-    if n is not None:
-        subset = data.train.subset(0, min(n, len(data.train)))
-        g = evaluate(run.model, subset, eval_attack(final_cfg), batch_size=final_cfg.eval.batch_size, device=run.device,
-                     dist=dist, precision=final_cfg.eval.precision)
-        summary.update(gap_subset=g["n"], train_clean_acc=g["clean_acc"], train_robust_acc=g["robust_acc"],
-                       robust_gap=g["robust_acc"] - final["test_robust_acc"],
-                       clean_gap=g["clean_acc"] - final["test_clean_acc"])
-    summary.update(training_cost(run, masks, final_cfg, train_images=len(data.train)))
-    summary.update(
-        density_final=final.get("density", 1.0),
-        layer_densities_final={name: mask.float().mean().item() for name, mask in masks.items()},
-        params=sum(p.numel() for p in run.model.parameters()),
-        eval_protocol=eval_protocol(final_cfg), train_attack=asdict(final_cfg.attack),
-        device=str(run.device), torch=str(torch.__version__), python=platform.python_version())
-    return summary
-
-
-def training_cost(run: RunContext, masks: dict[str, torch.Tensor], cfg: Config, *, train_images: int) -> dict[str, Any]:
-    """FLOPs of the run (see ``sparta.flops`` for every formula) against the dense model of the same
-    architecture (the full network, before any channel slimming) trained for the same steps.
-
-    ``cfg``: the final stage's config; ``train_images``: training images per epoch.
-    ``train_flops_paper_table`` is the formula of Chen et al. 2022's training-FLOPs columns, epochs x
-    ``train_images`` x (3k + 3) x the final network's inference FLOPs, for the final stage alone (its
-    epochs and attack steps): the formula has one epoch count and one network, and an earlier ticket
-    search / finder stage trains another network (dense, or at other densities), so it is left out
-    here; ``train_flops`` and ``train_flops_attack_full_backward`` include it. None for TRADES (the
-    formula is PGD-AT's).
-    """
-    dense_spec = {k: v for k, v in run.spec.items() if k != "channel_plan"}
-    dense = forward_flops_by_layer(build_model(dense_spec), input_shape(dense_spec))
-    final = forward_flops_by_layer(run.model, input_shape(run.spec))
-    cost = run.cost
-    stages = cost.state_dict()["stages"]
-    dense_total = sum(dense_training_flops(dense, steps_images=s["images"], attack_steps=s["attack_steps"],
-                                           objective=s["objective"]) for s in stages)
-    final_f = inference_flops(final, mask_densities(masks) if masks else None)  # the slim network for a channel ticket
-    epochs = int(run.stages[-1]["epochs"])  # the final stage's (recorded when it finished)
-    table = (paper_table_flops(epochs, train_images, final_f, attack_steps_of(cfg))
-             if cfg.objective.name == "ce" else None)
-    return {"train_flops": cost.total, "train_flops_dense": dense_total,
-            "train_flops_saving": savings(cost.total, dense_total),
-            "train_flops_attack_full_backward": attack_full_backward_flops(stages),
-            "train_flops_paper_table": table,
-            "inference_flops": final_f,
-            "inference_flops_dense": dense.total,
-            "flops_convention": "2 FLOPs per multiply-add; attack step = forward + input-only backward (2F), "
-                                "training step = forward + full backward (3F), at the densities in force, every stage; "
-                                "train_flops_attack_full_backward: the same with every attack step as 3F; "
-                                "train_flops_paper_table: final stage epochs x training images x (3k+3) x final "
-                                "inference FLOPs (null for TRADES); the same at every train.precision "
-                                f"(this run: {run.info['train_precision']})"}
-
-
 def evaluate_checkpoint(path: str | Path, *, attack: str = "pgd", overrides: list[str] | tuple[str, ...] = (),
                         n_examples: int | None = None, eps_list: str | list[float] | None = None) -> dict[str, Any]:
     """Test-set robustness of a checkpoint: ``attack`` is ``pgd`` (CE loss), ``cw`` (CW-L∞: PGD on the
@@ -417,14 +284,14 @@ def evaluate_checkpoint(path: str | Path, *, attack: str = "pgd", overrides: lis
         require_autoattack()  # before any work
     path = Path(path)
     state = checkpoint.load(path)
-    cfg = from_dict(with_overrides(state["config"], overrides))
+    cfg = from_dict(with_overrides(state.config, overrides))
     if n_examples is not None:
         if n_examples < 1:
             raise ConfigError(f"--n-examples must be >= 1, got {n_examples}")
         cfg.eval.test_subset = n_examples
     device = resolve_device(cfg.device)
     data = load_dataset(cfg.data.name, cfg.data.root, val_size=cfg.data.val_size, train_subset=cfg.data.train_subset)
-    spec = state["model_spec"]
+    spec = state.model_spec
     for what, have, want in (("classes", data.num_classes, spec["num_classes"]),
                              ("input channels", data.in_channels, spec["in_channels"]),
                              ("pixels a side", data.image_size, spec["image_size"])):

@@ -45,7 +45,7 @@ Twice") count ``epochs x training images x 33 x F`` with F the inference FLOPs o
 and 33 = 3k + 3 for PGD-10: one number per run, not integrated over time; how they count F per layer
 is not stated. :func:`paper_table_flops` gives ``epochs * train_images * (3k + 3) * F`` for that
 comparison (summary.json ``train_flops_paper_table``: the final training stage only, see
-``sparta.experiment.training_cost``). The (3k + 3) factor is also what the time-integrated count gives
+``sparta.summary.training_cost``). The (3k + 3) factor is also what the time-integrated count gives
 if each attack iteration is charged a full backward (3 F_d instead of 2 F_d, :func:`full_backward_multiplier`;
 summary.json ``train_flops_attack_full_backward``); everything else in sparta uses the counts above.
 
@@ -513,13 +513,13 @@ def flops_report(source: str | Path, overrides: list[str] | tuple[str, ...] = ()
         kind = "config"
     else:
         state = checkpoint.load(path)
-        if not isinstance(state.get("config"), dict):
+        if not isinstance(state.config, dict):
             raise CheckpointError(f"{path} holds no config; cannot tell its attack and schedule")
-        cfg = from_dict(with_overrides(state["config"], overrides))
-        spec = state["model_spec"]
+        cfg = from_dict(with_overrides(state.config, overrides))
+        spec = state.model_spec
         model = build_model(spec)
         c, size = spec["in_channels"], spec["image_size"]
-        masks = state.get("masks") or {}
+        masks = state.masks
         densities = {name: float(m.float().mean()) for name, m in masks.items()} or None
         densities_from = "checkpoint masks" if masks else "dense (checkpoint has no masks)"
         if spec.get("channel_plan"):

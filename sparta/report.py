@@ -272,7 +272,7 @@ def _ttr_section(runs: Sequence[Run], groups: list[list[Run]], glabels: list[str
 
 
 def _measurement_section(runs: Sequence[Run]) -> str:
-    from .experiment import eval_protocol
+    from .protocol import eval_protocol
 
     lines = ["## How these numbers were measured", ""]
     protocols: dict[str, list[str]] = {}

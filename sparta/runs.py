@@ -7,7 +7,7 @@ turns these numbers into markdown and ``sparta.plots`` into figures.
 Runs that share a config up to ``GROUP_IGNORED`` (seed, name, out_dir, ...) are seeds of one config,
 as in the tables of Chen et al. 2022 ("Sparsity Winning Twice"). The best epoch is the one training
 selected (``summary.json``'s ``best_epoch``), or, while a run is unfinished, the one the same rule
-picks from ``metrics.jsonl`` (``sparta.experiment.best_index``).
+picks from ``metrics.jsonl`` (``sparta.protocol.best_index``).
 """
 from __future__ import annotations
 
@@ -237,8 +237,8 @@ def time_to_robustness(records: list[dict[str, Any]], target_ra: float) -> dict[
 
 def best_record(records: list[dict[str, Any]], summary: dict[str, Any] | None) -> int:
     """Index of the best epoch: summary's best_epoch (in the last stage, or ``best_stage``), else the
-    epoch training selects (``sparta.experiment.best_index``) among the last stage's records."""
-    from .experiment import best_index
+    epoch training selects (``sparta.protocol.best_index``) among the last stage's records."""
+    from .protocol import best_index
 
     segments = stage_segments(records)
     if summary and summary.get("best_epoch") is not None:

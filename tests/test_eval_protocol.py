@@ -2,7 +2,7 @@
 import math
 
 from sparta.config import from_dict, load_config
-from sparta.experiment import best_index, eval_protocol, improves
+from sparta.protocol import best_index, eval_protocol, improves
 from sparta.runs import best_record
 
 

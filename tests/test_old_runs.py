@@ -27,3 +27,25 @@ def test_a_boosting_run_checkpointed_by_an_earlier_version_resumes_to_the_same_e
     for key in ("ra_final", "sa_final", "ra_best", "density_final", "train_flops", "steps"):
         assert resumed[key] == fresh[key], key
     assert untimed(RunDir(tmp_path / "old").read_metrics()) == untimed(RunDir(fresh_cfg.run_dir).read_metrics())
+
+
+def test_the_checkpoint_schema_reads_old_and_refuses_newer_formats(tmp_path):
+    import pytest
+    import torch
+
+    from sparta import checkpoint
+    from sparta.errors import CheckpointError
+
+    old = checkpoint.load(V1 / "checkpoints" / "last.pt")
+    assert old.format == 1 and old.stage == "train" and old.stage_index == 1 and set(old.run["carry"]) == {"initial", "ticket"}
+    checkpoint.save(old, tmp_path / "again.pt")  # written back in the current format, tensors unchanged
+    again = checkpoint.load(tmp_path / "again.pt")
+    assert again.format == 1 and torch.equal(again.model["body.features.0.weight"], old.model["body.features.0.weight"])
+    newer = {**old.to_dict(), "format": checkpoint.FORMAT + 1}
+    torch.save(newer, tmp_path / "newer.pt")
+    with pytest.raises(CheckpointError, match="written by a newer sparta") as e:
+        checkpoint.load(tmp_path / "newer.pt")
+    assert "\n" not in str(e.value)
+    current = checkpoint.RunCheckpoint(model={}, model_spec={})
+    assert current.format == checkpoint.FORMAT and set(current.to_dict()) == set(torch.load(
+        V1 / "checkpoints" / "last.pt", weights_only=True)) | {"format"}

@@ -181,8 +181,8 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint
     assert code == 2 and len(err) == 1 and "NaN or infinite at step " in err[0], err
     bad = int(err[0].split("at step ")[1].split()[0])
     state = checkpoint.load(RunDir(out).last)
-    assert state["step"] == bad  # everything before the bad step, nothing of it
-    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert state.step == bad  # everything before the bad step, nothing of it
+    assert all(torch.isfinite(v).all() for v in state.model.values() if v.is_floating_point())
     assert not RunDir(out).summary.exists()
 
 
@@ -209,5 +209,5 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, capsys, monkey
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
     assert "could not write checkpoint" in err[0] and "No space left" in err[0] and "previous checkpoint is intact" in err[0]
-    assert checkpoint.load(RunDir(out).last)["step"] == 3  # the 3rd write, at step 3, is whole
+    assert checkpoint.load(RunDir(out).last).step == 3  # the 3rd write, at step 3, is whole
     assert not list((out / "checkpoints").glob(".*.tmp"))  # the torn temporary file is gone
