@@ -28,7 +28,7 @@ from .methods import build_recipe
 from .netspec import build_model, model_spec
 from .objectives import build_objective
 from .precision import StepPrecision, resolve_precision
-from .protocol import eval_attack, improves
+from .protocol import eval_attack, eval_protocol, improves
 from .rundir import RunDir, TensorBoardLog, dumps, write_text_atomic
 from .schedules import LrSchedule
 from .signals import StopRequests
