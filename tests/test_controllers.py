@@ -200,16 +200,24 @@ def test_every_update_keeps_exact_counts_and_starts_grown_weights_at_zero(growth
     assert log["topology_changed_total"] == sum(e["dropped"] + e["grown"] for e in fb.update_log) > 0
 
 
-def test_gradient_growth_picks_largest_inactive_gradients():
+def half_active_gradient_growth(**kw):
+    """A 4x4 linear layer, flat positions 0..7 active with |w| 0.8 .. 0.1 (8..15 inactive), under
+    gradient growth at r = 0.5 with an update at step 5: (model, SGD with momentum, controller)."""
     model = nn.Sequential(nn.Linear(4, 4, bias=False))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     masks = MaskSet.from_model(model)
-    masks["0.weight"].view(-1)[8:] = False  # flat positions 0..7 active, 8..15 inactive
+    masks["0.weight"].view(-1)[8:] = False
     fb = DynamicSparse(model, optimizer, masks, total_steps=10, update_every=5, update_every_late=None,
-                       drop_fraction=0.5, drop_fraction_final=0.5, growth="gradient")
-    weight = model[0].weight
+                       drop_fraction=0.5, drop_fraction_final=0.5, growth="gradient", **kw)
     with torch.no_grad():
-        weight.view(-1)[:8] = torch.tensor([0.8, -0.1, 0.7, 0.2, -0.6, 0.3, 0.5, 0.4])
+        model[0].weight.view(-1)[:8] = torch.tensor([0.8, -0.1, 0.7, 0.2, -0.6, 0.3, 0.5, 0.4])
+    return model, optimizer, fb
+
+
+def test_gradient_growth_picks_largest_inactive_gradients():
+    model, optimizer, fb = half_active_gradient_growth()
+    masks = fb.masks
+    weight = model[0].weight
     # dropped positions (1, 3, 5, 7) get huge grads: they must not come back in the same update
     grad = torch.tensor([1, 100, 1, 100, 1, 100, 1, 100, 0.1, -5, 0.3, 4, 0.2, -3, 2, 0.05])
     weight.grad = grad.view(4, 4).clone()
@@ -273,15 +281,9 @@ def test_authors_regrowth_keeps_redrawn_weights_and_restarts_only_flipped_ones(g
 
 
 def test_authors_regrowth_by_hand_with_gradient_growth():
-    model = nn.Sequential(nn.Linear(4, 4, bias=False))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    masks = MaskSet.from_model(model)
-    masks["0.weight"].view(-1)[8:] = False  # flat positions 0..7 active, 8..15 inactive
-    fb = DynamicSparse(model, optimizer, masks, total_steps=10, update_every=5, update_every_late=None,
-                       drop_fraction=0.5, drop_fraction_final=0.5, growth="gradient", regrowth="authors")
+    model, optimizer, fb = half_active_gradient_growth(regrowth="authors")
+    masks = fb.masks
     weight = model[0].weight
-    with torch.no_grad():
-        weight.view(-1)[:8] = torch.tensor([0.8, -0.1, 0.7, 0.2, -0.6, 0.3, 0.5, 0.4])
     momentum = torch.cat([torch.arange(1.0, 9.0), torch.zeros(8)]).view(4, 4)
     optimizer.state[weight]["momentum_buffer"] = momentum.clone()
     # drop ceil(0.5 * 8) = 4 smallest |w|: 1, 3, 5, 7. Candidates: 1, 3, 5, 7 and 8..15; the 4 largest
