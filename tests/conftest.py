@@ -99,6 +99,17 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def one_line_error(capsys, argv, expect: str) -> None:
+    """``sparta argv`` (in this process) exits 2 with one ``error: ...`` line containing ``expect`` and no traceback."""
+    from sparta.cli import main
+
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, err
+    assert len(err) == 1 and err[0].startswith("error: ") and expect in err[0], err
+    assert "Traceback" not in err[0]
+
+
 def write_cifar100(root, n_train: int = 20, n_test: int = 10, seed: int = 0) -> None:
     """Random images and labels in the official CIFAR-100 python layout (``root/cifar-100-python/{train,test,meta}``;
     their md5s differ from the release's, which the reader only warns about): real files for the data path

@@ -8,6 +8,7 @@ import yaml
 from sparta.cli import main
 
 import conftest
+from conftest import one_line_error
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_ARGS = [*conftest.TINY_ARGS, "data.augment=false"]
@@ -41,14 +42,6 @@ def test_resume_of_a_finished_run_with_more_epochs(run_dir):
     assert [json.loads(l)["epoch"] for l in lines] == [1, 2]
 
 
-def _bad(capsys, argv, expect):
-    code = main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2, err
-    assert len(err) == 1 and err[0].startswith("error: ") and expect in err[0], err
-    assert "Traceback" not in err[0]
-
-
 @pytest.mark.parametrize("overrides,expect", [
     (["model.name=resnet9000"], "unknown model 'resnet9000'; valid:"),
     (["data.name=imagenet"], "unknown dataset 'imagenet'; valid:"),
@@ -63,20 +56,20 @@ def test_bad_train_input(tmp_path, capsys, overrides, expect):
         import torch
         if torch.cuda.is_available():
             pytest.skip("CUDA is available here")
-    _bad(capsys, ["train", str(ROOT / "configs" / "demo.yaml"), f"out_dir={tmp_path / 'r'}", *TINY_ARGS, *overrides], expect)
+    one_line_error(capsys, ["train", str(ROOT / "configs" / "demo.yaml"), f"out_dir={tmp_path / 'r'}", *TINY_ARGS, *overrides], expect)
     assert not (tmp_path / "r" / "checkpoints").exists()
 
 
 def test_existing_out_dir_is_not_touched(run_dir, capsys):
     before = (run_dir / "metrics.jsonl").read_text()
-    _bad(capsys, ["train", str(ROOT / "configs" / "demo.yaml"), f"out_dir={run_dir}", *TINY_ARGS], "already exists")
+    one_line_error(capsys, ["train", str(ROOT / "configs" / "demo.yaml"), f"out_dir={run_dir}", *TINY_ARGS], "already exists")
     assert (run_dir / "metrics.jsonl").read_text() == before
 
 
 def test_missing_config_and_bad_resume(tmp_path, capsys):
-    _bad(capsys, ["train", str(tmp_path / "none.yaml")], "does not exist")
-    _bad(capsys, ["train", "--resume", str(tmp_path)], "not a sparta run")
-    _bad(capsys, ["eval", str(tmp_path / "missing.pt")], "does not exist")
+    one_line_error(capsys, ["train", str(tmp_path / "none.yaml")], "does not exist")
+    one_line_error(capsys, ["train", "--resume", str(tmp_path)], "not a sparta run")
+    one_line_error(capsys, ["eval", str(tmp_path / "missing.pt")], "does not exist")
 
 
 def test_demo_says_what_its_comparison_means():

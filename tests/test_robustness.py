@@ -17,6 +17,8 @@ from sparta.models import create_model
 from sparta.robustness import evaluate_robustness, format_eps, parse_eps_list, run_autoattack, sanity_checks
 from sparta.rundir import dumps
 
+from conftest import one_line_error
+
 ROOT = Path(__file__).resolve().parents[1]
 EPS, ALPHA, STEPS = 0.1, 0.025, 10  # 8x8 digits: eps 0.1 leaves a trained small CNN about half its accuracy
 
@@ -270,20 +272,13 @@ def test_cli_pgd_with_overrides(ckpt, capsys):
     assert result["rows"][0]["steps"] == 3 and result["rows"][0]["restarts"] == 2
 
 
-def _bad(capsys, argv, expect):
-    code = main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2, err
-    assert len(err) == 1 and err[0].startswith("error: ") and expect in err[0], err
-
-
 def test_cli_missing_pyautoattack_exits_2(ckpt, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "pyautoattack", None)
-    _bad(capsys, ["eval", str(ckpt), "--attack", "autoattack", "--n-examples", "8"],
+    one_line_error(capsys, ["eval", str(ckpt), "--attack", "autoattack", "--n-examples", "8"],
          "AutoAttack needs the pyautoattack package: pip install 'sparta[autoattack]'")
     assert not (ckpt.parent / "best.eval-autoattack.json").exists()
 
 
 def test_cli_bad_eps_list(ckpt, capsys):
-    _bad(capsys, ["eval", str(ckpt), "--attack", "sweep", "--eps-list", "0,x"], "--eps-list item 'x'")
-    _bad(capsys, ["eval", str(ckpt), "--attack", "pgd", "--eps-list", "0,0.1"], "only to --attack sweep")
+    one_line_error(capsys, ["eval", str(ckpt), "--attack", "sweep", "--eps-list", "0,x"], "--eps-list item 'x'")
+    one_line_error(capsys, ["eval", str(ckpt), "--attack", "pgd", "--eps-list", "0,0.1"], "only to --attack sweep")
