@@ -238,13 +238,17 @@ def attack_full_backward_flops(stages: list[Mapping[str, Any]]) -> float:
     return total
 
 
-def paper_table_flops(epochs: int, train_images: int, inference_flops: float, attack_steps: int = 10) -> float:
+def paper_table_flops(epochs: int, train_images: int, inference_flops: float, attack_steps: int = 10,
+                      objective: str = "ce") -> float | None:
     """``epochs * train_images * (3k + 3) * F``: the training-FLOPs formula of Chen et al. 2022's tables
-    (33 x F for PGD-10), with F the inference FLOPs of the final network. CE objective only (PGD-AT);
-    one network and one epoch count, so no density change over time and no earlier stage is in it."""
+    (33 x F for PGD-10), with F the inference FLOPs of the final network. One network and one epoch
+    count, so no density change over time and no earlier stage is in it. The formula is PGD-AT's (CE
+    objective): None for any other objective (a TRADES step is not (3k + 3) forwards)."""
     for name, value in (("epochs", epochs), ("train_images", train_images), ("attack_steps", attack_steps)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    if objective != "ce":
+        return None
     return float(epochs) * float(train_images) * (3 * attack_steps + 3) * float(inference_flops)
 
 
@@ -538,9 +542,6 @@ def flops_report(source: str | Path, overrides: list[str] | tuple[str, ...] = ()
                "effective": f * (densities or {}).get(n, 1.0)} for n, f in layer_flops.per_weight.items()]
     multi_stage = cfg.method.name in ("robust_bird", "boosting_ticket")
 
-    def table(f: float) -> float | None:  # the formula is PGD-AT's (CE); a TRADES step is not (3k + 3) forwards
-        return paper_table_flops(cfg.epochs, train_images, f, k) if objective == "ce" else None
-
     return {
         "source": str(path), "kind": kind, "model": spec["name"], "input_shape": [c, size, size],
         "num_classes": spec["num_classes"], "shapes_from": shapes_from, "densities_from": densities_from,
@@ -551,7 +552,8 @@ def flops_report(source: str | Path, overrides: list[str] | tuple[str, ...] = ()
         "epochs": cfg.epochs, "train_images": train_images,
         "run_flops_dense": cfg.epochs * train_images * mult * dense_f,
         "run_flops": cfg.epochs * train_images * mult * sparse_f,
-        "paper_table_run_flops_dense": table(dense_f), "paper_table_run_flops": table(sparse_f),
+        "paper_table_run_flops_dense": paper_table_flops(cfg.epochs, train_images, dense_f, k, objective),
+        "paper_table_run_flops": paper_table_flops(cfg.epochs, train_images, sparse_f, k, objective),
         "note": ("the run estimates cover the final (adversarial) stage only; the ticket search/finder stage "
                  "is extra" if multi_stage else ""),
     }

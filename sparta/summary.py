@@ -83,8 +83,7 @@ def training_cost(run: RunContext, masks: dict[str, torch.Tensor], cfg: Config, 
                                            objective=s["objective"]) for s in stages)
     final_f = inference_flops(final, mask_densities(masks) if masks else None)  # the slim network for a channel ticket
     epochs = int(run.stages[-1]["epochs"])  # the final stage's (recorded when it finished)
-    table = (paper_table_flops(epochs, train_images, final_f, attack_steps_of(cfg))
-             if cfg.objective.name == "ce" else None)
+    table = paper_table_flops(epochs, train_images, final_f, attack_steps_of(cfg), cfg.objective.name)
     return {"train_flops": cost.total, "train_flops_dense": dense_total,
             "train_flops_saving": savings(cost.total, dense_total),
             "train_flops_attack_full_backward": attack_full_backward_flops(stages),
