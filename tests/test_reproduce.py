@@ -179,7 +179,7 @@ def test_cpu_mini_plan_is_one_protocol(tmp_path):
     for role, cfg in cfgs.items():
         assert cfg.run_dir == tmp_path / "out" / "runs" / role
         # the shared protocol: data, model, attack, evaluation, precision are the same for every run
-        assert (cfg.data.train_subset, cfg.data.val_size, cfg.model.name, cfg.model.base_width) == (1000, 1000, "preact_resnet18", 16)
+        assert (cfg.data.train_subset, cfg.data.val_size, cfg.model.name, cfg.model.base_width) == (500, 1000, "preact_resnet18", 8)
         assert (cfg.attack.steps, cfg.attack.eps, cfg.eval.steps, cfg.eval.test_subset) == (3, 8 / 255, 10, 500)
         assert cfg.attack.alpha == pytest.approx(2.5 * cfg.attack.eps / 3)
         assert cfg.train.precision == "auto"
@@ -190,7 +190,7 @@ def test_cpu_mini_plan_is_one_protocol(tmp_path):
     # finder is as long as that schedule, with its lr steps
     a, b = cfgs["boosting_dense"].to_dict(), cfgs["boosting_ticket"].to_dict()
     assert {k for k in a if a[k] != b[k]} == {"name", "out_dir", "method"}
-    assert (cfgs["boosting_ticket"].method.finder_epochs, cfgs["boosting_ticket"].method.search_milestones) == (40, [20, 30])
+    assert (cfgs["boosting_ticket"].method.finder_epochs, cfgs["boosting_ticket"].method.search_milestones) == (50, [25, 38])
     # the control is the ticket from a random initialisation
     c = cfgs["boosting_control"].to_dict()
     assert {k for k in b if b[k] != c[k]} == {"name", "out_dir", "method"}
