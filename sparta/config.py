@@ -20,6 +20,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from .errors import ConfigError
+from .method_config import MethodConfig, drop_unused_settings, method_class, unknown_setting
 
 
 @dataclass
@@ -114,61 +115,6 @@ class EvalConfig:
 
 
 @dataclass
-class MethodConfig:
-    name: Literal["dense", "static", "flying_bird", "flying_bird_plus", "robust_bird", "boosting_ticket"] = "dense"
-    density: float = 0.2  # fraction of prunable weights kept (sparse methods)
-    distribution: Literal["igq", "erk", "er", "uniform"] = "igq"  # per-layer densities of the initial mask
-    exclude: list[str] = field(default_factory=list)  # fnmatch patterns of weights that stay dense
-    # Flying Bird (dynamic sparsity): topology update cadence, in iterations or in epochs (not both)
-    update_every: Optional[int] = 900
-    update_every_late: Optional[int] = 1200  # cadence in the second half of training; null = keep update_every
-    # in epochs instead (e.g. 2.5 = every 2.5 epochs' worth of iterations); when set, the two
-    # iteration settings above are ignored, and a null late cadence keeps update_every_epochs
-    update_every_epochs: Optional[float] = None
-    update_every_late_epochs: Optional[float] = None
-    growth: Literal["random", "gradient"] = "random"  # SET-style random or RigL-style dense-gradient growth
-    # where growth may land: exclusive = only positions inactive before the drop (RigL: a just-dropped
-    # weight is never regrown in the same update; every dropped and grown weight restarts at 0);
-    # authors = every position inactive after the drop, as in the paper's code (a weight dropped and
-    # re-drawn keeps its value and optimizer state, so fewer weights change per update)
-    regrowth: Literal["exclusive", "authors"] = "exclusive"
-    drop_fraction: float = 0.5  # cosine-decayed fraction of active weights replaced per update...
-    drop_fraction_final: float = 0.005  # ...down to this at the end of training
-    # Flying Bird+ (adaptive density)
-    adapt_from_epoch: Optional[int] = None  # null = half of the epochs (paper: 100 of 200)
-    window: int = 5  # evaluated epochs looked at (window - 1 differences)
-    threshold: float = 0.5  # fraction of the differences that must show the trend
-    extra_prune_fraction: float = 0.4  # prune-more: extra ceil(0.4 * r * nnz) per layer
-    extra_grow_fraction: float = 0.05  # grow-more: regrow 5% more than dropped
-    # Robust Bird and boosting tickets: a cheap first stage finds the ticket, the second trains it
-    search_attack: Optional[Literal["none", "fgsm", "pgd"]] = None  # null: none (robust_bird), fgsm (boosting)
-    search_lr: Optional[float] = None  # lr of the first stage; null: 0.1 (robust_bird),
-    #                                    0.01 for VGG and 0.05 otherwise (boosting_ticket, Li et al.)
-    # first-stage lr x optim.gamma at these epochs of that stage; [] = constant search_lr. The authors'
-    # Robust Bird: max_search_epochs=200 search_milestones=[50]; the boosting paper's finder:
-    # finder_epochs=100 search_milestones=[50, 75]
-    search_milestones: list[float] = field(default_factory=list)
-    # Robust Bird
-    pruning: Literal["unstructured", "channel"] = "unstructured"
-    max_search_epochs: int = 50  # the search ends at the early-bird ticket or after this many epochs
-    min_search_epochs: int = 0  # the ticket may not be drawn before the end of this search epoch
-    # compare the masks every N optimizer steps of the search (e.g. 352 = a CIFAR epoch of 45,000
-    # images at batch 128); null = after every epoch. The search still stops at an epoch's end
-    eb_every_steps: Optional[int] = None
-    # L1 penalty lambda * sum |gamma| on BatchNorm weights during the search (network slimming);
-    # null: 1e-4 for pruning=channel, 0 for unstructured
-    bn_l1: Optional[float] = None
-    eb_window: int = 5  # masks compared (the newest against the window - 1 older ones)
-    eb_threshold: Optional[float] = None  # max normalised Hamming distance; null: 0.08 unstructured, 0.1 channel
-    channel_density: Optional[float] = None  # fraction of BN channels kept; null: sqrt(density)
-    rewind: Literal["none", "init"] = "none"  # train the ticket from the early-bird weights or the initial ones
-    # boosting tickets
-    finder_epochs: int = 20
-    rounds: int = 1  # pruning rounds (iterative pruning when > 1)
-    reinit: Literal["none", "random"] = "none"  # random: same mask, fresh random weights (lottery-ticket control)
-
-
-@dataclass
 class CheckpointConfig:
     every_epochs: int = 1  # write checkpoints/last.pt every N epochs (and at the end)
     every_steps: Optional[int] = None  # also every N optimizer steps, mid-epoch (resume continues there)
@@ -218,10 +164,18 @@ class Config:
 # ---------------------------------------------------------------- building and checking
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults <- YAML file <- ``key=value`` overrides, checked and validated."""
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), *,
+                saved: bool = False) -> Config:
+    """Defaults <- YAML file <- ``key=value`` overrides, checked and validated. ``saved``: the file is
+    a run's own config.yaml, which may hold the unused method settings of older versions (dropped)."""
     raw: dict[str, Any] = read_yaml(path) if path is not None else {}
-    return from_dict(with_overrides(raw, overrides))
+    return from_dict(with_overrides(drop_unused_settings(raw) if saved else raw, overrides))
+
+
+def from_saved(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """The config a checkpoint or run directory saved (``raw``), with ``overrides``; the unused
+    method settings older versions saved are dropped first (``drop_unused_settings``)."""
+    return from_dict(with_overrides(drop_unused_settings(raw), overrides))
 
 
 def with_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
@@ -234,8 +188,9 @@ def with_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) 
 
 
 def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """The mapping in a YAML config; a top-level ``base: other.yaml`` (relative to this file) is
-    read first and this file's keys are merged over it, section by section."""
+    """The mapping in a YAML config. A top-level ``base:`` names other configs (one path or a list,
+    relative to this file): they are read first, merged in order, and this file's keys are merged over
+    them, section by section; so a preset can be a dataset's protocol plus a method's settings."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; give the path of a YAML file (see configs/)")
@@ -249,13 +204,14 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys to values, not {type(data).__name__}")
-    base = data.pop("base", None)
-    if base is None:
-        return data
-    base_path = (path.parent / str(base)).resolve()
-    if base_path in _seen:
-        raise ConfigError(f"config file {path}: base {base} includes itself")
-    return _merge(read_yaml(base_path, (*_seen, base_path)), data)
+    bases = data.pop("base", None)
+    merged: dict[str, Any] = {}
+    for base in [] if bases is None else bases if isinstance(bases, list) else [bases]:
+        base_path = (path.parent / str(base)).resolve()
+        if base_path in _seen:
+            raise ConfigError(f"config file {path}: base {base} includes itself")
+        merged = _merge(merged, read_yaml(base_path, (*_seen, base_path)))
+    return _merge(merged, data)
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -296,10 +252,14 @@ def from_dict(raw: dict[str, Any]) -> Config:
 def _build(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a section (mapping), got {raw!r}")
+    if cls is MethodConfig:  # the section's class is the one of its method.name
+        cls = method_class(raw)
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in raw.items():
+        if key not in names and issubclass(cls, MethodConfig):
+            raise unknown_setting(cls, str(key))
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(names)}"
@@ -400,35 +360,7 @@ def validate(cfg: Config) -> None:
     need(cfg.checkpoint.every_epochs >= 1, f"checkpoint.every_epochs must be >= 1, got {cfg.checkpoint.every_epochs}")
     need(cfg.checkpoint.every_steps is None or cfg.checkpoint.every_steps >= 1,
          f"checkpoint.every_steps must be >= 1 (or null for epoch ends only), got {cfg.checkpoint.every_steps}")
-    m = cfg.method
-    need(0 < m.density <= 1, f"method.density must be in (0, 1] (fraction of weights kept), got {m.density}")
-    need(0 < m.drop_fraction <= 1 and 0 <= m.drop_fraction_final <= 1,
-         f"method.drop_fraction must be in (0, 1] and drop_fraction_final in [0, 1], got {m.drop_fraction}, {m.drop_fraction_final}")
-    for key in ("update_every", "update_every_late", "update_every_epochs", "update_every_late_epochs"):
-        value = getattr(m, key)
-        need(value is None or value > 0, f"method.{key} must be > 0 (or null), got {value}")
-    need(m.update_every is not None or m.update_every_epochs is not None,
-         "set method.update_every (iterations) or method.update_every_epochs")
-    need(m.window >= 2, f"method.window must be >= 2 epochs, got {m.window}")
-    need(0 < m.threshold <= 1, f"method.threshold must be in (0, 1], got {m.threshold}")
-    need(m.adapt_from_epoch is None or m.adapt_from_epoch >= 0, f"method.adapt_from_epoch must be >= 0, got {m.adapt_from_epoch}")
-    need(m.max_search_epochs >= 1, f"method.max_search_epochs must be >= 1, got {m.max_search_epochs}")
-    need(0 <= m.min_search_epochs <= m.max_search_epochs,
-         f"method.min_search_epochs must be in [0, max_search_epochs={m.max_search_epochs}], got {m.min_search_epochs}: "
-         "lower it or raise method.max_search_epochs")
-    need(all(x >= 0 for x in m.search_milestones), f"method.search_milestones must be epochs >= 0, got {m.search_milestones}")
-    need(m.eb_every_steps is None or m.eb_every_steps >= 1,
-         f"method.eb_every_steps must be >= 1 (or null: after every epoch), got {m.eb_every_steps}")
-    need(m.bn_l1 is None or m.bn_l1 >= 0, f"method.bn_l1 must be >= 0 (or null for the default), got {m.bn_l1}")
-    need(m.finder_epochs >= 1, f"method.finder_epochs must be >= 1, got {m.finder_epochs}")
-    need(m.rounds >= 1, f"method.rounds must be >= 1, got {m.rounds}")
-    need(m.eb_window >= 2, f"method.eb_window must be >= 2, got {m.eb_window}")
-    need(m.eb_threshold is None or 0 <= m.eb_threshold <= 1, f"method.eb_threshold must be in [0, 1], got {m.eb_threshold}")
-    need(m.channel_density is None or 0 < m.channel_density <= 1,
-         f"method.channel_density must be in (0, 1], got {m.channel_density}")
-    need(m.search_lr is None or m.search_lr > 0, f"method.search_lr must be > 0, got {m.search_lr}")
-    need(m.name != "flying_bird_plus" or (cfg.data.val_size != 0 and cfg.eval.attack != "none"),
-         "method.name=flying_bird_plus needs a validation split evaluated under attack (data.val_size > 0, eval.attack != none)")
+    cfg.method.check(cfg)
     need(cfg.objective.name != "trades" or cfg.attack.name == "pgd",
          "objective.name=trades generates its own KL attack: set attack.name=pgd (its eps/alpha/steps are used)")
 

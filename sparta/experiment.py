@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import checkpoint
-from .config import Config, dump_yaml, from_dict, load_config, with_overrides
+from .config import Config, dump_yaml, from_saved, load_config
 from .data import load_dataset
 from .data.base import DatasetSplits, ImageSet
 from .data.loader import DeviceLoader
@@ -61,8 +61,8 @@ def prepare_resume(run_dir: str | Path, overrides: list[str], *, force: bool) ->
     """The config of a run to resume; overrides that change it are refused unless ``force``."""
     rd = RunDir(run_dir)
     rd.require_run()
-    saved = load_config(rd.config)
-    cfg = load_config(rd.config, overrides)
+    saved = load_config(rd.config, saved=True)
+    cfg = load_config(rd.config, overrides, saved=True)
     changed = changed_keys(saved.to_dict(), cfg.to_dict())
     if changed and not force:
         raise ConfigError(f"resume would change {', '.join(changed)} of {run_dir}; drop those overrides or pass --force")
@@ -71,11 +71,13 @@ def prepare_resume(run_dir: str | Path, overrides: list[str], *, force: bool) ->
 
 
 def changed_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts (a key only one of them has included:
+    two methods have different settings)."""
     keys = []
-    for k in a:
-        if isinstance(a[k], dict):
+    for k in [*a, *(k for k in b if k not in a)]:
+        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
             keys += changed_keys(a[k], b[k], f"{prefix}{k}.")
-        elif a[k] != b[k]:
+        elif k not in a or k not in b or a[k] != b[k]:
             keys.append(f"{prefix}{k}")
     return keys
 
@@ -284,7 +286,7 @@ def evaluate_checkpoint(path: str | Path, *, attack: str = "pgd", overrides: lis
         require_autoattack()  # before any work
     path = Path(path)
     state = checkpoint.load(path)
-    cfg = from_dict(with_overrides(state.config, overrides))
+    cfg = from_saved(state.config, overrides)
     if n_examples is not None:
         if n_examples < 1:
             raise ConfigError(f"--n-examples must be >= 1, got {n_examples}")

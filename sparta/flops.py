@@ -479,12 +479,14 @@ def _config_densities(cfg: Any, model: nn.Module) -> tuple[dict[str, float] | No
     if m.name == "robust_bird" and m.pruning == "channel":
         return None, ("dense: a channel ticket is a smaller network only known once drawn; "
                       "run `sparta flops` on its checkpoint")
-    masks = MaskSet.random(model, m.density, m.distribution, seed=0, exclude=m.exclude)
+    # a ticket's layer densities are only known once drawn: IGQ's stand in for them
+    distribution = getattr(m, "distribution", "igq")
+    masks = MaskSet.random(model, m.density, distribution, seed=0, exclude=m.exclude)
     if m.name in ("static", "flying_bird", "flying_bird_plus"):
-        what = f"initial mask of {m.name}: {m.distribution} layer densities at density {m.density:g}"
+        what = f"initial mask of {m.name}: {distribution} layer densities at density {m.density:g}"
     else:
         what = (f"estimate for {m.name}: the ticket's layer densities are only known once drawn; "
-                f"shown: {m.distribution} layer densities at density {m.density:g}")
+                f"shown: {distribution} layer densities at density {m.density:g}")
     return mask_densities(masks), what
 
 
@@ -499,7 +501,7 @@ def flops_report(source: str | Path, overrides: list[str] | tuple[str, ...] = ()
     checkpoint's, with ``overrides`` applied.
     """
     from . import checkpoint
-    from .config import from_dict, load_config, with_overrides
+    from .config import from_saved, load_config
     from .netspec import build_model
 
     path = Path(source)
@@ -519,7 +521,7 @@ def flops_report(source: str | Path, overrides: list[str] | tuple[str, ...] = ()
         state = checkpoint.load(path)
         if not isinstance(state.config, dict):
             raise CheckpointError(f"{path} holds no config; cannot tell its attack and schedule")
-        cfg = from_dict(with_overrides(state.config, overrides))
+        cfg = from_saved(state.config, overrides)
         spec = state.model_spec
         model = build_model(spec)
         c, size = spec["in_channels"], spec["image_size"]

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, cast
 
 import torch
 
 from .config import Config
 from .errors import ConfigError
+from .method_config import (BoostingTicketConfig, FlyingBirdConfig, FlyingBirdPlusConfig, RandomMaskConfig,
+                            RobustBirdConfig)
 from .netspec import build_model, example_input
 from .registry import Registry
 from .sparse.controllers import AdaptiveDensity, Dense, DynamicSparse, SparsityController, Static
@@ -35,7 +37,7 @@ def _dense(cfg: Config, run: RunContext, optimizer: torch.optim.Optimizer, steps
 
 
 def _random_masks(cfg: Config, run: RunContext) -> MaskSet:
-    m = cfg.method
+    m = cast(RandomMaskConfig, cfg.method)
     return MaskSet.random(run.model, m.density, m.distribution, seed=cfg.seed, exclude=m.exclude)
 
 
@@ -45,7 +47,7 @@ def _cadence(epochs: float, steps_per_epoch: int) -> int:
 
 
 def _dynamic_args(cfg: Config, steps_per_epoch: int) -> dict[str, Any]:
-    m = cfg.method
+    m = cast(FlyingBirdConfig, cfg.method)
     if m.update_every_epochs is not None:  # cadence in epochs: the iteration settings do not apply
         early = _cadence(m.update_every_epochs, steps_per_epoch)
         late = _cadence(m.update_every_late_epochs, steps_per_epoch) if m.update_every_late_epochs else None
@@ -66,7 +68,7 @@ def _flying_bird(cfg: Config, run: RunContext, optimizer: torch.optim.Optimizer,
 
 
 def _flying_bird_plus(cfg: Config, run: RunContext, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> SparsityController:
-    m = cfg.method
+    m = cast(FlyingBirdPlusConfig, cfg.method)
     return AdaptiveDensity(run.model, optimizer, _random_masks(cfg, run), steps_per_epoch=steps_per_epoch,
                            adapt_from_epoch=cfg.epochs // 2 if m.adapt_from_epoch is None else m.adapt_from_epoch,
                            window=m.window, threshold=m.threshold, extra_prune_fraction=m.extra_prune_fraction,
@@ -142,7 +144,7 @@ def robust_bird(cfg: Config) -> list[Stage]:
     """
     from .sparse.early_bird import DEFAULT_BN_L1, EarlyBirdSearch
 
-    m = cfg.method
+    m = cast(RobustBirdConfig, cfg.method)
     search = search_config(cfg, epochs=m.max_search_epochs, attack=m.search_attack or "none", lr=m.search_lr or 0.1,
                            milestones=m.search_milestones)
     bn_l1 = DEFAULT_BN_L1[m.pruning] if m.bn_l1 is None else m.bn_l1
@@ -213,7 +215,7 @@ def boosting_ticket(cfg: Config) -> list[Stage]:
     """
     from .sparse.tickets import iterative_densities, layer_normalized_masks, reinit_, rewind_model_
 
-    m = cfg.method
+    m = cast(BoostingTicketConfig, cfg.method)
     lr = m.search_lr or (0.01 if cfg.model.name.startswith("vgg") else 0.05)
     finder = search_config(cfg, epochs=m.finder_epochs, attack=m.search_attack or "fgsm", lr=lr,
                            milestones=m.search_milestones)

@@ -98,9 +98,12 @@ CPU_MINI_ROLE: dict[str, list[str]] = {
 # a one-epoch run of any profile on a few images: checks that every stage runs, nothing more
 SMOKE: list[str] = ["epochs=1", "data.val_size=32", "data.train_subset=64", "batch_size=32", "attack.steps=2",
                     "eval.steps=2", "eval.val_subset=32", "eval.test_subset=32", "eval.gap_subset=32",
-                    "method.max_search_epochs=1", "method.finder_epochs=1", "method.search_milestones=[]",
-                    "optim.milestones=[1]",
-                    "optim.warmup_epochs=0", "progress=none"]
+                    "optim.milestones=[1]", "optim.warmup_epochs=0", "progress=none"]
+# ... and one epoch of each ticket search (the settings of the methods that have one)
+SEARCH_SMOKE = ["method.max_search_epochs=1", "method.search_milestones=[]"]
+FINDER_SMOKE = ["method.finder_epochs=1", "method.search_milestones=[]"]
+SMOKE_ROLE: dict[str, list[str]] = {"robust_bird": SEARCH_SMOKE, "robust_bird_channel": SEARCH_SMOKE,
+                                    "boosting_ticket": FINDER_SMOKE, "boosting_control": FINDER_SMOKE}
 
 
 @dataclass(frozen=True)
@@ -168,7 +171,7 @@ def plan(profile: str, dataset: str, data_root: str | Path, out: str | Path, *, 
             if profile == "cpu-mini":
                 args += CPU_MINI + CPU_MINI_ROLE.get(role, [])
             if smoke:
-                args += SMOKE
+                args += SMOKE + SMOKE_ROLE.get(role, [])
             runs.append(PlannedRun(role, PRESETS / f"{dataset}_{ROLES[role]}.yaml", (*args, *overrides), run_dir, seed))
     return runs
 
@@ -184,7 +187,7 @@ def check_existing(run: PlannedRun, wanted: Any) -> None:
 
     if not (run.run_dir / "config.yaml").is_file():
         return
-    saved = load_config(run.run_dir / "config.yaml")
+    saved = load_config(run.run_dir / "config.yaml", saved=True)
     changed = [k for k in changed_keys(saved.to_dict(), wanted.to_dict()) if k not in MAY_DIFFER]
     if changed:
         raise SpartaError(f"{run.run_dir} holds a {run.name} run with other settings ({', '.join(changed)}); "

@@ -47,6 +47,9 @@ def test_resume_of_a_finished_run_with_more_epochs(run_dir):
     (["data.name=imagenet"], "unknown dataset 'imagenet'; valid:"),
     (["method.name=magic"], "method.name must be one of"),
     (["optim.lrr=0.1"], "did you mean optim.lr"),
+    # a setting of another method is refused, naming the chosen method's own settings
+    (["method.name=robust_bird", "method.window=3"],
+     "method.window is a setting of flying_bird_plus, not of robust_bird; robust_bird's settings: name, density"),
     (["batch_size=100000"], "larger than the"),
     (["data.name=mnist", "data.root=/nonexistent/folder"], "mnist"),
     (["device=cuda"], "CUDA is not available"),
@@ -80,3 +83,4 @@ def test_demo_says_what_its_comparison_means():
     text = comparison(rows)
     assert text.startswith("Flying Bird kept 20% of the weights and trained at 40% of dense's training FLOPs; its final")
     assert "2.4 points below dense's (79.2% vs 81.6%" in text and "sparta reproduce" in text
+

@@ -38,19 +38,19 @@ def test_yaml_fraction_and_int_to_float(tmp_path):
     (["lr"], "must look like key=value"),
     (["data.augment=maybe"], "data.augment must be of type bool"),
     (["objective.name=trades", "attack.name=fgsm"], "objective.name=trades"),
-    (["method.density=0"], "method.density must be in (0, 1]"),
-    (["method.density=1.5"], "method.density must be in (0, 1]"),
+    (["method.name=static", "method.density=0"], "method.density must be in (0, 1]"),
+    (["method.name=static", "method.density=1.5"], "method.density must be in (0, 1]"),
     (["method.name=flying_bird_plus", "data.val_size=0"], "needs a validation split"),
-    (["method.update_every=0"], "method.update_every must be > 0"),
-    (["method.regrowth=rigl"], "method.regrowth must be one of exclusive, authors"),
-    (["method.min_search_epochs=51"], "method.min_search_epochs must be in [0, max_search_epochs=50], got 51"),
-    (["method.max_search_epochs=10", "method.min_search_epochs=11"], "raise method.max_search_epochs"),
-    (["method.min_search_epochs=-1"], "method.min_search_epochs must be in [0,"),
-    (["method.eb_every_steps=0"], "method.eb_every_steps must be >= 1"),
-    (["method.eb_every_steps=1.5"], "method.eb_every_steps must be of type int"),
-    (["method.bn_l1=-1e-4"], "method.bn_l1 must be >= 0"),
-    (["method.search_milestones=[-1]"], "method.search_milestones must be epochs >= 0"),
-    (["method.search_milestones=50"], "method.search_milestones must be a list"),
+    (["method.name=flying_bird", "method.update_every=0"], "method.update_every must be > 0"),
+    (["method.name=flying_bird", "method.regrowth=rigl"], "method.regrowth must be one of exclusive, authors"),
+    (["method.name=robust_bird", "method.min_search_epochs=51"], "method.min_search_epochs must be in [0, max_search_epochs=50], got 51"),
+    (["method.name=robust_bird", "method.max_search_epochs=10", "method.min_search_epochs=11"], "raise method.max_search_epochs"),
+    (["method.name=robust_bird", "method.min_search_epochs=-1"], "method.min_search_epochs must be >= 0"),
+    (["method.name=robust_bird", "method.eb_every_steps=0"], "method.eb_every_steps must be >= 1"),
+    (["method.name=robust_bird", "method.eb_every_steps=1.5"], "method.eb_every_steps must be of type int"),
+    (["method.name=robust_bird", "method.bn_l1=-1e-4"], "method.bn_l1 must be >= 0"),
+    (["method.name=robust_bird", "method.search_milestones=[-1]"], "each item of method.search_milestones must be >= 0"),
+    (["method.name=boosting_ticket", "method.search_milestones=50"], "method.search_milestones must be a list"),
 ])
 def test_bad_values_are_one_line(override, message):
     with pytest.raises(ConfigError) as e:
@@ -98,6 +98,84 @@ def test_base_files_merge_section_by_section(tmp_path):
         load_config(tmp_path / "c.yaml")
 
 
+def test_base_list_merges_in_order_then_the_file(tmp_path):
+    (tmp_path / "proto.yaml").write_text("epochs: 7\noptim: {lr: 0.3, momentum: 0.5}\n")
+    (tmp_path / "method.yaml").write_text("optim: {lr: 0.2}\nmethod: {name: static, density: 0.5}\n")
+    (tmp_path / "run.yaml").write_text("base: [proto.yaml, method.yaml]\nmethod: {density: 0.25}\n")
+    cfg = load_config(tmp_path / "run.yaml")
+    assert (cfg.epochs, cfg.optim.lr, cfg.optim.momentum) == (7, 0.2, 0.5)
+    assert (cfg.method.name, cfg.method.density) == ("static", 0.25)
+
+
+def test_dataset_presets_take_their_method_from_one_file():
+    """Each method's paper settings are written once (configs/methods/), whatever the dataset."""
+    methods = ROOT / "configs" / "methods"
+    for fragment in ("flying_bird", "flying_bird_plus", "robust_bird", "robust_bird_channel", "boosting_ticket"):
+        want = load_config(methods / f"{fragment}.yaml").method
+        for dataset in ("cifar10", "cifar100", "tinyimagenet"):
+            assert load_config(ROOT / "configs" / f"{dataset}_{fragment}.yaml").method == want, (dataset, fragment)
+    vgg = load_config(ROOT / "configs" / "cifar10_vgg16_boosting_ticket.yaml")
+    assert (vgg.model.name, vgg.method.search_lr, vgg.method.finder_epochs) == ("vgg16_bn", 0.01, 100)
+
+
+def test_each_method_has_its_own_settings():
+    from sparta.method_config import METHOD_CONFIGS
+    from sparta.methods import METHODS
+
+    assert sorted(METHOD_CONFIGS) == METHODS.names()
+    assert list(load_config(None).to_dict()["method"]) == ["name"]  # dense has no settings
+    rb = load_config(None, ["method.name=robust_bird"]).method
+    assert not hasattr(rb, "window") and not hasattr(rb, "distribution") and rb.max_search_epochs == 50
+    fbp = load_config(None, ["method.name=flying_bird_plus", "method.window=3"]).method
+    assert (fbp.window, fbp.update_every, fbp.regrowth) == (3, 900, "exclusive")  # its own and Flying Bird's
+    with pytest.raises(ConfigError, match="method.density is a setting of static, .*not of dense; dense's settings: name$"):
+        load_config(None, ["method.density=0.5"])
+    with pytest.raises(ConfigError, match="method.colour is not a setting of static"):
+        load_config(None, ["method.name=static", "method.colour=red"])
+
+
+def test_every_declared_range_refuses_a_value_outside_it():
+    """Each setting with a declared range (``setting(default, "in (0, 1]")``) is checked: a value just
+    outside the range is one ConfigError naming the key; the bound itself passes where it is closed."""
+    import dataclasses
+    import re
+
+    from sparta.method_config import METHOD_CONFIGS
+
+    checked = 0
+    for name, cls in METHOD_CONFIGS.items():
+        for f in dataclasses.fields(cls):
+            rule = f.metadata.get("must")
+            if rule is None:
+                continue
+            bounds = [float(x) for x in re.findall(r"-?\d+(?:\.\d+)?", rule)]
+            outside = bounds[0] - 1 if rule.startswith(">=") or "[" in rule else bounds[0]  # just out at the low end
+            value = [outside] if isinstance(f.default, list) or f.default_factory is not dataclasses.MISSING else outside
+            if isinstance(value, float) and "int" in str(f.type):
+                value = int(value)
+            with pytest.raises(ConfigError, match=f"method.{f.name} must be {re.escape(rule)}"):
+                load_config(None, [f"method.name={name}", f"method.{f.name}={value}"])
+            checked += 1
+    assert checked >= 20
+    assert load_config(None, ["method.name=static", "method.density=1"]).method.density == 1.0  # ] is closed
+
+
+def test_a_saved_config_with_other_methods_settings_still_loads(tmp_path):
+    """Run directories written before one class per method hold every method's settings; they load
+    (the unused ones dropped) where a config written by a user would be refused."""
+    old = ROOT / "tests" / "data" / "boosting_run_v1" / "config.yaml"
+    with pytest.raises(ConfigError, match="method.distribution is a setting of static, flying_bird"):
+        load_config(old)
+    cfg = load_config(old, saved=True)
+    assert cfg.method.name == "boosting_ticket" and not hasattr(cfg.method, "update_every")
+    assert cfg.method.finder_epochs == 1
+    # keys no method has are still refused
+    p = tmp_path / "config.yaml"
+    p.write_text("method: {name: dense, window: 5, colour: red}\n")
+    with pytest.raises(ConfigError, match="method.colour"):
+        load_config(p, saved=True)
+
+
 def test_paper_flying_bird_plus_preset():
     cfg = load_config(ROOT / "configs" / "cifar10_flying_bird_plus.yaml")
     assert cfg.method.name == "flying_bird_plus" and cfg.method.density == 0.2
@@ -113,7 +191,7 @@ def test_flying_bird_presets_use_the_authors_regrowth_and_the_default_keeps_the_
     for p in presets:
         expected = "exclusive" if p.name.startswith("demo") else "authors"
         assert load_config(p).method.regrowth == expected, p.name
-    assert load_config(None).method.regrowth == "exclusive"
+    assert load_config(None, ["method.name=flying_bird"]).method.regrowth == "exclusive"
     cfg = load_config(ROOT / "configs" / "cifar10_flying_bird.yaml")
     assert _dynamic_args(cfg, steps_per_epoch=352)["regrowth"] == "authors"
 

@@ -1,0 +1,216 @@
+"""The ``method:`` section of a config: one dataclass per ``method.name``, each with only its settings.
+
+A setting declares its default and, where it has one, its range (``setting(50, ">= 1")``); the
+checks and their one-line errors are generated from the declaration. Methods that share settings
+share a base class: every sparse method has ``density`` and ``exclude``, the random-mask methods add
+``distribution``, the ticket methods (a cheap first stage finds the mask) add the search settings.
+``METHOD_CONFIGS`` maps ``method.name`` to its class; a new method adds its class there and its
+recipe to ``sparta.methods.METHODS``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Literal, Optional
+
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .config import Config
+
+_RANGE = re.compile(r"^(?:(>=|>) *(\S+)|in ([(\[]) *(\S+), *(\S+) *([)\]]))$")
+
+
+def _predicate(rule: str) -> Callable[[float], bool]:
+    """``">= 1"``, ``"> 0"`` or an interval such as ``"in (0, 1]"`` as a test of a number."""
+    found = _RANGE.match(rule)
+    if found is None:
+        raise ValueError(f"not a range: {rule!r}")
+    op, bound, left, low, high, right = found.groups()
+    if op:
+        b = float(bound)
+        return (lambda v: v >= b) if op == ">=" else (lambda v: v > b)
+    lo, hi = float(low), float(high)
+    return lambda v: (v >= lo if left == "[" else v > lo) and (v <= hi if right == "]" else v < hi)
+
+
+def setting(default: Any, must: str | None = None) -> Any:
+    """A method setting with its ``default`` and the range its value (each item of a list) ``must``
+    lie in, e.g. ``">= 1"``, ``"in (0, 1]"``; None (for settings that allow it) is always valid."""
+    metadata = {"must": must, "ok": _predicate(must)} if must else {}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class MethodConfig:
+    """Dense adversarial training (``dense``): no settings besides the name."""
+
+    name: str = "dense"
+
+    def check(self, cfg: "Config") -> None:
+        """Declared ranges, then the rules that tie settings together (overridden where a method has them)."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            if "ok" not in f.metadata:
+                continue
+            value = getattr(self, f.name)
+            values = value if isinstance(value, list) else [value]
+            if any(v is not None and not f.metadata["ok"](v) for v in values):
+                what = f"each item of method.{f.name}" if isinstance(value, list) else f"method.{f.name}"
+                null = " (or null)" if type(None) in typing.get_args(hints[f.name]) else ""
+                raise ConfigError(f"{what} must be {f.metadata['must']}{null}, got {value}")
+
+
+@dataclass
+class SparseConfig(MethodConfig):
+    density: float = setting(0.2, "in (0, 1]")  # fraction of prunable (conv + linear) weights kept
+    exclude: list[str] = setting([])  # fnmatch patterns of weights that stay dense
+
+
+@dataclass
+class RandomMaskConfig(SparseConfig):
+    """Random static sparsity (``static``): a random mask at ``density`` with ``distribution``'s layer densities."""
+
+    name: str = "static"
+    distribution: Literal["igq", "erk", "er", "uniform"] = "igq"  # per-layer densities of the initial mask
+
+
+@dataclass
+class FlyingBirdConfig(RandomMaskConfig):
+    """Flying Bird (``flying_bird``): dynamic sparsity, a drop-and-grow topology update at a cadence."""
+
+    name: str = "flying_bird"
+    # topology update cadence, in iterations or in epochs (not both)
+    update_every: Optional[int] = setting(900, "> 0")
+    update_every_late: Optional[int] = setting(1200, "> 0")  # in the second half of training; null = update_every
+    # in epochs instead (e.g. 2.5 = every 2.5 epochs' worth of iterations); when set, the two
+    # iteration settings above are ignored, and a null late cadence keeps update_every_epochs
+    update_every_epochs: Optional[float] = setting(None, "> 0")
+    update_every_late_epochs: Optional[float] = setting(None, "> 0")
+    growth: Literal["random", "gradient"] = "random"  # SET-style random or RigL-style dense-gradient growth
+    # where growth may land: exclusive = only positions inactive before the drop (RigL: a just-dropped
+    # weight is never regrown in the same update; every dropped and grown weight restarts at 0);
+    # authors = every position inactive after the drop, as in the paper's code (a weight dropped and
+    # re-drawn keeps its value and optimizer state, so fewer weights change per update)
+    regrowth: Literal["exclusive", "authors"] = "exclusive"
+    drop_fraction: float = setting(0.5, "in (0, 1]")  # cosine-decayed fraction of active weights replaced per update...
+    drop_fraction_final: float = setting(0.005, "in [0, 1]")  # ...down to this at the end of training
+
+    def check(self, cfg: "Config") -> None:
+        super().check(cfg)
+        if self.update_every is None and self.update_every_epochs is None:
+            raise ConfigError("set method.update_every (iterations) or method.update_every_epochs")
+
+
+@dataclass
+class FlyingBirdPlusConfig(FlyingBirdConfig):
+    """Flying Bird+ (``flying_bird_plus``): Flying Bird whose density reacts to robust overfitting."""
+
+    name: str = "flying_bird_plus"
+    adapt_from_epoch: Optional[int] = setting(None, ">= 0")  # null = half of the epochs (paper: 100 of 200)
+    window: int = setting(5, ">= 2")  # evaluated epochs looked at (window - 1 differences)
+    threshold: float = setting(0.5, "in (0, 1]")  # fraction of the differences that must show the trend
+    extra_prune_fraction: float = setting(0.4, "in [0, 1]")  # prune-more: extra ceil(0.4 * r * nnz) per layer
+    extra_grow_fraction: float = setting(0.05, ">= 0")  # grow-more: regrow 5% more than dropped
+
+    def check(self, cfg: "Config") -> None:
+        super().check(cfg)
+        if cfg.data.val_size == 0 or cfg.eval.attack == "none":
+            raise ConfigError("method.name=flying_bird_plus needs a validation split evaluated under attack "
+                              "(data.val_size > 0, eval.attack != none)")
+
+
+@dataclass
+class TicketConfig(SparseConfig):
+    """Settings of the ticket methods: a cheap first stage finds the ticket, the second trains it."""
+
+    search_attack: Optional[Literal["none", "fgsm", "pgd"]] = None  # null: none (robust_bird), fgsm (boosting)
+    search_lr: Optional[float] = setting(None, "> 0")  # lr of the first stage; null: 0.1 (robust_bird),
+    #                                    0.01 for VGG and 0.05 otherwise (boosting_ticket, Li et al.)
+    # first-stage lr x optim.gamma at these epochs of that stage; [] = constant search_lr. The authors'
+    # Robust Bird: max_search_epochs=200 search_milestones=[50]; the boosting paper's finder:
+    # finder_epochs=100 search_milestones=[50, 75]
+    search_milestones: list[float] = setting([], ">= 0")
+
+
+@dataclass
+class RobustBirdConfig(TicketConfig):
+    """Robust Bird (``robust_bird``): search until the early-bird ticket, then train the ticket adversarially."""
+
+    name: str = "robust_bird"
+    pruning: Literal["unstructured", "channel"] = "unstructured"
+    max_search_epochs: int = setting(50, ">= 1")  # the search ends at the early-bird ticket or after this many epochs
+    min_search_epochs: int = setting(0, ">= 0")  # the ticket may not be drawn before the end of this search epoch
+    # compare the masks every N optimizer steps of the search (e.g. 352 = a CIFAR epoch of 45,000
+    # images at batch 128); null = after every epoch. The search still stops at an epoch's end
+    eb_every_steps: Optional[int] = setting(None, ">= 1")
+    # L1 penalty lambda * sum |gamma| on BatchNorm weights during the search (network slimming);
+    # null: 1e-4 for pruning=channel, 0 for unstructured
+    bn_l1: Optional[float] = setting(None, ">= 0")
+    eb_window: int = setting(5, ">= 2")  # masks compared (the newest against the window - 1 older ones)
+    eb_threshold: Optional[float] = setting(None, "in [0, 1]")  # max normalised Hamming distance; null: 0.08 unstructured, 0.1 channel
+    channel_density: Optional[float] = setting(None, "in (0, 1]")  # fraction of BN channels kept; null: sqrt(density)
+    rewind: Literal["none", "init"] = "none"  # train the ticket from the early-bird weights or the initial ones
+
+    def check(self, cfg: "Config") -> None:
+        super().check(cfg)
+        if self.min_search_epochs > self.max_search_epochs:
+            raise ConfigError(f"method.min_search_epochs must be in [0, max_search_epochs={self.max_search_epochs}], "
+                              f"got {self.min_search_epochs}: lower it or raise method.max_search_epochs")
+
+
+@dataclass
+class BoostingTicketConfig(TicketConfig):
+    """Boosting tickets (``boosting_ticket``): a short finder, prune, rewind, retrain adversarially."""
+
+    name: str = "boosting_ticket"
+    finder_epochs: int = setting(20, ">= 1")
+    rounds: int = setting(1, ">= 1")  # pruning rounds (iterative pruning when > 1)
+    reinit: Literal["none", "random"] = "none"  # random: same mask, fresh random weights (lottery-ticket control)
+
+
+METHOD_CONFIGS: dict[str, type[MethodConfig]] = {
+    "dense": MethodConfig, "static": RandomMaskConfig, "flying_bird": FlyingBirdConfig,
+    "flying_bird_plus": FlyingBirdPlusConfig, "robust_bird": RobustBirdConfig, "boosting_ticket": BoostingTicketConfig,
+}
+
+
+def setting_names(cls: type[MethodConfig]) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def method_class(raw: dict[str, Any]) -> type[MethodConfig]:
+    """The class of a raw ``method:`` mapping, chosen by its ``name`` (dense when absent)."""
+    name = raw.get("name", "dense")
+    if name not in METHOD_CONFIGS:
+        raise ConfigError(f"method.name must be one of {', '.join(METHOD_CONFIGS)}; got {name!r}")
+    return METHOD_CONFIGS[name]
+
+
+def unknown_setting(cls: type[MethodConfig], key: str) -> ConfigError:
+    """The error for a ``method.<key>`` that ``cls``'s method does not have, naming its settings
+    (and the methods that do have ``key``)."""
+    own = setting_names(cls)
+    method = cls().name
+    others = [n for n, c in METHOD_CONFIGS.items() if key in setting_names(c)]
+    where = f"a setting of {', '.join(others)}, not of {method}" if others else f"not a setting of {method}"
+    return ConfigError(f"method.{key} is {where}; {method}'s settings: {', '.join(own)}")
+
+
+def drop_unused_settings(raw: dict[str, Any]) -> dict[str, Any]:
+    """A saved config's mapping without the ``method:`` keys its method does not have.
+
+    Configs written before one class per method held every method's settings, those of other
+    methods unused; they are dropped on reading a saved run, so it loads and resumes as it trained.
+    Keys no method has are kept (and refused by the config checks).
+    """
+    method = raw.get("method")
+    if not isinstance(method, dict):
+        return raw
+    own = setting_names(method_class(method))
+    known = {n for c in METHOD_CONFIGS.values() for n in setting_names(c)}
+    return {**raw, "method": {k: v for k, v in method.items() if k in own or k not in known}}
