@@ -18,7 +18,8 @@ from .errors import Interrupted, SpartaError
 
 
 class ConsoleProgress:
-    """A progress bar on a terminal; nothing per batch otherwise (epoch lines come from ``on_epoch``)."""
+    """A tqdm bar over each epoch's batches on a terminal (``progress: bar``, or ``auto`` on a tty);
+    nothing per batch otherwise (``lines``, ``none``: epoch lines come from ``on_epoch``)."""
 
     def __init__(self, mode: str, stream=sys.stderr):
         self.stream = stream
@@ -26,16 +27,11 @@ class ConsoleProgress:
 
     def batches(self, it: Iterator, total: int, epoch: int) -> Iterator:
         if not self.bar:
-            yield from it
-            return
-        start = time.perf_counter()
-        for i, item in enumerate(it, 1):
-            yield item
-            done = int(30 * i / total)
-            rate = i / max(time.perf_counter() - start, 1e-9)
-            self.stream.write(f"\repoch {epoch + 1} [{'#' * done}{'.' * (30 - done)}] {i}/{total} {rate:.1f} it/s")
-            self.stream.flush()
-        self.stream.write("\r" + " " * 70 + "\r")
+            return it
+        from tqdm import tqdm
+
+        return tqdm(it, total=total, desc=f"epoch {epoch + 1}", unit="batch", file=self.stream, leave=False,
+                    dynamic_ncols=True)
 
 
 def epoch_line(record: dict[str, Any]) -> str:
@@ -49,14 +45,11 @@ def epoch_line(record: dict[str, Any]) -> str:
 
 
 def table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
-    """A plain-text table; ``columns`` is [(key, header)]; floats get one decimal."""
-    cells = [[h for _, h in columns]] + [
-        [f"{r[k]:.1f}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k, _ in columns] for r in rows
-    ]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    """A plain-text table; ``columns`` is [(key, header)]; floats get one decimal, a missing value "-"."""
+    from tabulate import tabulate
+
+    cells = [[f"{v:.1f}" if isinstance(v, float) else v for v in (r.get(k) for k, _ in columns)] for r in rows]
+    return tabulate(cells, headers=[h for _, h in columns], missingval="-", disable_numparse=True)
 
 
 def launch_torchrun(nproc: int, args: argparse.Namespace) -> int:

@@ -84,3 +84,21 @@ def test_demo_says_what_its_comparison_means():
     assert text.startswith("Flying Bird kept 20% of the weights and trained at 40% of dense's training FLOPs; its final")
     assert "2.4 points below dense's (79.2% vs 81.6%" in text and "sparta reproduce" in text
 
+
+def test_table_formats_floats_and_marks_missing_values():
+    from sparta.cli import table
+
+    out = table([{"name": "a", "ra": 23.456, "n": 3}, {"name": "bb", "ra": None}], [("name", "run"), ("ra", "RA"), ("n", "n")])
+    assert out.splitlines() == ["run    RA    n", "-----  ----  ---", "a      23.5  3", "bb     -     -"]
+
+
+def test_progress_bar_only_where_asked():
+    import io
+
+    from sparta.cli import ConsoleProgress
+
+    for mode, drawn in (("bar", True), ("auto", False), ("lines", False), ("none", False)):  # StringIO is no terminal
+        stream = io.StringIO()
+        assert list(ConsoleProgress(mode, stream).batches(iter(range(5)), 5, epoch=2)) == list(range(5))
+        assert ("epoch 3" in stream.getvalue()) == drawn, mode
+        assert drawn or stream.getvalue() == ""
