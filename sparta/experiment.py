@@ -6,9 +6,7 @@ pieces, resuming from ``checkpoints/last.pt``, evaluating each epoch, keeping th
 """
 from __future__ import annotations
 
-import time
 import warnings
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,21 +19,21 @@ from .data import load_dataset
 from .data.base import DatasetSplits, ImageSet
 from .data.loader import DeviceLoader
 from .distributed import Distributed, resolve_device, setup
-from .errors import CheckpointError, ConfigError, DivergedError
-from .evaluate import evaluate
+from .epoch import StageRun, end_epoch, end_step, save_checkpoint
+from .errors import CheckpointError, ConfigError
 from .layout import channels_last_problem
 from .methods import build_recipe
 from .netspec import build_model, model_spec
 from .objectives import build_objective
 from .precision import StepPrecision, resolve_precision
-from .protocol import eval_attack, eval_protocol, improves
+from .protocol import eval_attack, eval_protocol
 from .rundir import RunDir, TensorBoardLog, dumps, write_text_atomic
 from .schedules import LrSchedule
 from .signals import StopRequests
 from .sparse.controllers import SparsityController
 from .stages import RunContext, Stage
 from .summary import summarize
-from .train import EpochStats, Progress, Silent, TrainState, fit
+from .train import Progress, Silent, TrainState, fit
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
@@ -154,8 +152,6 @@ def _run_stage(stages: list[Stage], index: int, run: RunContext, data: DatasetSp
     controller = stage.controller(cfg, run, optimizer, len(loader))
     schedule = LrSchedule(cfg.optim, steps_per_epoch=len(loader), epochs=cfg.epochs)
     objective = build_objective(cfg, len(loader))
-    attack = eval_attack(cfg)
-    val, test = _first(data.val, cfg.eval.val_subset), _first(data.test, cfg.eval.test_subset)
     if create is not None:
         dist.on_main(create)  # the run directory is written only once the first stage proved buildable
     run.start_cost(cfg, ckpt.run["cost"] if ckpt is not None else None)
@@ -179,79 +175,16 @@ def _run_stage(stages: list[Stage], index: int, run: RunContext, data: DatasetSp
     train_model = dist.wrap(torch.compile(model) if cfg.train.compile else model,
                             sync_batchnorm=cfg.distributed.sync_batchnorm)
 
-    def save(path: Path) -> None:
-        """Write a checkpoint of the state now; a non-finite state is never written (the last good one stays).
-        A collective: every rank calls it (the ranks agree on finiteness, rank 0 writes)."""
-        dist.agree_finite_(state)
-        state.check_finite()
-        if not bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()):
-            raise DivergedError(f"the weights became NaN or infinite by step {state.step}; stopped without saving them, "
-                                "so checkpoints/last.pt holds the last good state: lower optim.lr (or check the data)")
-        rng, epoch_sums = dist.rng_state(), dist.gather_epoch_sums(state)
-        dist.on_main(lambda: checkpoint.save(checkpoint.RunCheckpoint(
-            model=model.state_dict(), masks=controller.mask_state(), config=stages[-1].cfg.to_dict(),
-            model_spec=run.spec, stage_index=index, stage=stage.name, epoch=state.epoch,
-            step=state.step, optimizer=optimizer.state_dict(), controller=controller.state_dict(),
-            train_state=asdict(state), epoch_sums=epoch_sums, run=run.state_dict(), rng=rng,
-            precision=precision.state_dict(), world_size=dist.world_size,
-            torch_version=str(torch.__version__)), path))
-
-    def end_epoch(stats: EpochStats) -> bool:
-        start = time.perf_counter()
-        last = stats.epoch == cfg.epochs
-        record = {"stage": stage.name, "epoch": stats.epoch, "step": state.step, "lr": stats.lr,
-                  "train_loss": stats.train_loss, "train_robust_acc": stats.train_robust_acc,
-                  "train_flops": run.cost.total}
-        evaluated = stats.epoch % cfg.eval.every == 0 or last
-        if evaluated:
-            dist.broadcast_buffers_(model)  # evaluate (and save) with rank 0's BN statistics everywhere
-            ev = lambda d: evaluate(model, d, attack, batch_size=cfg.eval.batch_size, device=device, dist=dist,
-                                    precision=cfg.eval.precision)
-            v, t = (ev(val) if val is not None else None), ev(test)
-            record.update({"val_clean_acc": v and v["clean_acc"], "val_robust_acc": v and v["robust_acc"],
-                           "val_robust_loss": v and v["robust_loss"], "test_clean_acc": t["clean_acc"],
-                           "test_robust_acc": t["robust_acc"], "test_robust_loss": t["robust_loss"]})
-        controller.end_epoch(stats.epoch, record)  # every epoch: early-bird checks, FB+ statistics
-        record.update(controller.epoch_log())
-        is_best = False
-        if evaluated and stage.select_best:
-            selector = v["robust_acc"] if v is not None else float(stats.epoch)  # no validation: latest wins
-            is_best = improves(selector, state.best_val_robust_acc)
-            if is_best:
-                state.best_val_robust_acc, state.best_epoch = selector, stats.epoch
-        eval_time = time.perf_counter() - start
-        state.wall_time_s += stats.epoch_time_s + eval_time
-        record.update(epoch_time_s=stats.epoch_time_s, eval_time_s=eval_time,
-                      wall_time_s=run.wall_time_s(excluding=stage.name) + state.wall_time_s)
-        done = controller.done
-        stopping = stop.agree(dist.share_signal)  # a signal any rank got stops all of them here
-        dist.agree(f"at the end of epoch {stats.epoch}", best=is_best, stop=done)
-        if evaluated:
-            dist.on_main(lambda: rd.append_metrics(record))
-            run.records += 1
-        if is_best:
-            save(rd.best)
-        if stats.epoch % cfg.checkpoint.every_epochs == 0 or last or stopping:
-            save(rd.last)
-        if evaluated:
-            on_epoch(record)
-        stop.raise_if_requested(state.step, rd.path)
-        return done
-
-    def end_step(_: TrainState) -> None:  # the same object as `state`
-        every = cfg.checkpoint.every_steps
-        if stop.agree(dist.share_signal) or (every is not None and state.step % every == 0):
-            save(rd.last)  # mid-epoch: the loader position and epoch sums are in train_state
-            stop.raise_if_requested(state.step, rd.path)
-
+    s = StageRun(stages, index, run, optimizer, controller, precision, state, rd, dist, stop, eval_attack(cfg),
+                 _first(data.val, cfg.eval.val_subset), _first(data.test, cfg.eval.test_subset))
     if not controller.done:  # a resumed stage may have met its stop condition already
         # (a stage resumed after its last epoch trains no further, unless its epochs were raised)
         fit(train_model, optimizer, dist.watch(controller), loader, schedule, objective, attack_bn_mode=cfg.attack.bn_mode,
-            epochs=cfg.epochs, state=state, end_epoch=end_epoch, end_step=end_step, cost=run.cost, progress=progress,
-            dist=dist, precision=precision)
+            epochs=cfg.epochs, state=state, end_epoch=lambda stats: end_epoch(s, stats, on_epoch),
+            end_step=lambda _: end_step(s), cost=run.cost, progress=progress, dist=dist, precision=precision)
     run.record_stage({"name": stage.name, "epochs": state.epoch, "steps": state.step,
                       "wall_time_s": state.wall_time_s, "train_flops": run.cost.stage_total})
-    save(rd.last)  # the stage's cost is in; a kill during the transition below repeats it from here
+    save_checkpoint(s, rd.last)  # the stage's cost is in; a kill during the transition below repeats it from here
     if stage.after is not None:
         stage.after(run, controller)
     return controller
