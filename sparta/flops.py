@@ -498,7 +498,8 @@ def flops_report(source: str | Path, overrides: list[str] | tuple[str, ...] = ()
     ``data.root``); sparse methods show their initial random mask (exact for static / Flying Bird(+),
     an estimate for ticket methods). Checkpoint: its ``model_spec`` (a slimmed channel ticket is
     rebuilt small) and its ``masks``; the config (for attack, objective and epochs) is the
-    checkpoint's, with ``overrides`` applied.
+    checkpoint's, with ``overrides`` applied. The run estimates are for the final stage (an
+    after-training config: ``method.finetune_epochs``).
     """
     from . import checkpoint
     from .config import from_saved, load_config
@@ -542,7 +543,9 @@ def flops_report(source: str | Path, overrides: list[str] | tuple[str, ...] = ()
     mult = step_multiplier(k, objective)
     layers = [{"name": n, "dense": f, "density": (densities or {}).get(n, 1.0),
                "effective": f * (densities or {}).get(n, 1.0)} for n, f in layer_flops.per_weight.items()]
-    multi_stage = cfg.method.name in ("robust_bird", "boosting_ticket")
+    multi_stage = cfg.method.name in ("robust_bird", "boosting_ticket", "magnitude", "hydra")
+    if kind == "config" and hasattr(cfg.method, "finetune_epochs"):  # after training: the final stage's epochs
+        cfg.epochs = cfg.method.finetune_epochs
 
     return {
         "source": str(path), "kind": kind, "model": spec["name"], "input_shape": [c, size, size],
@@ -556,8 +559,8 @@ def flops_report(source: str | Path, overrides: list[str] | tuple[str, ...] = ()
         "run_flops": cfg.epochs * train_images * mult * sparse_f,
         "paper_table_run_flops_dense": paper_table_flops(cfg.epochs, train_images, dense_f, k, objective),
         "paper_table_run_flops": paper_table_flops(cfg.epochs, train_images, sparse_f, k, objective),
-        "note": ("the run estimates cover the final (adversarial) stage only; the ticket search/finder stage "
-                 "is extra" if multi_stage else ""),
+        "note": ("the run estimates cover the final (adversarial) stage only; the earlier stages (ticket "
+                 "search / finder, dense pretraining, HYDRA's score learning) are extra" if multi_stage else ""),
     }
 
 

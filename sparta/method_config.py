@@ -3,7 +3,9 @@
 A setting declares its default and, where it has one, its range (``setting(50, ">= 1")``); the
 checks and their one-line errors are generated from the declaration. Methods that share settings
 share a base class: every sparse method has ``density`` and ``exclude``, the random-mask methods add
-``distribution``, the ticket methods (a cheap first stage finds the mask) add the search settings.
+``distribution``, the ticket methods (a cheap first stage finds the mask) add the search settings, the
+after-training methods (prune a dense adversarially trained net, then fine-tune) the pretrain and
+fine-tune settings.
 ``METHOD_CONFIGS`` maps ``method.name`` to its class; a new method adds its class there and its
 recipe to ``sparta.methods.METHODS``.
 """
@@ -173,9 +175,54 @@ class BoostingTicketConfig(TicketConfig):
     reinit: Literal["none", "random"] = "none"  # random: same mask, fresh random weights (lottery-ticket control)
 
 
+@dataclass
+class AfterTrainingConfig(SparseConfig):
+    """Settings of the after-training methods: a dense adversarially trained network (trained in a
+    ``pretrain`` stage, or read from ``pretrained``) is pruned once, then fine-tuned adversarially."""
+
+    # the pretrain stage: dense PGD-AT for this many epochs on the run's optim settings, its
+    # multistep milestones (and piecewise knots given in epochs) scaled by pretrain_epochs / epochs
+    pretrain_epochs: int = setting(100, ">= 1")
+    # a sparta checkpoint (.pt) of a dense run of the same model: its weights replace the pretrain
+    # stage (not trained; summary.json records the path and the checkpoint's own cost, not added
+    # to train_flops)
+    pretrained: Optional[str] = None
+    # layer densities of the pruned network (layer-wise pruning); uniform = every layer at density
+    distribution: Literal["uniform", "igq", "erk", "er"] = "uniform"
+    finetune_epochs: int = setting(100, ">= 1")  # the finetune stage: adversarial training of the kept weights
+    finetune_lr: float = setting(0.01, "> 0")  # its lr, cosine to 0 over finetune_epochs, fresh optimizer
+
+
+@dataclass
+class MagnitudeConfig(AfterTrainingConfig):
+    """One-shot magnitude pruning + adversarial fine-tuning (``magnitude``)."""
+
+    name: str = "magnitude"
+    # global: one |w| threshold over all prunable weights (layer densities follow from it);
+    # layer: each layer keeps its largest |w| at the layer densities of `distribution`
+    scope: Literal["global", "layer"] = "layer"
+
+    def check(self, cfg: "Config") -> None:
+        super().check(cfg)
+        if self.scope == "global" and self.distribution != "uniform":
+            raise ConfigError(f"method.distribution={self.distribution} sets layer densities, which scope=global "
+                              "leaves to its one threshold: set method.scope=layer or drop method.distribution")
+
+
+@dataclass
+class HydraConfig(AfterTrainingConfig):
+    """HYDRA (``hydra``; Sehwag et al. 2020): learn a score per weight with the weights frozen, keep
+    the top-scored weights of each layer, fine-tune them adversarially."""
+
+    name: str = "hydra"
+    score_epochs: int = setting(20, ">= 1")  # the score stage (paper: 20)
+    score_lr: float = setting(0.1, "> 0")  # its lr, cosine to 0 over score_epochs (paper: 0.1)
+
+
 METHOD_CONFIGS: dict[str, type[MethodConfig]] = {
     "dense": MethodConfig, "static": RandomMaskConfig, "flying_bird": FlyingBirdConfig,
     "flying_bird_plus": FlyingBirdPlusConfig, "robust_bird": RobustBirdConfig, "boosting_ticket": BoostingTicketConfig,
+    "magnitude": MagnitudeConfig, "hydra": HydraConfig,
 }
 
 

@@ -1,7 +1,10 @@
 """Each training method as a short recipe: a list of stages and the transitions between them.
 
-``METHODS`` maps ``method.name`` to ``recipe(cfg) -> list[Stage]``. The loop never knows which
-method it runs; the controllers (``sparse.controllers``) and transitions here hold all of it.
+``METHODS`` maps ``method.name`` to ``recipe(cfg) -> list[Stage]``: one-stage methods (dense, static,
+Flying Bird(+)), ticket methods (Robust Bird, boosting tickets) and after-training methods (one-shot
+magnitude pruning, HYDRA: dense pretraining or a ``pretrained`` checkpoint, prune, fine-tune). The
+loop never knows which method it runs; the controllers (``sparse.controllers``) and transitions here
+hold all of it.
 """
 from __future__ import annotations
 
@@ -13,8 +16,8 @@ import torch
 
 from .config import Config
 from .errors import ConfigError
-from .method_config import (BoostingTicketConfig, FlyingBirdConfig, FlyingBirdPlusConfig, RandomMaskConfig,
-                            RobustBirdConfig)
+from .method_config import (AfterTrainingConfig, BoostingTicketConfig, FlyingBirdConfig, FlyingBirdPlusConfig,
+                            HydraConfig, MagnitudeConfig, RandomMaskConfig, RobustBirdConfig)
 from .netspec import build_model, example_input
 from .registry import Registry
 from .sparse.controllers import AdaptiveDensity, Dense, DynamicSparse, SparsityController, Static
@@ -242,3 +245,106 @@ def boosting_ticket(cfg: Config) -> list[Stage]:
                             before=_save_initial_weights if k == 0 else None, after=prune_and_rewind(k)))
     stages.append(Stage("train", cfg, _ticket_controller))
     return stages
+
+
+# ------------------------------------------------------------------ after training: magnitude, HYDRA
+
+
+def pretrain_config(cfg: Config, epochs: int) -> Config:
+    """The run's dense adversarial training shortened to ``epochs``: its optim settings, with the
+    multistep milestones (and piecewise knots given in epochs) scaled by ``epochs / cfg.epochs``, so
+    a 200-epoch schedule x0.1 at 100 and 150 becomes x0.1 at 50 and 75 for 100 epochs (cosine and
+    fractional knots scale by themselves; a warm-up keeps its length)."""
+    stage = copy.deepcopy(cfg)
+    stage.epochs = epochs
+    scale = epochs / cfg.epochs
+    stage.optim.milestones = [m * scale for m in cfg.optim.milestones]
+    if cfg.optim.knots_in == "epochs":
+        stage.optim.knots = [[x * scale, y] for x, y in cfg.optim.knots]
+    return stage
+
+
+def cosine_config(cfg: Config, *, epochs: int, lr: float) -> Config:
+    """The run's config for a stage of ``epochs`` epochs whose lr goes from ``lr`` to 0 along a cosine
+    without warm-up (fresh optimizer: the run's optimizer, momentum and weight decay)."""
+    stage = copy.deepcopy(cfg)
+    stage.epochs = epochs
+    stage.optim.lr, stage.optim.schedule, stage.optim.warmup_epochs = lr, "cosine", 0.0
+    return stage
+
+
+def _pretrained_weights(m: AfterTrainingConfig) -> Callable[[RunContext], None]:
+    def load(run: RunContext) -> None:
+        from .pretrained import load_pretrained
+
+        load_pretrained(run, cast(str, m.pretrained))
+    return load
+
+
+def _dense_then(m: AfterTrainingConfig, cfg: Config, transition: Callable[[RunContext], None]
+                ) -> tuple[list[Stage], Callable[[RunContext], None] | None]:
+    """The dense start of an after-training recipe: a ``pretrain`` stage whose transition is
+    ``transition`` (no ``before`` for the next stage), or, with ``method.pretrained``, no stage and a
+    ``before`` for the next one that loads the checkpoint, then runs ``transition``."""
+    if m.pretrained is None:
+        pretrain = Stage("pretrain", pretrain_config(cfg, m.pretrain_epochs), _dense, select_best=False,
+                         after=lambda run, controller: transition(run))
+        return [pretrain], None
+    load = _pretrained_weights(m)
+    return [], lambda run: (load(run), transition(run))
+
+
+@METHODS.register("magnitude")
+def magnitude(cfg: Config) -> list[Stage]:
+    """One-shot magnitude pruning + adversarial fine-tuning: dense PGD-AT (stage ``pretrain``, or the
+    ``pretrained`` checkpoint), prune once to ``density`` (``scope: layer``: each layer keeps its
+    largest |w| at ``distribution``'s layer densities; ``global``: one |w| threshold over all prunable
+    weights), then stage ``finetune``: the fixed mask trained adversarially for ``finetune_epochs`` at
+    ``finetune_lr``, cosine, with a fresh optimizer."""
+    from .sparse.tickets import global_magnitude_masks, layer_counts, layer_top_k_masks
+
+    m = cast(MagnitudeConfig, cfg.method)
+
+    def prune(run: RunContext) -> None:
+        params = {n: p.detach() for n, p in prunable_parameters(run.model, m.exclude).items()}
+        if m.scope == "global":
+            masks = global_magnitude_masks(params, m.density)
+        else:
+            counts = layer_counts({n: p.shape for n, p in params.items()}, m.density, m.distribution)
+            masks = layer_top_k_masks({n: p.abs() for n, p in params.items()}, counts)
+        run.carry.ticket = {n: mk.cpu() for n, mk in masks.items()}  # the finetune stage applies them
+
+    first, before = _dense_then(m, cfg, prune)
+    finetune = cosine_config(cfg, epochs=m.finetune_epochs, lr=m.finetune_lr)
+    return [*first, Stage("finetune", finetune, _ticket_controller, before=before)]
+
+
+@METHODS.register("hydra")
+def hydra(cfg: Config) -> list[Stage]:
+    """HYDRA (Sehwag et al. 2020): dense PGD-AT (stage ``pretrain``, or the ``pretrained``
+    checkpoint); stage ``score``: learn a score per prunable weight under the adversarial loss with
+    the weights frozen, forward through w * top-k(|s|) per layer (``sparta.sparse.hydra``), for
+    ``score_epochs`` at ``score_lr``, cosine; then the mask = the top-k of the learned scores, the
+    kept weights keep their pretrained values, and stage ``finetune`` trains them adversarially
+    (``finetune_epochs`` at ``finetune_lr``, cosine, fresh optimizer). Layer densities: ``distribution``
+    (the paper's: uniform). ``run.info["score_mask_changed"]``: the fraction of prunable positions where
+    the learned mask differs from the magnitude mask the scores started from."""
+    from .sparse.hydra import HydraScores
+    from .sparse.tickets import layer_counts
+
+    m = cast(HydraConfig, cfg.method)
+
+    def scorer(stage_cfg: Config, run: RunContext, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> SparsityController:
+        shapes = {n: p.shape for n, p in prunable_parameters(run.model, m.exclude).items()}
+        return HydraScores(run.model, optimizer, layer_counts(shapes, m.density, m.distribution), m.exclude)
+
+    def draw_mask(run: RunContext, controller: SparsityController) -> None:
+        assert isinstance(controller, HydraScores)  # the controller `scorer` built
+        run.carry.ticket = controller.mask_state()  # the model holds w * mask already
+        run.info["score_mask_changed"] = controller.mask_changed()
+
+    first, before = _dense_then(m, cfg, lambda run: None)
+    score = cosine_config(cfg, epochs=m.score_epochs, lr=m.score_lr)
+    finetune = cosine_config(cfg, epochs=m.finetune_epochs, lr=m.finetune_lr)
+    return [*first, Stage("score", score, scorer, select_best=False, before=before, after=draw_mask),
+            Stage("finetune", finetune, _ticket_controller)]

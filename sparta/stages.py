@@ -2,8 +2,9 @@
 
 Robust Bird = a cheap search stage until the early-bird ticket, then prune and train the sparse
 network adversarially; boosting tickets = a finder stage, prune + rewind, a short adversarial stage;
-dense, static and Flying Bird(+) = one stage. Transitions (draw the ticket, prune, rewind, slim
-channels) run in ``Stage.after`` and change the ``RunContext`` the next stage starts from.
+magnitude = dense pretraining, prune once, fine-tune; HYDRA = dense pretraining, score learning with
+frozen weights, fine-tune the top-scored weights; dense, static and Flying Bird(+) = one stage.
+Transitions (draw the ticket, prune, rewind, slim channels) run in ``Stage.after`` and change the ``RunContext`` the next stage starts from.
 """
 from __future__ import annotations
 

@@ -19,6 +19,9 @@ Controllers here:
   dense-gradient (RigL) ones every ``update_every`` steps, at a fixed density.
 - ``AdaptiveDensity``: Flying Bird+ — DynamicSparse whose density reacts to the robust
   generalization gap and the validation robust loss.
+
+HYDRA's score-stage controller (``HydraScores``) is in ``sparse.hydra``; the early-bird search in
+``sparse.early_bird``.
 """
 from __future__ import annotations
 
@@ -39,8 +42,9 @@ class SparsityController(Protocol):
     """Hooks the training loop calls (see the module docstring for when), and the attributes the loop
     reads:
 
-    - ``masks``: the keep-masks in force (None when the controller masks nothing); the loop counts
-      FLOPs with them and synchronises them across ranks at the start of a stage;
+    - ``masks``: the keep-masks in force (None when the controller masks nothing, and for HYDRA's
+      score stage, whose steps cost dense FLOPs: ``sparse.hydra``); the loop counts FLOPs with them
+      and synchronises them across ranks at the start of a stage;
     - ``topology_updates``: how many times the masks changed so far (0 for fixed masks); under DDP a
       change is synchronised across ranks right after the hook that made it;
     - ``done``: True once the controller's stage has reached its goal, which ends the stage at the end

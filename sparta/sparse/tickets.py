@@ -7,6 +7,9 @@ ticket, so they favour exactness over speed:
 - every criterion keeps EXACTLY ``round(density * total)`` weights, with one global threshold and
   ties broken by the lowest global flat index (parameters concatenated in the mapping's order, each
   flattened row-major);
+- ``layer_top_k_masks`` keeps a given number of the largest scores in each layer (``layer_counts``:
+  the counts of a layer-density distribution), the one-shot layer-wise magnitude pruning of
+  ``method.name: magnitude`` and HYDRA's top-k of the learned scores;
 - ``global_magnitude_masks`` is Robust Bird's unstructured ticket (Chen et al. 2022, "Sparsity
   Winning Twice": prune globally over conv + linear weights), ``layer_normalized_masks`` the
   boosting-ticket criterion (Li et al. 2020, "Towards practical lottery ticket hypothesis for
@@ -105,6 +108,22 @@ def layer_normalized_masks(params: Mapping[str, Tensor], density: float) -> dict
         scores[name] = magnitude / mean if float(mean) > 0 else torch.zeros_like(magnitude)
     masks = _global_top(scores, density, {name: p.shape for name, p in params.items()})
     return {name: m.to(params[name].device) for name, m in masks.items()}
+
+
+def layer_counts(shapes: Mapping[str, torch.Size], density: float, distribution: str) -> dict[str, int]:
+    """Weights kept per layer: ``distribution``'s layer densities (``sparse.distributions``) as exact
+    integer counts summing to ``round(density * total)`` (uniform: each layer ``round(density * numel)``,
+    up to one weight moved to meet the total exactly)."""
+    from .distributions import exact_counts, layer_densities
+
+    return exact_counts(shapes, layer_densities(distribution, shapes, density), density)
+
+
+@torch.no_grad()
+def layer_top_k_masks(scores: Mapping[str, Tensor], counts: Mapping[str, int]) -> dict[str, Tensor]:
+    """``{name: bool keep-mask}``: the ``counts[name]`` largest entries of each ``scores[name]`` (ties:
+    lowest flat row-major index), on the score's device. Layer-wise magnitude pruning passes |w|."""
+    return {name: top_k_mask(s.detach().float().reshape(-1), counts[name]).view(s.shape) for name, s in scores.items()}
 
 
 def iterative_densities(density: float, rounds: int) -> list[float]:
