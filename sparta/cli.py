@@ -97,7 +97,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         if not args.config:
             raise SpartaError("sparta train needs a CONFIG file (see configs/) or --resume RUN_DIR")
-        cfg = load_config(args.config, args.overrides)
+        configs, overrides = config_files(args.config, args.overrides)
+        cfg = load_config(configs, overrides)
     main_rank = rank() == 0
     if main_rank:
         print(f"run directory: {cfg.run_dir}", flush=True)
@@ -108,6 +109,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     if main_rank:
         print(table([summary], SUMMARY_COLUMNS))
     return 0
+
+
+def config_files(first: str, rest: list[str]) -> tuple[list[str], list[str]]:
+    """``sparta train a.yaml b.yaml key=value ...``: the YAML files (merged in order) and the overrides."""
+    n = 0
+    while n < len(rest) and "=" not in rest[n] and rest[n].endswith((".yaml", ".yml")):
+        n += 1
+    return [first, *rest[:n]], rest[n:]
 
 
 SUMMARY_COLUMNS = [("name", "run"), ("method", "method"), ("density_final", "density"), ("sa_best", "SA best"),
@@ -223,6 +232,53 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``sparta grid --dataset D --model M --data-root DIR [overrides]``."""
+    from .grid import DATASETS, METHODS, MODELS
+
+    parser.add_argument("overrides", nargs="*", help="dotted overrides applied to every run, e.g. device=cuda")
+    parser.add_argument("--dataset", required=True, choices=list(DATASETS))
+    parser.add_argument("--model", required=True, choices=MODELS)
+    parser.add_argument("--data-root", required=True, metavar="DIR",
+                        help="folder with the dataset's official files (cifar-10-batches-py/ or train_32x32.mat)")
+    parser.add_argument("--methods", default=None, metavar="M,M", help=f"a subset of {','.join(METHODS)}")
+    parser.add_argument("--sparsities", default=None, metavar="S,S",
+                        help="fractions removed, for every method (default: 0.8,0.9,0.95,0.99 unstructured, "
+                             "0.5,0.75,0.9 channels)")
+    parser.add_argument("--final-n", type=int, default=None, metavar="N",
+                        help="AutoAttack and PGD-20 of each final model on the first N test images (default: all)")
+    parser.add_argument("--out", default=None, metavar="DIR", help="default: results/grid-<dataset>-<model>")
+    parser.add_argument("--nproc", type=int, default=None, metavar="N",
+                        help="train each run with N local processes (torchrun, DistributedDataParallel)")
+    parser.add_argument("--dry-run", action="store_true", help="print the runs' commands and stop")
+    parser.add_argument("--smoke", action="store_true",
+                        help="one epoch of each stage on a few images per run: checks the pipeline, measures nothing")
+
+
+def cmd_grid(args: argparse.Namespace) -> int:
+    """``sparta grid``: one (dataset, model) cell of the adversarial pruning benchmark's grid."""
+    from .grid import plan_grid, run_grid
+
+    def split(text: str | None) -> list[str] | None:
+        return [w.strip() for w in text.split(",") if w.strip()] if text else None
+
+    try:
+        sparsities = [float(s) for s in split(args.sparsities) or []] or None
+    except ValueError:
+        raise SpartaError(f"--sparsities must be numbers such as 0.9,0.95; got {args.sparsities}") from None
+    if args.final_n is not None and args.final_n < 1:
+        raise SpartaError(f"--final-n must be >= 1, got {args.final_n}")
+    out = args.out or f"results/grid-{args.dataset}-{args.model}" + ("-smoke" if args.smoke else "")
+    kw = dict(methods=split(args.methods), sparsities=sparsities, smoke=args.smoke, overrides=args.overrides)
+    if args.dry_run:
+        for run in plan_grid(args.dataset, args.model, args.data_root, out, **kw):
+            print("sparta " + " ".join(run.command(args.nproc)))
+        return 0
+    print(run_grid(args.dataset, args.model, args.data_root, out, final_n=args.final_n, nproc=args.nproc,
+                   log=lambda line: print(line, flush=True), **kw))
+    return 0
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (like every other bad input), exit code 2."""
 
@@ -235,7 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train from a YAML config (plus key=value overrides)")
-    p.add_argument("config", nargs="?", help="YAML config, e.g. configs/mnist_pgd.yaml")
+    p.add_argument("config", nargs="?", help="YAML config, e.g. configs/mnist_pgd.yaml; more YAML files may "
+                                             "follow (merged in order, e.g. configs/cifar10_pgd.yaml "
+                                             "configs/methods/hydra.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.05 attack.eps=8/255")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from checkpoints/last.pt")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
@@ -269,6 +327,11 @@ def build_parser() -> argparse.ArgumentParser:
                                          "AutoAttack and PGD-20, and report which claims reproduce")
     add_reproduce_arguments(p)
     p.set_defaults(func=cmd_reproduce)
+
+    p = sub.add_parser("grid", help="the adversarial pruning benchmark's sparsity grid for one dataset and model: "
+                                    "train, evaluate with AutoAttack, report robustness against training FLOPs")
+    add_grid_arguments(p)
+    p.set_defaults(func=cmd_grid)
 
     p = sub.add_parser("demo", help="train dense and sparse models on the embedded 8x8 digits and compare")
     p.add_argument("--out-dir", default="runs/demo")

@@ -15,7 +15,7 @@ import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Sequence, Union
 
 import yaml
 
@@ -164,11 +164,15 @@ class Config:
 # ---------------------------------------------------------------- building and checking
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), *,
+def load_config(path: str | Path | Sequence[str | Path] | None = None, overrides: list[str] | tuple[str, ...] = (), *,
                 saved: bool = False) -> Config:
-    """Defaults <- YAML file <- ``key=value`` overrides, checked and validated. ``saved``: the file is
-    a run's own config.yaml, which may hold the unused method settings of older versions (dropped)."""
-    raw: dict[str, Any] = read_yaml(path) if path is not None else {}
+    """Defaults <- YAML file(s) <- ``key=value`` overrides, checked and validated. Several files are
+    merged in order, like a ``base:`` list (``[cifar10_pgd.yaml, methods/hydra.yaml]``). ``saved``: the
+    file is a run's own config.yaml, which may hold the unused method settings of older versions (dropped)."""
+    paths = [] if path is None else [path] if isinstance(path, (str, Path)) else list(path)
+    raw: dict[str, Any] = {}
+    for one in paths:
+        raw = _merge(raw, read_yaml(one))
     return from_dict(with_overrides(drop_unused_settings(raw) if saved else raw, overrides))
 
 

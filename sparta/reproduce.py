@@ -123,7 +123,7 @@ SMOKE_EVAL = FinalEval(n=8, steps=2)
 @dataclass(frozen=True)
 class PlannedRun:
     role: str
-    preset: Path
+    configs: tuple[Path, ...]  # YAML files merged in order: a preset, or a protocol and a method file
     overrides: tuple[str, ...]
     run_dir: Path
     seed: int = 0
@@ -134,8 +134,8 @@ class PlannedRun:
         return self.run_dir.name
 
     def command(self, nproc: int | None = None) -> list[str]:
-        """The ``sparta train`` arguments of this run (the preset path as the user would type it)."""
-        return ["train", *_nproc_args(nproc), str(self.preset), *self.overrides]
+        """The ``sparta train`` arguments of this run (the config paths as the user would type them)."""
+        return ["train", *_nproc_args(nproc), *map(str, self.configs), *self.overrides]
 
 
 def _nproc_args(nproc: int | None) -> list[str]:
@@ -172,7 +172,7 @@ def plan(profile: str, dataset: str, data_root: str | Path, out: str | Path, *, 
                 args += CPU_MINI + CPU_MINI_ROLE.get(role, [])
             if smoke:
                 args += SMOKE + SMOKE_ROLE.get(role, [])
-            runs.append(PlannedRun(role, PRESETS / f"{dataset}_{ROLES[role]}.yaml", (*args, *overrides), run_dir, seed))
+            runs.append(PlannedRun(role, (PRESETS / f"{dataset}_{ROLES[role]}.yaml",), (*args, *overrides), run_dir, seed))
     return runs
 
 
@@ -195,7 +195,7 @@ def check_existing(run: PlannedRun, wanted: Any) -> None:
 
 
 @contextlib.contextmanager
-def exclusive(out: Path) -> Iterator[None]:
+def exclusive(out: Path, command: str = "reproduce") -> Iterator[None]:
     """Hold ``out/.lock`` (an flock, released when the process ends however it ends): two calls
     writing one folder would train the same runs twice and tear each other's checkpoints."""
     out.mkdir(parents=True, exist_ok=True)
@@ -203,7 +203,7 @@ def exclusive(out: Path) -> Iterator[None]:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise SpartaError(f"another sparta reproduce is writing {out}; wait for it, or give another --out") from None
+            raise SpartaError(f"another sparta {command} is writing {out}; wait for it, or give another --out") from None
         yield
 
 
@@ -336,7 +336,7 @@ def reproduce(profile: str, data_root: str | Path, out: str | Path, *, dataset: 
         raise SpartaError(f"--out {out} exists and is not a folder")
     planned = plan(profile, dataset, data_root, out, seeds=seeds, smoke=smoke, only=only, overrides=overrides)
     require_autoattack()  # before an hour of training, not after
-    configs = [load_config(run.preset, list(run.overrides)) for run in planned]  # all valid before any run
+    configs = [load_config(run.configs, list(run.overrides)) for run in planned]  # all valid before any run
     final = SMOKE_EVAL if smoke else FINAL_EVAL[profile]
     with exclusive(out):
         for run, cfg in zip(planned, configs):  # every earlier run is the one planned, before anything starts

@@ -102,3 +102,14 @@ def test_progress_bar_only_where_asked():
         assert list(ConsoleProgress(mode, stream).batches(iter(range(5)), 5, epoch=2)) == list(range(5))
         assert ("epoch 3" in stream.getvalue()) == drawn, mode
         assert drawn or stream.getvalue() == ""
+
+
+def test_train_merges_several_config_files_in_order(tmp_path):
+    from sparta.cli import config_files
+    from sparta.config import load_config
+
+    assert config_files("a.yaml", ["b.yml", "x=1", "c.yaml"]) == (["a.yaml", "b.yml"], ["x=1", "c.yaml"])
+    cfg = load_config(*config_files(str(ROOT / "configs" / "svhn_pgd.yaml"),
+                                    [str(ROOT / "configs" / "methods" / "flying_bird.yaml"), "method.density=0.05"]))
+    assert (cfg.data.name, cfg.optim.lr, cfg.method.name, cfg.method.density, cfg.method.regrowth) == \
+        ("svhn", 0.01, "flying_bird", 0.05, "authors")

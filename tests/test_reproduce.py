@@ -175,7 +175,7 @@ def test_sanity_checks():
 def test_cpu_mini_plan_is_one_protocol(tmp_path):
     runs = plan("cpu-mini", "cifar10", tmp_path / "data", tmp_path / "out")
     assert [r.role for r in runs] == list(ROLES)
-    cfgs = {r.role: load_config(r.preset, list(r.overrides)) for r in runs}
+    cfgs = {r.role: load_config(r.configs, list(r.overrides)) for r in runs}
     for role, cfg in cfgs.items():
         assert cfg.run_dir == tmp_path / "out" / "runs" / role
         # the shared protocol: data, model, attack, evaluation, precision are the same for every run
@@ -202,11 +202,11 @@ def test_seeds_are_runs_of_their_own(tmp_path):
     assert [(r.role, r.seed, r.name) for r in runs] == [
         ("dense", 0, "dense"), ("dense", 1, "dense-seed1"), ("dense", 2, "dense-seed2"),
         ("flying_bird", 0, "flying_bird"), ("flying_bird", 1, "flying_bird-seed1"), ("flying_bird", 2, "flying_bird-seed2")]
-    cfgs = [load_config(r.preset, list(r.overrides)) for r in runs]
+    cfgs = [load_config(r.configs, list(r.overrides)) for r in runs]
     assert [c.seed for c in cfgs] == [0, 1, 2] * 2 and cfgs[1].run_dir == tmp_path / "out" / "runs" / "dense-seed1"
     # seed 0 is the run a one-seed call trains, so more seeds later keep it
     (one,) = plan("cpu-mini", "cifar10", tmp_path, tmp_path / "out", only=["dense"])
-    assert load_config(one.preset, list(one.overrides)).to_dict() == cfgs[0].to_dict()
+    assert load_config(one.configs, list(one.overrides)).to_dict() == cfgs[0].to_dict()
     assert C.label("dense-seed2") == "dense PGD-AT (seed 2)" and C.label("flying_bird") == "Flying Bird"
     with pytest.raises(SpartaError, match="--seeds must be >= 1, got 0"):
         plan("paper", "cifar10", tmp_path, tmp_path, seeds=0)
@@ -215,8 +215,8 @@ def test_seeds_are_runs_of_their_own(tmp_path):
 @pytest.mark.parametrize("dataset", ["cifar10", "cifar100", "tinyimagenet"])
 def test_paper_plan_is_the_presets(tmp_path, dataset):
     for run in plan("paper", dataset, tmp_path, tmp_path / "out"):
-        cfg = load_config(run.preset, list(run.overrides))
-        assert run.preset.parent == PRESETS and cfg.data.name == dataset
+        cfg = load_config(run.configs, list(run.overrides))
+        assert run.configs[0].parent == PRESETS and cfg.data.name == dataset
         assert cfg.model.name == "preact_resnet18" and cfg.attack.steps == 10 and cfg.eval.steps == 20
         assert cfg.epochs == (100 if "boosting" in run.role else 200)
         if run.role in ("boosting_ticket", "boosting_control"):  # the paper's finder
@@ -315,7 +315,7 @@ def test_every_paper_preset_trains_with_the_smoke_settings(tmp_path, cifar100, r
     (planned,) = plan("paper", "cifar100", cifar100, tmp_path / "out", smoke=True, only=[role],
                       overrides=["model.base_width=4", "device=cpu"])
     with pytest.warns(UserWarning, match="md5 of train, test differs"):  # the stand-in is not the release
-        summary = train(load_config(planned.preset, list(planned.overrides)))
+        summary = train(load_config(planned.configs, list(planned.overrides)))
     assert summary["epochs"] == 1 and summary["steps"] > 0
 
 
