@@ -6,6 +6,8 @@
     plots/<run>/density.png            density per epoch with FB+ decisions (sparse runs whose density moves)
     plots/ra_vs_wall_time.png          test RA against cumulative wall time, one line per run
     plots/ra_vs_train_flops.png        ... against cumulative training FLOPs (when the runs log them)
+    plots/ra_vs_train_flops_pareto.png final robust accuracy per config against training FLOPs (log x),
+                                       the Pareto front of each measurement as a step line (sparta.pareto)
 
 matplotlib is optional (``pip install sparta[report]``): ``matplotlib_or_none()`` says whether it is
 there. Figures are drawn on an explicit Agg canvas, never through pyplot, so plotting neither needs a
@@ -190,3 +192,39 @@ def plot_cost(runs: Sequence[Run], key: str, path: Path, mpl, target_ra: float |
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     return _save(fig, Canvas, path)
 
+
+
+def plot_pareto(points: Sequence[Any], path: Path, mpl) -> Path | None:
+    """Final robust accuracy (± 2 SE) against training FLOPs (log x), one point per config
+    (``sparta.pareto.CostPoint``), each measurement (attack, ε, n) in its own colour with its front as
+    a step line; None when no config has both numbers."""
+    Figure, Canvas = mpl
+    shown = [p for p in points if p.train_flops and p.robust_acc is not None]
+    if not shown:
+        return None
+    fig = Figure(figsize=(8, 4.8))
+    ax = fig.add_subplot()
+    for k, m in enumerate(dict.fromkeys(p.measurement for p in shown)):
+        color, members = f"C{k % 10}", [p for p in shown if p.measurement == m]
+        xs, ys = [p.train_flops for p in members], [p.robust_acc for p in members]
+        errs = [0.0 if p.se is None else 2 * p.se for p in members]
+        ax.errorbar(xs, ys, yerr=errs, fmt="o", color=color, capsize=3, markersize=6, label=m)
+        for p in members:
+            if p.on_front:  # filled ring around the points on the front
+                ax.plot([p.train_flops], [p.robust_acc], marker="o", markersize=11, markerfacecolor="none",
+                        markeredgecolor=color, markeredgewidth=1.5)
+            density = "" if p.density is None else f" d={p.density:.2f}"
+            ax.annotate(f"{p.method}{density}", (p.train_flops, p.robust_acc), textcoords="offset points",
+                        xytext=(6, 5), fontsize=7)
+        front = sorted((p.train_flops, p.robust_acc) for p in members if p.on_front)
+        if len(front) > 1:
+            # the best accuracy reachable at each budget: flat until the next front point's FLOPs
+            ax.step([x for x, _ in front], [y for _, y in front], where="post", color=color, linewidth=1.2,
+                    label=f"front ({m})")
+    ax.set_xscale("log")
+    ax.set_xlabel("training FLOPs (all stages), log scale")
+    ax.set_ylabel("final robust test accuracy (%)")
+    ax.set_title("robustness per training FLOP (rings: on the front; bars: ± 2 SE)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    return _save(fig, Canvas, path)

@@ -4,7 +4,8 @@ Writes only under ``out``:
 
 ::
 
-    out/report.md        tables (per config: mean ± std over seeds; per run), how measured
+    out/report.md        tables (per config: mean ± std over seeds; per run; robustness per training
+                         FLOP with its Pareto front), how measured
     out/plots/...        the figures of ``sparta.plots``
 
 Runs that share a config up to ``GROUP_IGNORED`` (seed, name, out_dir, ...) form one row of the
@@ -12,6 +13,11 @@ per-config table, as in the tables of Chen et al. 2022 ("Sparsity Winning Twice"
 epoch (highest *validation* RA) and at the final epoch, their difference, training and inference
 FLOPs, the robust generalization gap, density and wall time. The numbers come from ``sparta.runs``
 (whose names, e.g. ``load_run`` and ``time_to_robustness``, are importable from here too).
+
+"Robustness per training FLOP" gives each config's final robust accuracy (AutoAttack where the run
+directory holds it, else the final per-epoch PGD number, labelled) against its training FLOPs and
+marks the Pareto front within each measurement (``sparta.pareto``); ``Report.per_flop`` holds the
+same rows as dicts. The report writes no JSON file of its own.
 
 matplotlib is optional (``pip install sparta[report]``): without it the tables are still written and
 the report says in one line that the plots were skipped. Library code never prints; ``sparta.cli`` does.
@@ -26,8 +32,9 @@ from typing import Any, Sequence
 
 from . import fmt
 from .errors import SpartaError
+from .pareto import CostPoint, cost_points
 from .plots import (PLOTS_SKIPPED, has_moving_density, matplotlib_or_none, plot_accuracy, plot_cost,
-                    plot_density)
+                    plot_density, plot_pareto)
 from .runs import (GROUP_IGNORED, Run, config_key, cumulative, differences, find_runs, finite, group_label,
                    group_runs, is_run_dir, load_run, present, run_labels, run_stats, safe_name, stage_axis,
                    stage_segments, time_to_robustness, unique_labels)
@@ -133,6 +140,7 @@ class Report:
     plots: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # one-line remarks (skipped plots, skipped runs)
     target_ra: float | None = None
+    per_flop: list[dict[str, Any]] = field(default_factory=list)  # the robustness-per-FLOP rows (CostPoint.to_dict)
 
 
 def _config_table(groups: list[list[Run]], labels: list[str], diffs: list[str]) -> str:
@@ -271,6 +279,53 @@ def _ttr_section(runs: Sequence[Run], groups: list[list[Run]], glabels: list[str
     return "\n".join(lines)
 
 
+def _front_cell(p: CostPoint) -> str:
+    if p.on_front is None:
+        return "-"
+    return ("yes (alone)" if p.alone else "yes") if p.on_front else "no"
+
+
+def _per_flop_section(points: list[CostPoint]) -> str:
+    rows = []
+    for p in points:
+        ra = "-" if p.robust_acc is None else f"{p.robust_acc:.2f}" + ("" if p.se is None else f" ± {2 * p.se:.2f}")
+        first = p.final[0] if p.final else None
+        n = "-" if first is None else ("all" if first.n is None else str(first.n))
+        rows.append([p.label, p.method, str(p.seeds), _fmt([p.density], _density_unit),
+                     _fmt([p.train_flops], _flops_unit), fmt.fraction(p.dense_share), ra,
+                     "-" if first is None else first.attack, n,
+                     ", ".join(sorted({f.source for f in p.final})) or "-", _front_cell(p), p.note])
+    header = ["config", "method", "seeds", "density", "train FLOPs", "of dense", "robust acc. ± 2 SE", "attack",
+              "n", "source", "on front", "note"]
+    if not any(p.note for p in points):  # no column of empty cells
+        header, rows = header[:-1], [row[:-1] for row in rows]
+    measurements = list(dict.fromkeys(p.measurement for p in points if p.on_front is not None))
+    dense = [p for p in points if p.method == "dense"]
+    lines = ["## Robustness per training FLOP", "",
+             "Final robust test accuracy against training FLOPs (every stage, attack steps included), one row per "
+             "config (mean over its seeds), sorted by FLOPs. A config is *on the front* when no other config "
+             "measured alike has training FLOPs ≤ and robust accuracy ≥ its own with at least one strict; equal "
+             "points are all on it; *yes (alone)*: nothing else was measured alike.", "",
+             _md_table(header, rows), "",
+             "- Robust accuracy: AutoAttack (standard) of the final model from `final-eval.json`, else from "
+             "`checkpoints/last.eval-autoattack.json`; a run with neither falls back to its final epoch's test RA "
+             "under the per-epoch PGD, labelled PGD-k (PGD usually reads higher than AutoAttack: a weaker "
+             "attack). n = test images; ± 2 SE = twice the binomial standard error of the test "
+             "sample, sqrt(p(1 − p)/n) per seed, of the mean over seeds (not the spread between seeds).",
+             "- The front is computed within one measurement only (same attack, ε and n), so numbers of different "
+             "attacks or test images are never compared; unfinished runs are kept off it. "
+             + (f"Every config compared was measured with {measurements[0]}." if len(measurements) == 1 else
+                "Measurements: " + "; ".join(
+                    f"{m} ({', '.join(p.label for p in points if p.measurement == m and p.on_front is not None)})"
+                    for m in measurements) + "." if measurements else
+                "No config has both training FLOPs and a robust accuracy: no front."),
+             "- of dense = training FLOPs / those of the dense config"
+             + (f" `{dense[0].label}`." if len(dense) == 1 and dense[0].train_flops else
+                (": no dense config in this report." if not dense else
+                 ": not given, the report holds " + ("no dense FLOPs." if len(dense) == 1 else f"{len(dense)} dense configs.")))]
+    return "\n".join(lines)
+
+
 def _measurement_section(runs: Sequence[Run]) -> str:
     from .protocol import eval_protocol
 
@@ -357,6 +412,8 @@ def write_report(paths: Sequence[str | Path], out: str | Path, *, target_ra: flo
     else:
         target, why = default_target(groups, glabels)
     report.target_ra = target
+    points = cost_points(groups, glabels)
+    report.per_flop = [p.to_dict() for p in points]
 
     mpl = matplotlib_or_none()
     plot_lines: list[str] = []
@@ -373,6 +430,9 @@ def write_report(paths: Sequence[str | Path], out: str | Path, *, target_ra: flo
             p = plot_cost(runs, key, out / "plots" / fname, mpl, target)
             if p is not None:
                 report.plots.append(p)
+        p = plot_pareto(points, out / "plots" / "ra_vs_train_flops_pareto.png", mpl)
+        if p is not None:
+            report.plots.append(p)
         for p in report.plots:
             rel = p.relative_to(out).as_posix()
             plot_lines.append(f"![{rel}]({rel})")
@@ -390,6 +450,7 @@ def write_report(paths: Sequence[str | Path], out: str | Path, *, target_ra: flo
         lines += [_ttr_section(runs, groups, glabels, target, why), ""]
     else:
         lines += ["## Time to robustness", "", why + ".", ""]
+    lines += [_per_flop_section(points), ""]
     lines += [_measurement_section(runs), ""]
     if notes:
         lines += ["Runs skipped: " + "; ".join(notes), ""]

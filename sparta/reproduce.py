@@ -359,6 +359,7 @@ def reproduce(profile: str, data_root: str | Path, out: str | Path, *, dataset: 
         "profile": profile, "dataset": dataset, "smoke": smoke, "command": command,
         "written_utc": written.isoformat(timespec="seconds"), "machine": _machine(),
         "claims": [c.to_dict() for c in found], "sanity_checks": [c.to_dict() for c in checks], "final_eval": evals,
+        "robustness_per_flop": report.per_flop,  # the report's table: one row per config, with its on_front flag
         "seeds": seeds, "runs": {run.name: {"role": run.role, "seed": run.seed, "command": ["sparta", *run.command(nproc)],
                                             "stats": loaded[run.name].stats()} for run in planned}}))
     return report.path

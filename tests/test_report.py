@@ -144,7 +144,8 @@ def test_report_tables_plots_and_time_to_robustness(runs_root, tmp_path, capsys)
     # plots: valid, non-empty PNGs; density only for the run whose density moves
     pngs = {p.relative_to(out).as_posix() for p in out.rglob("*.png")}
     assert pngs == {"plots/dense-s0/accuracy.png", "plots/dense-s1/accuracy.png", "plots/fbplus/accuracy.png",
-                    "plots/fbplus/density.png", "plots/ra_vs_wall_time.png", "plots/ra_vs_train_flops.png"}
+                    "plots/fbplus/density.png", "plots/ra_vs_wall_time.png", "plots/ra_vs_train_flops.png",
+                    "plots/ra_vs_train_flops_pareto.png"}
     for p in pngs:
         data = (out / p).read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 1000
@@ -243,3 +244,121 @@ def test_without_matplotlib_tables_still_written(runs_root, tmp_path, monkeypatc
     assert PLOTS_SKIPPED in report.notes and md.count(PLOTS_SKIPPED) == 1
     assert table_row(md, "Results per config", "dense")["RA best"] == "44.50 ± 0.71"
     assert report.plots == [] and not list((tmp_path / "out").rglob("*.png"))
+    # the robustness-per-FLOP table does not need matplotlib, its figure does
+    assert table_row(md, "Robustness per training FLOP", "fbplus")["on front"] == "yes"
+    assert "ra_vs_train_flops_pareto.png" not in md
+
+
+# ---------------------------------------------------------------- robustness per training FLOP
+
+
+def final_eval(path: Path, autoattack: float, n: int) -> None:
+    """final-eval.json as ``sparta reproduce`` writes it (AutoAttack and PGD-20 of the final model)."""
+    (path / "final-eval.json").write_text(json.dumps({"autoattack": autoattack, "pgd": autoattack + 3, "clean": 70.0,
+                                                      "n": n, "pgd_steps": 20, "checks": [], "warnings": []}))
+
+
+def checkpoint_eval(path: Path, robust_acc: float, n: int, eps: float = 8 / 255) -> None:
+    """checkpoints/last.eval-autoattack.json as ``sparta eval ... --attack autoattack`` writes it."""
+    (path / "checkpoints").mkdir(exist_ok=True)
+    rows = [{"kind": "autoattack", "attack": "autoattack", "eps": eps, "n": n, "clean_acc": 70.0,
+             "robust_acc": robust_acc},
+            {"kind": "pgd-reference", "attack": "pgd", "eps": eps, "n": n, "clean_acc": 70.0,
+             "robust_acc": robust_acc + 2}]
+    (path / "checkpoints" / "last.eval-autoattack.json").write_text(json.dumps({"rows": rows, "n": n}))
+
+
+def test_per_flop_section_autoattack_and_pgd_fallback(tmp_path):
+    # two runs: dense with AutoAttack (final-eval.json), FB+ without: its final PGD-20 RA (41 on 1000 images)
+    root = tmp_path / "runs"
+    cfg = config("dense", 0)
+    write_run(root / "dense", cfg, DENSE[0], summary_of(cfg, DENSE[0], 3))
+    final_eval(root / "dense", 40.0, 100)
+    cfg = config("fbplus", 0, "flying_bird_plus", density=0.2)
+    write_run(root / "fbplus", cfg, FBPLUS, summary_of(cfg, FBPLUS, 2, train_flops=1.8e15))
+    report = write_report([root], tmp_path / "out")
+    md = report.path.read_text()
+    section = md.split("## Robustness per training FLOP", 1)[1].split("\n## ", 1)[0]
+    rows = [l for l in section.splitlines() if l.startswith("| ") and not l.startswith("| config")]
+    assert [r.split("|")[1].strip() for r in rows] == ["fbplus", "dense"]  # sorted by training FLOPs
+
+    dense = table_row(md, "Robustness per training FLOP", "dense")
+    # 2 SE = 2 * 100 * sqrt(0.40 * 0.60 / 100) = 9.80
+    assert dense["robust acc. ± 2 SE"] == "40.00 ± 9.80" and dense["attack"] == "AutoAttack"
+    assert dense["n"] == "100" and dense["source"] == "final-eval.json"
+    assert dense["train FLOPs"] == "4 PFLOP" and dense["of dense"] == "100%" and dense["density"] == "1.000"
+    fb = table_row(md, "Robustness per training FLOP", "fbplus")
+    # the fallback is the final epoch's test RA under the per-epoch PGD-20 on eval.test_subset (1000) images:
+    # 2 * 100 * sqrt(0.41 * 0.59 / 1000) = 3.11
+    assert fb["robust acc. ± 2 SE"] == "41.00 ± 3.11" and fb["attack"] == "PGD-20" and fb["n"] == "1000"
+    assert fb["source"] == "metrics (final epoch)" and fb["of dense"] == "45%" and fb["density"] == "0.170"
+    # different measurements are never compared: each is alone on its own front
+    assert dense["on front"] == fb["on front"] == "yes (alone)"
+    assert "AutoAttack, ε = 8/255, 100 test images (dense)" in section
+    assert "PGD-20, ε = 8/255, 1000 test images (fbplus)" in section
+    assert "dense config `dense`" in section
+
+    flags = {d["label"]: (d["on_front"], d["attack"], d["n"], d["sources"]) for d in report.per_flop}
+    assert flags == {"dense": (True, "AutoAttack", 100, ["final-eval.json"]),
+                     "fbplus": (True, "PGD-20", 1000, ["metrics (final epoch)"])}
+    png = tmp_path / "out" / "plots" / "ra_vs_train_flops_pareto.png"
+    assert png.read_bytes()[:8] == PNG_MAGIC and "](plots/ra_vs_train_flops_pareto.png)" in md
+
+
+def test_per_flop_front_among_seeds_measured_alike(runs_root, tmp_path):
+    # dense seeds: AutoAttack 40 and 42 on 100 images (mean 41); FB+ by `sparta eval`: 38 on 100 images
+    final_eval(runs_root / "dense-s0", 40.0, 100)
+    final_eval(runs_root / "dense-s1", 42.0, 100)
+    checkpoint_eval(runs_root / "fbplus", 38.0, 100)
+    md = write_report([runs_root], tmp_path / "a").path.read_text()
+    dense = table_row(md, "Robustness per training FLOP", "dense")
+    # SE of the mean = sqrt(0.4*0.6/100 + 0.42*0.58/100) / 2 = 3.477 points
+    assert dense["seeds"] == "2" and dense["robust acc. ± 2 SE"] == "41.00 ± 6.95"
+    assert dense["train FLOPs"] == "4.2 PFLOP" and dense["source"] == "final-eval.json"
+    fb = table_row(md, "Robustness per training FLOP", "fbplus")
+    assert fb["robust acc. ± 2 SE"] == "38.00 ± 9.71" and fb["source"] == "checkpoints/last.eval-autoattack.json"
+    assert fb["of dense"] == "43%"  # 1.8 / 4.2 PFLOP
+    # FB+ is cheaper, dense more robust: both on the front
+    assert dense["on front"] == fb["on front"] == "yes"
+    assert "Every config compared was measured with AutoAttack, ε = 8/255, 100 test images." in md
+
+    # FB+ as robust as dense for fewer FLOPs: dense drops off the front
+    checkpoint_eval(runs_root / "fbplus", 41.0, 100)
+    md = write_report([runs_root], tmp_path / "b").path.read_text()
+    assert table_row(md, "Robustness per training FLOP", "dense")["on front"] == "no"
+    assert table_row(md, "Robustness per training FLOP", "fbplus")["on front"] == "yes"
+
+    # FB+ on other test images: not comparable, each alone on its front
+    checkpoint_eval(runs_root / "fbplus", 41.0, 500)
+    md = write_report([runs_root], tmp_path / "c").path.read_text()
+    assert table_row(md, "Robustness per training FLOP", "dense")["on front"] == "yes (alone)"
+    assert table_row(md, "Robustness per training FLOP", "fbplus")["on front"] == "yes (alone)"
+
+
+def test_per_flop_seeds_measured_differently_fall_back_to_pgd(runs_root, tmp_path):
+    # only seed 0 of dense has AutoAttack: the config uses PGD for both seeds (final RA 42, 43), and says so
+    final_eval(runs_root / "dense-s0", 40.0, 100)
+    cfg = config("fb-unfinished", 0, "flying_bird", density=0.2)
+    write_run(runs_root / "unfinished", cfg, [record("train", 1, 20, 50, 22, 5, 1e14, 0.2),
+                                              record("train", 2, 30, 60, 35, 10, 2e14, 0.2)])
+    report = write_report([runs_root], tmp_path / "out")
+    md = report.path.read_text()
+    dense = table_row(md, "Robustness per training FLOP", "dense")
+    assert dense["attack"] == "PGD-20" and dense["robust acc. ± 2 SE"].startswith("42.50 ± ")
+    assert dense["note"] == "AutoAttack only on 1 of 2 seeds: PGD for all seeds"
+    # PGD-20 on 1000 images, compared with FB+'s PGD-20: FB+ has fewer FLOPs (1.8 < 4.2 PFLOP), less RA (41)
+    assert dense["on front"] == "yes" and table_row(md, "Robustness per training FLOP", "fbplus")["on front"] == "yes"
+    unfinished = table_row(md, "Robustness per training FLOP", "fb-unfinished")
+    # the cheapest and not final: listed, off the front
+    assert unfinished["on front"] == "-" and "unfinished: kept off the front" in unfinished["note"]
+    assert [d["label"] for d in report.per_flop][0] == "fb-unfinished"
+
+
+def test_per_flop_bad_eval_file_is_one_line_error(runs_root, tmp_path):
+    (runs_root / "fbplus" / "final-eval.json").write_text("{not json")
+    with pytest.raises(SpartaError, match="final-eval.json is not valid JSON") as e:
+        write_report([runs_root], tmp_path / "out")
+    assert "\n" not in str(e.value)
+    final_eval(runs_root / "fbplus", 140.0, 100)
+    with pytest.raises(SpartaError, match="no valid accuracy 'autoattack'"):
+        write_report([runs_root], tmp_path / "out")

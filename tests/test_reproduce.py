@@ -282,6 +282,13 @@ def check_smoke(out, roles, n_claims):
         summary = json.loads((out / "runs" / role / "summary.json").read_text())
         assert summary["epochs"] == 1 and role in found["final_eval"]
         assert found["final_eval"][role]["n"] == 8
+    # robustness per training FLOP ranks the runs by their final AutoAttack accuracy (final-eval.json)
+    section = (out / "report" / "report.md").read_text().split("## Robustness per training FLOP", 1)[1]
+    assert "compared was measured with AutoAttack, ε = 8/255, 8 test images." in section.split("\n## ", 1)[0]
+    rows = found["robustness_per_flop"]
+    assert sorted(r["label"] for r in rows) == sorted(roles) and any(r["on_front"] for r in rows)
+    assert all(r["attack"] == "AutoAttack" and r["n"] == 8 and r["sources"] == ["final-eval.json"] for r in rows)
+    assert [r["robust_acc"] for r in rows] == [found["final_eval"][r["label"]]["autoattack"] for r in rows]
 
 
 def test_smoke_trains_evaluates_reports_and_keeps_finished_runs(tmp_path, cifar100):
