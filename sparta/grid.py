@@ -120,5 +120,7 @@ def run_grid(dataset: str, model: str, data_root: str | Path, out: str | Path, *
                      "wall_time_s": summary.get("wall_time_s"), "clean": evals[run.name]["clean"],
                      "autoattack": evals[run.name]["autoattack"], "pgd": evals[run.name]["pgd"],
                      "n": evals[run.name]["n"], "command": ["sparta", *run.command(nproc)]})
-    write_text_atomic(out / "grid.json", dumps({"dataset": dataset, "model": model, "smoke": smoke, "runs": rows}))
-    return write_report([run.run_dir for run in planned], out / "report").path
+    report = write_report([run.run_dir for run in planned], out / "report")
+    write_text_atomic(out / "grid.json", dumps({"dataset": dataset, "model": model, "smoke": smoke, "runs": rows,
+                                                "robustness_per_flop": report.per_flop}))  # with on_front flags
+    return report.path

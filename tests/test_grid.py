@@ -82,7 +82,8 @@ def test_smoke_cell_trains_evaluates_and_reports(tmp_path, capsys):
         assert 0 <= row["autoattack"] <= row["clean"] and row["n"] == 8
     summary = json.loads((out / "runs" / "magnitude-s90" / "summary.json").read_text())
     assert [s["name"] for s in summary["stages"]] == ["pretrain", "finetune"]  # the pretrain's cost is counted
-    assert (out / "report" / "report.md").is_file()
+    assert "Robustness per training FLOP" in (out / "report" / "report.md").read_text()
+    assert len(grid["robustness_per_flop"]) == 2 and any(row["on_front"] for row in grid["robustness_per_flop"])
     capsys.readouterr()
     mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.pt")}
     assert main(argv) == 0  # a second call keeps the finished runs and their evaluations
