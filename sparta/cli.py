@@ -1,4 +1,4 @@
-"""The ``sparta`` command (train, eval, flops, report, reproduce, demo): parse arguments, call the
+"""The ``sparta`` command (train, eval, export, flops, report, reproduce, demo): parse arguments, call the
 library, print. Library modules never print; what they have to say comes back as values (or through a
 ``log`` callback) and is printed here.
 
@@ -133,6 +133,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """``sparta export``: the export folder's files on stdout, one per line; the card's headline on stderr."""
+    from .export import export_checkpoint
+
+    card = export_checkpoint(args.checkpoint, args.out, fmt=args.format, n_examples=args.n_examples,
+                             attack=not args.no_attack, overrides=args.overrides,
+                             log=lambda line: print(line, file=sys.stderr, flush=True))
+    pct = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    robust = "  ".join(f"AutoAttack {eps}: {pct(r and r['robust_acc'])}" for eps, r in card["autoattack"].items())
+    print(f"{card['model']} ({card['structure']}): sparsity {100 * card['sparsity']['overall']:.2f}%  "
+          f"clean: {pct(card['clean_acc'])}  {robust}", file=sys.stderr)
+    for path in card["written"]:
+        print(path)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import comparison, run_demo
 
@@ -256,6 +272,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --attack sweep: budgets, fractions allowed (default 0,2/255,4/255,8/255,16/255; "
                         "0 and the config's eps are always added)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="a checkpoint as a plain state_dict with standard layer names, its standalone "
+                                      "architecture and a result card (clean + AutoAttack accuracy, sparsity, cost)")
+    p.add_argument("checkpoint")
+    p.add_argument("overrides", nargs="*", help="overrides of the checkpoint's config, e.g. data.root=DIR device=cuda")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for model.pt, architecture.py/.json, card.json/.md")
+    p.add_argument("--format", choices=["benchmark"], default="benchmark",
+                   help="benchmark: PreActResNet-18 / VGG-16 names of the standard CIFAR definitions (docs/export.md)")
+    p.add_argument("--n-examples", type=int, default=None, metavar="N",
+                   help="measure the card's accuracies on the first N test images (default: all; recorded in the card)")
+    p.add_argument("--no-attack", action="store_true",
+                   help="write the card without clean/AutoAttack accuracy (those fields null, with the reason)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("flops", help="inference and training FLOPs of a config or checkpoint (densities included)")
     add_flops_arguments(p)
