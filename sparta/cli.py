@@ -52,9 +52,10 @@ def table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
     return tabulate(cells, headers=[h for _, h in columns], missingval="-", disable_numparse=True)
 
 
-def launch_torchrun(nproc: int, args: argparse.Namespace) -> int:
-    """``sparta train --nproc N ...``: the same command as N local processes under torchrun
-    (``torch.distributed.run --standalone``); returns the workers' exit code (2 for bad input)."""
+def launch_torchrun(nproc: int, child: list[str]) -> int:
+    """``sparta train|eval --nproc N ...``: the ``child`` command (``sparta`` arguments, without --nproc)
+    as N local processes under torchrun (``torch.distributed.run --standalone``); returns the workers'
+    exit code (2 for bad input)."""
     import logging
 
     from torch.distributed import run as torchrun
@@ -62,9 +63,6 @@ def launch_torchrun(nproc: int, args: argparse.Namespace) -> int:
 
     if "WORLD_SIZE" in os.environ:
         raise SpartaError("--nproc starts torchrun itself; under torchrun (WORLD_SIZE is set) leave it out")
-    child = ["train", *([args.config] if args.config else []), *args.overrides,
-             *(["--resume", args.resume] if args.resume else []), *(["--overwrite"] if args.overwrite else []),
-             *(["--force"] if args.force else [])]
     # the workers print their own one-line errors; torchrun's failure report would repeat them as a traceback
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:
@@ -89,7 +87,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.nproc < 1:
             raise SpartaError(f"--nproc must be >= 1, got {args.nproc}")
         if args.nproc > 1:
-            return launch_torchrun(args.nproc, args)
+            return launch_torchrun(args.nproc, [
+                "train", *([args.config] if args.config else []), *args.overrides,
+                *(["--resume", args.resume] if args.resume else []), *(["--overwrite"] if args.overwrite else []),
+                *(["--force"] if args.force else [])])
     if args.resume:
         if args.config:  # `sparta train --resume DIR key=value`: the first word is an override
             args.overrides = [args.config, *args.overrides]
@@ -119,8 +120,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .experiment import evaluate_checkpoint
     from .fmt import eps as format_eps
 
+    if args.nproc is not None:
+        if args.nproc < 1:
+            raise SpartaError(f"--nproc must be >= 1, got {args.nproc}")
+        if args.nproc > 1:
+            return launch_torchrun(args.nproc, [
+                "eval", args.checkpoint, *args.overrides, "--attack", args.attack,
+                *(["--n-examples", str(args.n_examples)] if args.n_examples is not None else []),
+                *(["--eps-list", args.eps_list] if args.eps_list is not None else [])])
     result = evaluate_checkpoint(args.checkpoint, attack=args.attack, overrides=args.overrides,
                                  n_examples=args.n_examples, eps_list=args.eps_list)
+    if rank() != 0:  # every rank holds the merged result; rank 0 prints it
+        return 0
     rows = [{**r, "eps": format_eps(r["eps"]), **{k: "-" for k in ("steps", "restarts") if r.get(k) is None}}
             for r in result["rows"]]
     print(table(rows, [("kind", "row"), ("attack", "attack"), ("norm", "norm"), ("eps", "eps"), ("steps", "steps"),
@@ -271,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eps-list", default=None, metavar="EPS,EPS,...",
                    help="with --attack sweep: budgets, fractions allowed (default 0,2/255,4/255,8/255,16/255; "
                         "0 and the config's eps are always added)")
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="attack with N local processes (torchrun): each takes a contiguous run of whole chunks of "
+                        "eval.batch_size test images; counts are merged exactly")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="a checkpoint as a plain state_dict with standard layer names, its standalone "
