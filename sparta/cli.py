@@ -1,4 +1,4 @@
-"""The ``sparta`` command (train, eval, flops, report, reproduce, demo): parse arguments, call the
+"""The ``sparta`` command (train, eval, export, flops, report, reproduce, demo): parse arguments, call the
 library, print. Library modules never print; what they have to say comes back as values (or through a
 ``log`` callback) and is printed here.
 
@@ -52,9 +52,10 @@ def table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
     return tabulate(cells, headers=[h for _, h in columns], missingval="-", disable_numparse=True)
 
 
-def launch_torchrun(nproc: int, args: argparse.Namespace) -> int:
-    """``sparta train --nproc N ...``: the same command as N local processes under torchrun
-    (``torch.distributed.run --standalone``); returns the workers' exit code (2 for bad input)."""
+def launch_torchrun(nproc: int, child: list[str]) -> int:
+    """``sparta train|eval --nproc N ...``: the ``child`` command (``sparta`` arguments, without --nproc)
+    as N local processes under torchrun (``torch.distributed.run --standalone``); returns the workers'
+    exit code (2 for bad input)."""
     import logging
 
     from torch.distributed import run as torchrun
@@ -62,9 +63,6 @@ def launch_torchrun(nproc: int, args: argparse.Namespace) -> int:
 
     if "WORLD_SIZE" in os.environ:
         raise SpartaError("--nproc starts torchrun itself; under torchrun (WORLD_SIZE is set) leave it out")
-    child = ["train", *([args.config] if args.config else []), *args.overrides,
-             *(["--resume", args.resume] if args.resume else []), *(["--overwrite"] if args.overwrite else []),
-             *(["--force"] if args.force else [])]
     # the workers print their own one-line errors; torchrun's failure report would repeat them as a traceback
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:
@@ -89,7 +87,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.nproc < 1:
             raise SpartaError(f"--nproc must be >= 1, got {args.nproc}")
         if args.nproc > 1:
-            return launch_torchrun(args.nproc, args)
+            return launch_torchrun(args.nproc, [
+                "train", *([args.config] if args.config else []), *args.overrides,
+                *(["--resume", args.resume] if args.resume else []), *(["--overwrite"] if args.overwrite else []),
+                *(["--force"] if args.force else [])])
     if args.resume:
         if args.config:  # `sparta train --resume DIR key=value`: the first word is an override
             args.overrides = [args.config, *args.overrides]
@@ -128,8 +129,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .experiment import evaluate_checkpoint
     from .fmt import eps as format_eps
 
+    if args.nproc is not None:
+        if args.nproc < 1:
+            raise SpartaError(f"--nproc must be >= 1, got {args.nproc}")
+        if args.nproc > 1:
+            return launch_torchrun(args.nproc, [
+                "eval", args.checkpoint, *args.overrides, "--attack", args.attack,
+                *(["--n-examples", str(args.n_examples)] if args.n_examples is not None else []),
+                *(["--eps-list", args.eps_list] if args.eps_list is not None else [])])
     result = evaluate_checkpoint(args.checkpoint, attack=args.attack, overrides=args.overrides,
                                  n_examples=args.n_examples, eps_list=args.eps_list)
+    if rank() != 0:  # every rank holds the merged result; rank 0 prints it
+        return 0
     rows = [{**r, "eps": format_eps(r["eps"]), **{k: "-" for k in ("steps", "restarts") if r.get(k) is None}}
             for r in result["rows"]]
     print(table(rows, [("kind", "row"), ("attack", "attack"), ("norm", "norm"), ("eps", "eps"), ("steps", "steps"),
@@ -139,6 +150,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for message in result["warnings"]:
         print(f"warning: {message}", file=sys.stderr)
     print(f"written: {result['written']}", file=sys.stderr)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """``sparta export``: the export folder's files on stdout, one per line; the card's headline on stderr."""
+    from .export import export_checkpoint
+
+    card = export_checkpoint(args.checkpoint, args.out, fmt=args.format, n_examples=args.n_examples,
+                             attack=not args.no_attack, overrides=args.overrides,
+                             log=lambda line: print(line, file=sys.stderr, flush=True))
+    pct = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    robust = "  ".join(f"AutoAttack {eps}: {pct(r and r['robust_acc'])}" for eps, r in card["autoattack"].items())
+    print(f"{card['model']} ({card['structure']}): sparsity {100 * card['sparsity']['overall']:.2f}%  "
+          f"clean: {pct(card['clean_acc'])}  {robust}", file=sys.stderr)
+    for path in card["written"]:
+        print(path)
     return 0
 
 
@@ -313,7 +340,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eps-list", default=None, metavar="EPS,EPS,...",
                    help="with --attack sweep: budgets, fractions allowed (default 0,2/255,4/255,8/255,16/255; "
                         "0 and the config's eps are always added)")
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="attack with N local processes (torchrun): each takes a contiguous run of whole chunks of "
+                        "eval.batch_size test images; counts are merged exactly")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="a checkpoint as a plain state_dict with standard layer names, its standalone "
+                                      "architecture and a result card (clean + AutoAttack accuracy, sparsity, cost)")
+    p.add_argument("checkpoint")
+    p.add_argument("overrides", nargs="*", help="overrides of the checkpoint's config, e.g. data.root=DIR device=cuda")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for model.pt, architecture.py/.json, card.json/.md")
+    p.add_argument("--format", choices=["benchmark"], default="benchmark",
+                   help="benchmark: PreActResNet-18 / VGG-16 names of the standard CIFAR definitions (docs/export.md)")
+    p.add_argument("--n-examples", type=int, default=None, metavar="N",
+                   help="measure the card's accuracies on the first N test images (default: all; recorded in the card)")
+    p.add_argument("--no-attack", action="store_true",
+                   help="write the card without clean/AutoAttack accuracy (those fields null, with the reason)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("flops", help="inference and training FLOPs of a config or checkpoint (densities included)")
     add_flops_arguments(p)

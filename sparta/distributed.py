@@ -329,20 +329,21 @@ def resolve_device(name: str, local_rank: int = 0, local_world: int = 1, world: 
     return torch.device("cuda", local_rank) if world > 1 else torch.device("cuda")
 
 
-def setup(cfg: Any) -> Distributed:
+def setup(cfg: Any, *, training: bool = True) -> Distributed:
     """Check ``cfg`` against the torchrun world and join the process group (idempotent).
 
     Every check here depends only on the config and the environment, so all ranks fail alike with
-    the same ConfigError before any collective: none is left waiting for the others.
+    the same ConfigError before any collective: none is left waiting for the others. ``training=False``
+    (``sparta eval --nproc``) skips the checks of training settings (global batch, SyncBatchNorm).
     """
     rank, world, local_rank, local_world = env_world()
     device = resolve_device(cfg.device, local_rank, local_world, world)
     if world == 1:
         return SINGLE if device.type == "cpu" else Distributed(device=device)
-    if cfg.batch_size % world:
+    if training and cfg.batch_size % world:
         raise ConfigError(f"batch_size {cfg.batch_size} is the global batch and must be a multiple of the world "
                           f"size {world} (each rank takes batch_size / world_size images per step)")
-    if cfg.distributed.sync_batchnorm and device.type != "cuda":
+    if training and cfg.distributed.sync_batchnorm and device.type != "cuda":
         raise ConfigError("distributed.sync_batchnorm needs CUDA (SyncBatchNorm has no CPU implementation); "
                           "set it to false on CPU")
     if not tdist.is_initialized():

@@ -207,7 +207,9 @@ def evaluate_checkpoint(path: str | Path, *, attack: str = "pgd", overrides: lis
 
     Settings come from the checkpoint's config ``eval.*`` and ``seed`` (overridable); the result
     (with ``rows``, ``checks`` and ``warnings``) is also written as JSON beside the checkpoint
-    (``<name>.eval-<attack>.json``).
+    (``<name>.eval-<attack>.json``). Under torchrun the test set is sharded in whole chunks of
+    ``eval.batch_size`` images over the ranks (see :mod:`sparta.robustness`), every rank returns the
+    merged result and rank 0 writes it.
     """
     from .robustness import ATTACKS, evaluate_robustness, require_autoattack
 
@@ -224,7 +226,6 @@ def evaluate_checkpoint(path: str | Path, *, attack: str = "pgd", overrides: lis
         if n_examples < 1:
             raise ConfigError(f"--n-examples must be >= 1, got {n_examples}")
         cfg.eval.test_subset = n_examples
-    device = resolve_device(cfg.device)
     data = load_dataset(cfg.data.name, cfg.data.root, val_size=cfg.data.val_size, train_subset=cfg.data.train_subset)
     spec = state.model_spec
     for what, have, want in (("classes", data.num_classes, spec["num_classes"]),
@@ -233,15 +234,18 @@ def evaluate_checkpoint(path: str | Path, *, attack: str = "pgd", overrides: lis
         if have != want:  # a network with adaptive pooling would run, on the wrong task
             raise ConfigError(f"{cfg.data.name} has {have} {what} but the checkpoint's model was trained with {want}; "
                               "evaluate on the dataset it was trained on")
+    # under torchrun (`sparta eval --nproc N`) every rank attacks its share of the chunks; after every check
+    dist = setup(cfg, training=False)
+    device = dist.device
     model = load_model(path, device)
     protocol = {**eval_protocol(cfg), "precision": "fp32"}  # evaluate_robustness always runs in float32
     e = cfg.eval
     result = evaluate_robustness(model, _first(data.test, e.test_subset), attack=attack, eps=protocol["eps"],
                                  alpha=e.alpha, steps=e.steps, restarts=e.restarts, norm=protocol["norm"],
-                                 batch_size=e.batch_size, device=device, seed=cfg.seed, eps_list=eps_list)
+                                 batch_size=e.batch_size, device=device, seed=cfg.seed, eps_list=eps_list, dist=dist)
     name = {"pgd": "pgd", "cw": "pgd-cw", "autoattack": "autoattack-standard", "sweep": "pgd-sweep"}[attack]
     result = {"checkpoint": str(path), **result, "protocol": {**protocol, "attack": name, "seed": cfg.seed},
               "device": str(device), "torch": str(torch.__version__)}
     out = path.with_name(f"{path.stem}.eval-{attack}.json")
-    write_text_atomic(out, dumps(result))
+    dist.on_main(lambda: write_text_atomic(out, dumps(result)))
     return {**result, "written": str(out)}

@@ -24,6 +24,15 @@ et al. 2019, "On Evaluating Adversarial Robustness"), counted in examples with a
   ``autoattack_flags`` (the package's own checks: randomized/dynamic defense, probabilities instead
   of logits, zero gradients, Square beating the gradient attacks).
 
+Chunks. Every attack runs chunk by chunk: chunk k is images [k*B, (k+1)*B) (B = ``batch_size``), and
+its randomness starts from the seed ``chunk_seed(seed, k)`` (``seed`` itself for chunk 0). AutoAttack
+runs once per chunk (``run_standard_evaluation`` on the chunk alone: the package re-seeds every batch
+with the same seed anyway, and runs each later attack on the chunk's survivors, not on survivors
+regrouped over the whole set). A chunk's result thus depends on its images and k only, so under
+torchrun (``sparta eval --nproc N``) each rank takes a contiguous run of whole chunks, and the counts
+(all-reduced) and per-image flags (gathered) equal a one-process run's image by image, given the same
+arithmetic (CPU: the same thread count; GPU kernels may differ run to run).
+
 AutoAttack (Croce & Hein 2020) comes from the optional ``pyautoattack`` package (``pip install
 'sparta[autoattack]'``), imported only when asked for.
 """
@@ -45,6 +54,7 @@ from torch import Tensor, nn
 from .attacks import build_attack
 from .data.base import ImageSet
 from .data.loader import DeviceLoader
+from .distributed import SINGLE, Distributed
 from .errors import ConfigError, SpartaError
 from .evaluate import evaluate
 from .fmt import eps as format_eps  # "8/255", "0.1"
@@ -315,13 +325,80 @@ def _stack(data: ImageSet, batch_size: int, device: torch.device) -> tuple[Tenso
     return torch.cat(xs), torch.cat(ys)
 
 
+# -------------------------------------------------------------------------------------- chunks
+
+CHUNK_SEED_STRIDE = 1_000_003  # chunk k's seed: seed + k * stride (a prime, so chunk seeds of nearby runs differ)
+
+
+def chunk_seed(seed: int, k: int) -> int:
+    return seed + CHUNK_SEED_STRIDE * k
+
+
+def chunks(n: int, batch_size: int, dist: Distributed = SINGLE) -> list[tuple[int, int, int]]:
+    """This rank's chunks ``(k, start, stop)``: a contiguous run of the ceil(n / batch_size) chunks."""
+    first, last = dist.shard(math.ceil(n / batch_size))
+    return [(k, k * batch_size, min((k + 1) * batch_size, n)) for k in range(first, last)]
+
+
+class _Flags:
+    """Wraps an attack: records, per image, whether the model still classifies x_adv correctly (one
+    extra forward per batch)."""
+
+    def __init__(self, attack: Callable[[nn.Module, Tensor, Tensor], Tensor]):
+        self.attack, self.flags = attack, []
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        x_adv = self.attack(model, x, y)
+        with torch.no_grad():
+            self.flags.append((model(x_adv).argmax(1) == y).cpu())
+        return x_adv
+
+
+def _chunked(model: nn.Module, data: ImageSet, attack_of: Callable[[int, ImageSet], Callable], *, batch_size: int,
+             device: torch.device, seed: int, dist: Distributed) -> dict[str, Any]:
+    """``evaluate``'s numbers over ``data``, chunk by chunk (``attack_of(k, chunk)`` is called under chunk
+    k's seed and returns the chunk's attack), merged over ranks; plus ``flags``: '1' per image still
+    correct under attack, '0' otherwise, in image order."""
+    sums = torch.zeros(5, dtype=torch.float64)  # clean correct, robust correct, clean loss, robust loss, count
+    flags = []
+    for k, start, stop in chunks(len(data), batch_size, dist):
+        part = data.subset(start, stop)
+        with _seeded(chunk_seed(seed, k), device):
+            recorder = _Flags(attack_of(k, part))
+            res = evaluate(model, part, recorder, batch_size=batch_size, device=device)
+        m = res["n"]
+        sums += torch.tensor([round(res["clean_acc"] * m / 100), round(res["robust_acc"] * m / 100),
+                              res["clean_loss"] * m, res["robust_loss"] * m, m], dtype=torch.float64)
+        flags.append("".join("1" if f else "0" for f in torch.cat(recorder.flags).tolist()))
+    clean, robust, clean_loss, robust_loss, n = dist.all_reduce_sum_(sums.to(dist.device)).tolist()
+    n = max(n, 1.0)
+    return {"clean_acc": 100.0 * clean / n, "robust_acc": 100.0 * robust / n, "clean_loss": clean_loss / n,
+            "robust_loss": robust_loss / n, "n": int(n), "flags": "".join(dist.all_gather("".join(flags)))}
+
+
+def _merge_autoattack(infos: list[dict[str, Any]], sizes: list[int]) -> dict[str, Any]:
+    """One ``run_autoattack`` info from the chunks' (``sizes``: images per chunk): flags and warnings
+    united, ``per_attack`` robust accuracy recounted over all images, perturbation checks over all."""
+    total = sum(sizes)
+    per_attack: dict[str, float] = {}
+    for name in [a for a in infos[0]["attacks"] if any(a in i["per_attack"] for i in infos)]:
+        # the package logs each chunk's accuracy with 2 decimals of a percent: exact counts up to 10,000 images
+        count = sum(round(i["per_attack"].get(name, 0.0) * m / 100) for i, m in zip(infos, sizes))
+        per_attack[name] = 100.0 * count / total
+    united = lambda key: list(dict.fromkeys(x for i in infos for x in i[key]))  # noqa: E731  (order kept)
+    return {**infos[0], "flags": united("flags"), "per_attack": per_attack, "chunks": len(infos),
+            "max_perturbation": max(i["max_perturbation"] for i in infos),
+            **{key: all(i[key] for i in infos) for key in ("in_ball", "in_range", "finite")},
+            "output": united("output"), "other_warnings": sorted(set(united("other_warnings")))}
+
+
 # ---------------------------------------------------------------------------------- the evaluator
 
 def evaluate_robustness(model: nn.Module, data: ImageSet, *, attack: str = "pgd", eps: float, alpha: float,
                         steps: int, restarts: int = 1, norm: str = "linf", batch_size: int = 256,
                         device: torch.device | str = "cpu", seed: int = 0,
                         eps_list: str | Sequence[float | str] | None = None, tolerance: int = 1,
-                        check_eps: float | None = None) -> dict[str, Any]:
+                        check_eps: float | None = None, dist: Distributed = SINGLE) -> dict[str, Any]:
     """Clean and robust accuracy of ``model`` on ``data`` under ``attack``, with sanity checks.
 
     ``attack``: ``pgd`` (PGD-``steps`` on cross-entropy, ``restarts`` random starts), ``cw`` (the same
@@ -330,6 +407,8 @@ def evaluate_robustness(model: nn.Module, data: ImageSet, *, attack: str = "pgd"
     ``DEFAULT_EPS_LIST``; 0 and ``eps`` are always added; ``alpha`` scales with eps, keeping
     alpha/eps), and at ``eps`` with 1, 10, ``steps`` and 2x``steps`` steps). The large-eps check uses
     ``check_eps`` (default :func:`large_eps`) with PGD-``LARGE_EPS_STEPS`` (20), step check_eps/4, one start.
+    Every attack runs chunk by chunk (see the module docstring); under torchrun pass ``dist`` and each
+    rank attacks its share of the chunks, every rank returning the merged result.
 
     Runs in eval mode and float32 (``model.float()`` converts the model in place) without autocast.
     Returns a dict: ``attack``, ``norm``, ``eps``, ``alpha``, ``steps``, ``restarts``, ``seed``, ``n``,
@@ -337,7 +416,8 @@ def evaluate_robustness(model: nn.Module, data: ImageSet, *, attack: str = "pgd"
     ``robust_loss``, ``rows`` (one per setting measured: ``kind``, ``attack``, ``loss``, ``eps``,
     ``alpha``, ``steps``, ``restarts``, ``n``, ``clean_acc``, ``robust_acc``, ``robust_correct``,
     ``robust_loss``), ``checks``, ``warnings``, and for ``autoattack`` also ``autoattack`` (see
-    :func:`run_autoattack`) and ``pgd_robust_acc``.
+    :func:`run_autoattack`, merged over chunks) and ``pgd_robust_acc``; ``robust_flags``: one character
+    per image of the headline row, '1' if still correct under attack.
     """
     if attack not in ATTACKS:
         raise ConfigError(f"unknown evaluation attack {attack!r}; valid: {', '.join(ATTACKS)}")
@@ -363,13 +443,14 @@ def evaluate_robustness(model: nn.Module, data: ImageSet, *, attack: str = "pgd"
         key = (lossname, e, a, k, r)
         if key not in measured:
             run = build_attack("pgd", eps=e, alpha=a, steps=k, norm=norm, loss=lossname, random_start=True, restarts=r)
-            with _seeded(seed, device), torch.autocast(device.type, enabled=False), _no_input_path():
-                measured[key] = evaluate(model, data, run, batch_size=batch_size, device=device)
+            with torch.autocast(device.type, enabled=False), _no_input_path():
+                measured[key] = _chunked(model, data, lambda k, part: run, batch_size=batch_size, device=device,
+                                         seed=seed, dist=dist)
         res = measured[key]
         return {"kind": kind, "attack": "pgd-cw" if lossname == "cw" else "pgd", "loss": lossname, "norm": norm,
                 "eps": e, "alpha": a, "steps": k, "restarts": r, "n": res["n"], "clean_acc": res["clean_acc"],
                 "robust_acc": res["robust_acc"], "robust_correct": _count(res["robust_acc"], res["n"]),
-                "clean_loss": res["clean_loss"], "robust_loss": res["robust_loss"]}
+                "clean_loss": res["clean_loss"], "robust_loss": res["robust_loss"], "flags": res["flags"]}
 
     rows: list[dict[str, Any]] = []
     extra: dict[str, Any] = {}
@@ -389,15 +470,23 @@ def evaluate_robustness(model: nn.Module, data: ImageSet, *, attack: str = "pgd"
         main = next(r for r in rows if r["kind"] == "steps" and r["steps"] == steps) if steps > 0 else \
             next(r for r in rows if r["kind"] == "eps" and r["eps"] == eps)
     else:  # autoattack
-        x_all, y_all = _stack(data, batch_size, device)
-        x_adv, info = run_autoattack(model, x_all, y_all, eps=eps, norm=norm, batch_size=batch_size,
-                                     device=device, seed=seed)
+        infos: list[tuple[dict[str, Any], int]] = []
+
+        def autoattack_chunk(k: int, part: ImageSet) -> Callable:
+            x, y = _stack(part, batch_size, device)
+            x_adv, info = run_autoattack(model, x, y, eps=eps, norm=norm, batch_size=batch_size, device=device,
+                                         seed=chunk_seed(seed, k))
+            infos.append((info, len(part)))
+            return _replay(x, x_adv)
+
         with torch.autocast(device.type, enabled=False):
-            res = evaluate(model, data, _replay(x_all, x_adv), batch_size=batch_size, device=device)
+            res = _chunked(model, data, autoattack_chunk, batch_size=batch_size, device=device, seed=seed, dist=dist)
+        gathered = [item for rank_infos in dist.all_gather(infos) for item in rank_infos]  # in chunk order
+        info = _merge_autoattack([i for i, _ in gathered], [m for _, m in gathered])
         main = {"kind": "autoattack", "attack": "autoattack", "loss": "-", "norm": norm, "eps": eps, "alpha": None,
                 "steps": None, "restarts": None, "n": res["n"], "clean_acc": res["clean_acc"],
                 "robust_acc": res["robust_acc"], "robust_correct": _count(res["robust_acc"], res["n"]),
-                "clean_loss": res["clean_loss"], "robust_loss": res["robust_loss"]}
+                "clean_loss": res["clean_loss"], "robust_loss": res["robust_loss"], "flags": res["flags"]}
         rows.append(main)
         reference = pgd_row("pgd-reference", eps, alpha, steps, restarts, "ce")
         rows.append(reference)
@@ -420,10 +509,12 @@ def evaluate_robustness(model: nn.Module, data: ImageSet, *, attack: str = "pgd"
         checks.append({"name": "autoattack_flags", "passed": not info["flags"],
                        "detail": "; ".join(info["flags"]) or "no flags raised by AutoAttack's own checks"})
         warns += [f"AutoAttack flag: {flag}" for flag in info["flags"]]
+    flags = main["flags"]
     return {
         "attack": attack, "norm": norm, "eps": eps, "alpha": alpha, "steps": steps, "restarts": restarts,
         "seed": seed, "n": n, "clean_acc": main["clean_acc"], "robust_acc": main["robust_acc"],
         "clean_loss": main["clean_loss"],
-        "robust_loss": main["robust_loss"], **extra, "rows": rows, "checks": checks, "warnings": warns,
-        "tolerance": tolerance,
+        "robust_loss": main["robust_loss"], **extra, "rows": [{k: v for k, v in r.items() if k != "flags"} for r in rows],
+        "checks": checks, "warnings": warns, "tolerance": tolerance, "chunk_size": batch_size, "world_size": dist.world_size,
+        "robust_flags": flags,
     }
