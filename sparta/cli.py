@@ -1,4 +1,4 @@
-"""The ``sparta`` command (train, eval, export, flops, report, reproduce, demo): parse arguments, call the
+"""The ``sparta`` command (train, eval, export, flops, report, reproduce, grid, demo): parse arguments, call the
 library, print. Library modules never print; what they have to say comes back as values (or through a
 ``log`` callback) and is printed here.
 
@@ -74,6 +74,13 @@ def launch_torchrun(nproc: int, child: list[str]) -> int:
     return 0
 
 
+def processes(nproc: int | None) -> int:
+    """The number of processes ``--nproc`` asks for (1 when not given); below 1 is bad input."""
+    if nproc is not None and nproc < 1:
+        raise SpartaError(f"--nproc must be >= 1, got {nproc}")
+    return nproc or 1
+
+
 def rank() -> int:
     """This process's rank under torchrun (0 otherwise): only rank 0 prints progress and results."""
     return int(os.environ.get("RANK", "0"))
@@ -83,14 +90,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
     from .experiment import prepare_resume, train
 
-    if args.nproc is not None:
-        if args.nproc < 1:
-            raise SpartaError(f"--nproc must be >= 1, got {args.nproc}")
-        if args.nproc > 1:
-            return launch_torchrun(args.nproc, [
-                "train", *([args.config] if args.config else []), *args.overrides,
-                *(["--resume", args.resume] if args.resume else []), *(["--overwrite"] if args.overwrite else []),
-                *(["--force"] if args.force else [])])
+    if processes(args.nproc) > 1:
+        return launch_torchrun(args.nproc, [
+            "train", *([args.config] if args.config else []), *args.overrides,
+            *(["--resume", args.resume] if args.resume else []), *(["--overwrite"] if args.overwrite else []),
+            *(["--force"] if args.force else [])])
     if args.resume:
         if args.config:  # `sparta train --resume DIR key=value`: the first word is an override
             args.overrides = [args.config, *args.overrides]
@@ -129,14 +133,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .experiment import evaluate_checkpoint
     from .fmt import eps as format_eps
 
-    if args.nproc is not None:
-        if args.nproc < 1:
-            raise SpartaError(f"--nproc must be >= 1, got {args.nproc}")
-        if args.nproc > 1:
-            return launch_torchrun(args.nproc, [
-                "eval", args.checkpoint, *args.overrides, "--attack", args.attack,
-                *(["--n-examples", str(args.n_examples)] if args.n_examples is not None else []),
-                *(["--eps-list", args.eps_list] if args.eps_list is not None else [])])
+    if processes(args.nproc) > 1:
+        return launch_torchrun(args.nproc, [
+            "eval", args.checkpoint, *args.overrides, "--attack", args.attack,
+            *(["--n-examples", str(args.n_examples)] if args.n_examples is not None else []),
+            *(["--eps-list", args.eps_list] if args.eps_list is not None else [])])
     result = evaluate_checkpoint(args.checkpoint, attack=args.attack, overrides=args.overrides,
                                  n_examples=args.n_examples, eps_list=args.eps_list)
     if rank() != 0:  # every rank holds the merged result; rank 0 prints it
@@ -247,8 +248,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
     from .reproduce import reproduce
 
-    if args.nproc is not None and args.nproc < 1:
-        raise SpartaError(f"--nproc must be >= 1, got {args.nproc}")
+    processes(args.nproc)
     out = args.out or f"results/{args.profile}-{args.dataset}" + ("-smoke" if args.smoke else "")
     only = [r.strip() for r in args.only.split(",") if r.strip()] if args.only else None
     command = "sparta " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["reproduce"] else ""
@@ -295,6 +295,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
         raise SpartaError(f"--sparsities must be numbers such as 0.9,0.95; got {args.sparsities}") from None
     if args.final_n is not None and args.final_n < 1:
         raise SpartaError(f"--final-n must be >= 1, got {args.final_n}")
+    processes(args.nproc)
     out = args.out or f"results/grid-{args.dataset}-{args.model}" + ("-smoke" if args.smoke else "")
     kw = dict(methods=split(args.methods), sparsities=sparsities, smoke=args.smoke, overrides=args.overrides)
     if args.dry_run:

@@ -173,7 +173,7 @@ def load_config(path: str | Path | Sequence[str | Path] | None = None, overrides
     raw: dict[str, Any] = {}
     for one in paths:
         raw = _merge(raw, read_yaml(one))
-    return from_dict(with_overrides(drop_unused_settings(raw) if saved else raw, overrides))
+    return from_saved(raw, overrides) if saved else from_dict(with_overrides(raw, overrides))
 
 
 def from_saved(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> Config:
