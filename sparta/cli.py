@@ -236,6 +236,9 @@ def add_reproduce_arguments(parser: argparse.ArgumentParser) -> None:
                              "call with fewer seeds are reused); the claims use the mean and the seed spread")
     parser.add_argument("--nproc", type=int, default=None, metavar="N",
                         help="train each run with N local processes (torchrun, DistributedDataParallel)")
+    parser.add_argument("--jobs", type=int, default=1, metavar="N",
+                        help="train N runs at once, each on its share of the cores (OMP_NUM_THREADS, unless set); "
+                             "on a CPU small runs finish sooner side by side than one after the other")
     parser.add_argument("--only", default=None, metavar="RUN,RUN",
                         help=f"a subset of the runs: {','.join(ROLES)}")
     parser.add_argument("--smoke", action="store_true",
@@ -253,7 +256,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     only = [r.strip() for r in args.only.split(",") if r.strip()] if args.only else None
     command = "sparta " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["reproduce"] else ""
     path = reproduce(args.profile, args.data_root, out, dataset=args.dataset, seeds=args.seeds, nproc=args.nproc,
-                     smoke=args.smoke,
+                     jobs=args.jobs, smoke=args.smoke,
                      only=only, overrides=args.overrides, command=command, log=lambda line: print(line, flush=True))
     print(path)
     return 0

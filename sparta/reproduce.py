@@ -27,6 +27,8 @@ import shlex
 import statistics
 import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -207,8 +209,12 @@ def exclusive(out: Path, command: str = "reproduce") -> Iterator[None]:
         yield
 
 
-def train_run(run: PlannedRun, *, nproc: int | None, log: Callable[[str], None]) -> None:
-    """Train ``run`` with ``sparta train`` in a child process, or resume it, or keep it if finished."""
+def train_run(run: PlannedRun, *, nproc: int | None, log: Callable[[str], None], threads: int | None = None,
+              tag: bool = False) -> None:
+    """Train ``run`` with ``sparta train`` in a child process, or resume it, or keep it if finished.
+
+    ``threads``: the child's torch threads (``OMP_NUM_THREADS``; None: torch's default). ``tag``: its
+    output goes through ``log``, each line prefixed with ``[run name]`` (runs trained side by side)."""
     rd = run.run_dir
     if (rd / "summary.json").is_file():
         log(f"== {run.name}: finished earlier, kept ({rd})")
@@ -219,10 +225,53 @@ def train_run(run: PlannedRun, *, nproc: int | None, log: Callable[[str], None])
     else:  # a folder without a checkpoint holds nothing a rerun would not rewrite
         args = [*run.command(nproc), *(["--overwrite"] if rd.exists() else [])]
         log(f"== {run.name}: sparta {shlex.join(args)}")
-    code = subprocess.call([sys.executable, "-m", "sparta", *args])
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    argv = [sys.executable, "-m", "sparta", *args]
+    if tag:
+        with subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as child:
+            for line in child.stdout:
+                log(f"[{run.name}] {line.rstrip()}")
+        code = child.returncode
+    else:
+        code = subprocess.call(argv, env=env)
     if code != 0:
         raise SpartaError(f"run {run.name} stopped with exit code {code} (its error is above); "
                           "rerun the same command to resume: finished runs are kept")
+
+
+def threads_per_job(jobs: int) -> int | None:
+    """Torch threads for each of ``jobs`` runs trained at once: the usable cores shared out (at least 1),
+    unless ``OMP_NUM_THREADS`` is set (kept, None) or one run trains at a time (torch's default, None)."""
+    if jobs == 1 or "OMP_NUM_THREADS" in os.environ:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // jobs)
+
+
+def train_runs(planned: list[PlannedRun], *, nproc: int | None, jobs: int, log: Callable[[str], None]) -> None:
+    """Train the planned runs in order, ``jobs`` at a time. A run that fails does not stop the others
+    (they are hours of work); the failures are reported together at the end."""
+    if jobs == 1:
+        for run in planned:
+            train_run(run, nproc=nproc, log=log)
+        return
+    lock = threading.Lock()
+
+    def locked(line: str) -> None:  # one line at a time from the worker threads
+        with lock:
+            log(line)
+
+    threads = threads_per_job(jobs)
+    with ThreadPoolExecutor(jobs) as pool:
+        futures = [pool.submit(train_run, run, nproc=nproc, log=locked, threads=threads, tag=True) for run in planned]
+    errors = {run.name: f.exception() for run, f in zip(planned, futures) if f.exception() is not None}
+    for error in errors.values():
+        if not isinstance(error, SpartaError):  # a defect, not a run that stopped: its traceback
+            raise error
+    if errors:
+        failed = list(errors)
+        raise SpartaError(f"run{'s' if len(failed) > 1 else ''} {', '.join(failed)} failed (errors above, each line "
+                          "tagged with its run); rerun the same command to resume: finished runs are kept")
 
 
 def evaluate_final(run: PlannedRun, final: FinalEval, data_root: Path, log: Callable[[str], None]) -> dict[str, Any]:
@@ -319,7 +368,7 @@ def sanity_checks(runs: dict[str, list[Any]], evals: dict[str, dict[str, Any]]) 
 
 
 def reproduce(profile: str, data_root: str | Path, out: str | Path, *, dataset: str = "cifar10", seeds: int = 1,
-              nproc: int | None = None, smoke: bool = False, only: list[str] | None = None,
+              nproc: int | None = None, jobs: int = 1, smoke: bool = False, only: list[str] | None = None,
               overrides: list[str] | tuple[str, ...] = (), command: str = "", log: Callable[[str], None] = lambda line: None) -> Path:
     """Train, evaluate and report ``profile``; returns the path of the report."""
     from .config import load_config
@@ -328,6 +377,11 @@ def reproduce(profile: str, data_root: str | Path, out: str | Path, *, dataset: 
     from .rundir import dumps, write_text_atomic
 
     data_root, out = Path(data_root), Path(out)
+    if jobs < 1:
+        raise SpartaError(f"--jobs must be >= 1, got {jobs}")
+    if jobs > 1 and nproc and nproc > 1:
+        raise SpartaError("--jobs trains several one-process runs side by side and --nproc one run on several "
+                          "processes; give one of them")
     folder = DATASET_FOLDERS.get(dataset)
     if folder and not (data_root / folder).is_dir():
         raise SpartaError(f"--data-root {data_root} has no {folder}/ folder; give the folder that holds the "
@@ -341,8 +395,7 @@ def reproduce(profile: str, data_root: str | Path, out: str | Path, *, dataset: 
     with exclusive(out):
         for run, cfg in zip(planned, configs):  # every earlier run is the one planned, before anything starts
             check_existing(run, cfg)
-        for run in planned:
-            train_run(run, nproc=nproc, log=log)
+        train_runs(planned, nproc=nproc, jobs=jobs, log=log)
         evals = {run.name: evaluate_final(run, final, data_root, log) for run in planned}
     loaded = {run.name: load_run(run.run_dir) for run in planned}
     runs: dict[str, list[Any]] = {}

@@ -12,6 +12,7 @@ import pytest
 from sparta import claims as C
 from sparta.config import load_config
 from sparta.errors import SpartaError
+from sparta import reproduce as R
 from sparta.reproduce import CPU_MINI_EPOCHS, PRESETS, ROLES, plan
 
 from conftest import write_cifar100
@@ -242,6 +243,54 @@ def test_reproduce_refuses_a_data_root_without_the_dataset(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+
+@pytest.mark.parametrize("extra, message", [
+    (["--jobs", "0"], "--jobs must be >= 1, got 0"),
+    (["--jobs", "2", "--nproc", "2"], "--jobs trains several one-process runs side by side and --nproc one run on "
+                                      "several processes; give one of them")])
+def test_reproduce_refuses_bad_jobs(tmp_path, extra, message):
+    (tmp_path / "data" / "cifar-10-batches-py").mkdir(parents=True)
+    result = subprocess.run([sys.executable, "-m", "sparta", "reproduce", "--profile", "cpu-mini", "--data-root",
+                             str(tmp_path / "data"), "--out", str(tmp_path / "out"), *extra], capture_output=True,
+                            text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 2 and result.stderr.strip() == f"error: {message}"
+    assert not (tmp_path / "out").exists()
+
+
+def test_threads_per_job_shares_the_cores(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert [R.threads_per_job(j) for j in (1, 2, 3, 8, 16)] == [None, 4, 2, 1, 1]
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice is kept
+    assert R.threads_per_job(2) is None
+
+
+def test_runs_side_by_side_all_train_when_one_fails(tmp_path, monkeypatch):
+    planned = plan("cpu-mini", "cifar10", tmp_path, tmp_path / "out", only=["dense", "robust_bird", "flying_bird"])
+    trained, lines = [], []
+
+    def fake(run, *, nproc, log, threads, tag):
+        assert tag and nproc is None
+        log(f"[{run.name}] epoch 1")
+        if run.role == "robust_bird":
+            raise SpartaError(f"run {run.name} stopped with exit code 1")
+        trained.append(run.name)
+
+    monkeypatch.setattr(R, "train_run", fake)
+    with pytest.raises(SpartaError, match=r"^run robust_bird failed \(errors above, each line tagged with its run\); "
+                                          "rerun the same command to resume"):
+        R.train_runs(planned, nproc=None, jobs=2, log=lines.append)
+    assert sorted(trained) == ["dense", "flying_bird"]
+    assert sorted(lines) == ["[dense] epoch 1", "[flying_bird] epoch 1", "[robust_bird] epoch 1"]
+
+    def defect(run, **kw):
+        raise ZeroDivisionError("a bug, not a run that stopped")
+
+    monkeypatch.setattr(R, "train_run", defect)
+    with pytest.raises(ZeroDivisionError):  # a defect keeps its traceback
+        R.train_runs(planned, nproc=None, jobs=2, log=lines.append)
+
+
 def test_a_second_reproduce_on_the_same_folder_is_refused(tmp_path):
     import fcntl
 
@@ -292,13 +341,16 @@ def check_smoke(out, roles, n_claims):
 
 
 def test_smoke_trains_evaluates_reports_and_keeps_finished_runs(tmp_path, cifar100):
-    """Two runs of the paper profile for one epoch, AutoAttack, report and claims; a second call retrains
-    nothing and other settings are refused. (The eight runs each train in-process below; all eight
+    """Two runs of the paper profile for one epoch, trained side by side, AutoAttack, report and claims; a
+    second call retrains nothing and other settings are refused. (The eight runs each train in-process below; all eight
     through the whole pipeline: the slow test after it.)"""
     pytest.importorskip("pyautoattack")
     out, env = tmp_path / "out", {**os.environ, "PYTHONPATH": str(ROOT)}
-    argv, result = smoke(out, cifar100, "model.base_width=4", only="dense,flying_bird")
+    argv, result = smoke(out, cifar100, "--jobs", "2", "model.base_width=4", only="dense,flying_bird")
     assert result.returncode == 0, result.stderr[-3000:]
+    # trained side by side: each training line is tagged with its run
+    assert f"[dense] run directory: {out / 'runs' / 'dense'}" in result.stdout.splitlines()
+    assert f"[flying_bird] run directory: {out / 'runs' / 'flying_bird'}" in result.stdout.splitlines()
     # robust overfitting, the robust gap, FLOPs at comparable RA; AutoAttack below PGD is a sanity check
     check_smoke(out, ["dense", "flying_bird"], n_claims=3)
     assert [c["claim"] for c in json.loads((out / "claims.json").read_text())["sanity_checks"]] == [
