@@ -179,7 +179,9 @@ def plan(profile: str, dataset: str, data_root: str | Path, out: str | Path, *, 
 
 
 # settings a kept or resumed run may differ in from the plan: they do not change what it computes
-MAY_DIFFER = ("data.root", "progress")
+# (out_dir: a run folder moved or copied since it was trained, e.g. into a committed results folder;
+# a resumed run writes where it lies, not to its saved out_dir)
+MAY_DIFFER = ("data.root", "progress", "out_dir")
 
 
 def check_existing(run: PlannedRun, wanted: Any) -> None:

@@ -244,6 +244,22 @@ def test_reproduce_refuses_a_data_root_without_the_dataset(tmp_path):
 
 
 
+
+def test_a_moved_run_folder_is_kept_and_other_settings_are_refused(tmp_path):
+    from sparta.config import dump_yaml
+
+    (run,) = plan("cpu-mini", "cifar10", tmp_path / "data", tmp_path / "out", only=["dense"])
+    wanted = load_config(run.configs, list(run.overrides))
+    # trained elsewhere, with the data elsewhere, then moved here
+    moved = load_config(run.configs, [*run.overrides, "out_dir=/elsewhere/runs/dense", "data.root=/elsewhere/data"])
+    run.run_dir.mkdir(parents=True)
+    (run.run_dir / "config.yaml").write_text(dump_yaml(moved))
+    R.check_existing(run, wanted)
+    other = load_config(run.configs, [*run.overrides, "model.base_width=16"])
+    (run.run_dir / "config.yaml").write_text(dump_yaml(other))
+    with pytest.raises(SpartaError, match=r"holds a dense run with other settings \(model.base_width\)"):
+        R.check_existing(run, wanted)
+
 @pytest.mark.parametrize("extra, message", [
     (["--jobs", "0"], "--jobs must be >= 1, got 0"),
     (["--jobs", "2", "--nproc", "2"], "--jobs trains several one-process runs side by side and --nproc one run on "
