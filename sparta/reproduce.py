@@ -7,7 +7,7 @@ evaluated with AutoAttack and PGD-20 on the same test images, and one report is 
 claims of ``sparta.claims`` with their verdicts.
 
 * ``cpu-mini``: a scaled-down CIFAR-10 protocol (``CPU_MINI`` below, with the reasons for each
-  number) that fits about an hour and a quarter per seed on 2 CPU cores.
+  number): about 20 minutes a seed on 2 CPU cores with bf16, two runs side by side (``--jobs 2``).
 * ``paper``: the papers' protocols unchanged (200 epochs, preact_resnet18, density 0.2, PGD-10
   training, PGD-20 and AutoAttack on the full test set), for GPUs.
 
@@ -49,7 +49,7 @@ ROLES = {"dense": "pgd", "robust_bird": "robust_bird", "robust_bird_channel": "r
 # from a fresh random initialisation (the same finder, so the same mask on a deterministic device)
 ROLE_OVERRIDES: dict[str, list[str]] = {"boosting_control": ["method.reinit=random"]}
 
-# cpu-mini: one protocol for every run, sized for about 75 minutes a seed on 2 CPU cores without bf16
+# cpu-mini: one protocol for every run, about 20 minutes a seed on 2 CPU cores with bf16 and --jobs 2
 # (docs/reproduce.md gives the reasons and the measured cost)
 CPU_MINI_EPOCHS = 100
 CPU_MINI: list[str] = [
