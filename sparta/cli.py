@@ -224,8 +224,8 @@ def add_reproduce_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*",
                         help="dotted overrides applied to every run after the profile's, e.g. device=cuda")
     parser.add_argument("--profile", required=True, choices=PROFILES,
-                        help="cpu-mini: the scaled-down CIFAR-10 protocol (~20 min a seed with --jobs 2 on 2 CPU cores with bf16); paper: the papers' "
-                             "full protocols (GPUs)")
+                        help="cpu-mini: the scaled-down CIFAR-10 protocol (~20 min a seed with --jobs 2 on 2 CPU "
+                             "cores with bf16); paper: the papers' full protocols (GPUs)")
     parser.add_argument("--data-root", required=True, metavar="DIR",
                         help="folder with the dataset's official files (cifar-10-batches-py/, cifar-100-python/ "
                              "or tiny-imagenet-200/)")
