@@ -271,8 +271,7 @@ def train_runs(planned: list[PlannedRun], *, nproc: int | None, jobs: int, log: 
         if not isinstance(error, SpartaError):  # a defect, not a run that stopped: its traceback
             raise error
     if errors:
-        failed = list(errors)
-        raise SpartaError(f"run{'s' if len(failed) > 1 else ''} {', '.join(failed)} failed (errors above, each line "
+        raise SpartaError(f"run{'s' if len(errors) > 1 else ''} {', '.join(errors)} failed (errors above, each line "
                           "tagged with its run); rerun the same command to resume: finished runs are kept")
 
 

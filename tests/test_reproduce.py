@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from sparta import claims as C
+from sparta import reproduce as R
 from sparta.config import load_config
 from sparta.errors import SpartaError
-from sparta import reproduce as R
 from sparta.reproduce import CPU_MINI_EPOCHS, PRESETS, ROLES, plan
 
 from conftest import write_cifar100
@@ -243,8 +243,6 @@ def test_reproduce_refuses_a_data_root_without_the_dataset(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-
-
 def test_a_moved_run_folder_is_kept_and_other_settings_are_refused(tmp_path):
     from sparta.config import dump_yaml
 
@@ -259,6 +257,7 @@ def test_a_moved_run_folder_is_kept_and_other_settings_are_refused(tmp_path):
     (run.run_dir / "config.yaml").write_text(dump_yaml(other))
     with pytest.raises(SpartaError, match=r"holds a dense run with other settings \(model.base_width\)"):
         R.check_existing(run, wanted)
+
 
 @pytest.mark.parametrize("extra, message", [
     (["--jobs", "0"], "--jobs must be >= 1, got 0"),
@@ -358,8 +357,8 @@ def check_smoke(out, roles, n_claims):
 
 def test_smoke_trains_evaluates_reports_and_keeps_finished_runs(tmp_path, cifar100):
     """Two runs of the paper profile for one epoch, trained side by side, AutoAttack, report and claims; a
-    second call retrains nothing and other settings are refused. (The eight runs each train in-process below; all eight
-    through the whole pipeline: the slow test after it.)"""
+    second call retrains nothing and other settings are refused. (The eight runs each train in-process
+    below; all eight through the whole pipeline: the slow test after it.)"""
     pytest.importorskip("pyautoattack")
     out, env = tmp_path / "out", {**os.environ, "PYTHONPATH": str(ROOT)}
     argv, result = smoke(out, cifar100, "--jobs", "2", "model.base_width=4", only="dense,flying_bird")
