@@ -110,7 +110,7 @@ def run_grid(dataset: str, model: str, data_root: str | Path, out: str | Path, *
             check_existing(run, cfg)
         for run in planned:
             train_run(run, nproc=nproc, log=log)
-        evals = {run.name: evaluate_final(run, final, data_root, log) for run in planned}
+        evals = {run.name: evaluate_final(run.run_dir, final, data_root, log) for run in planned}
     rows: list[dict[str, Any]] = []
     for run, cfg in zip(planned, configs):
         summary = load_run(run.run_dir).summary or {}

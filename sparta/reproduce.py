@@ -7,7 +7,7 @@ evaluated with AutoAttack and PGD-20 on the same test images, and one report is 
 claims of ``sparta.claims`` with their verdicts.
 
 * ``cpu-mini``: a scaled-down CIFAR-10 protocol (``CPU_MINI`` below, with the reasons for each
-  number): about 20 minutes a seed on 2 CPU cores with bf16, two runs side by side (``--jobs 2``).
+  number): about an hour a seed on 2 CPU cores with bf16, two runs side by side (``--jobs 2``).
 * ``paper``: the papers' protocols unchanged (200 epochs, preact_resnet18, density 0.2, PGD-10
   training, PGD-20 and AutoAttack on the full test set), for GPUs.
 
@@ -49,49 +49,51 @@ ROLES = {"dense": "pgd", "robust_bird": "robust_bird", "robust_bird_channel": "r
 # from a fresh random initialisation (the same finder, so the same mask on a deterministic device)
 ROLE_OVERRIDES: dict[str, list[str]] = {"boosting_control": ["method.reinit=random"]}
 
-# cpu-mini: one protocol for every run, about 20 minutes a seed on 2 CPU cores with bf16 and --jobs 2
+# cpu-mini: one protocol for every run, about an hour a seed on 2 CPU cores with bf16 and --jobs 2
 # (docs/reproduce.md gives the reasons and the measured cost)
-CPU_MINI_EPOCHS = 100
+CPU_MINI_EPOCHS = 160
 CPU_MINI: list[str] = [
-    # 500 training images seen 100 times each: robust overfitting needs a model that can memorise
-    # its adversarial training set, and shows sooner the smaller the set (Rice et al. 2020). The
-    # first versions underfit: 4,000 images for 20 epochs (train RA = test RA = 27%), and 1,000
-    # images for 80 epochs (best and final test RA within 1 point)
+    # 500 training images seen 160 times each: robust overfitting needs a model that can memorise
+    # its adversarial training set, and shows sooner the smaller the set (Rice et al. 2020). Earlier
+    # versions did not overfit: 4,000 images for 20 epochs, 1,000 images for 80 epochs at width 16,
+    # 500 images for 100 epochs at width 8 or 16 (best-by-validation and final test RA within 1 point)
     "data.val_size=1000", "data.train_subset=500",
-    # preact_resnet18 at an eighth of its width (8-16-32-64 channels): 1/64 of its FLOPs, same
-    # topology, 176k weights (350 a training image, enough to memorise the set); an epoch costs 0.45x
-    # width 16's on this project's CPU
-    "model.base_width=8",
+    # preact_resnet18 at a quarter of its width (16-32-64-128 channels): 1/16 of its FLOPs, same
+    # topology, 700k weights; at width 8 the dense run's train RA stayed at 36% after 100 epochs
+    "model.base_width=16",
     f"epochs={CPU_MINI_EPOCHS}",
-    # the papers' step schedule compressed: lr 0.1, x0.1 at 50% and 75% of training; robust overfitting
-    # starts right after the first decay
-    "optim.milestones=[50,75]",
+    # the papers' step schedule: lr 0.1, x0.1 at 50% and 75% of training
+    "optim.milestones=[80,120]",
     # PGD-3 with Madry's step 2.5 eps / steps instead of PGD-10: a third of the attack cost, the same
     # threat model (eps 8/255)
     "attack.steps=3", "attack.alpha=20/765",
     # bf16 autocast for training where the CPU runs it fast (fp32 elsewhere); evaluation stays fp32
     "train.precision=auto",
-    # evaluation every 5th epoch (and the last): PGD-10, step 2/255, on 250 validation and 500 test
-    # images, the robust gap on 500 training images; one evaluation costs about 4 training epochs
-    "eval.every=5", "eval.steps=10", "eval.val_subset=250", "eval.test_subset=500", "eval.gap_subset=500",
+    # evaluation every 10th epoch: PGD-10, step 2/255, on all 1,000 validation images (the best epoch
+    # is picked on them: 250 picked epochs 3 points past the test peak) and 500 test images, the
+    # robust gap on 500 training images; one evaluation costs about 13 training epochs
+    "eval.every=10", "eval.steps=10", "eval.val_subset=1000", "eval.test_subset=500", "eval.gap_subset=500",
     "progress=lines",
 ]
-BOOSTING_MINI = ["epochs=50", "optim.milestones=[25,38]", "optim.warmup_epochs=2.5"]
-BOOSTING_MINI_FINDER = ["method.finder_epochs=50", "method.search_milestones=[25,38]"]
+# boosting: the shortened schedule is half the dense one (paper: 100 of 200 epochs); its claim, the
+# epoch at which a test RA target is reached, is read to 10 epochs (1/8 of the schedule)
+BOOSTING_MINI = ["epochs=80", "optim.milestones=[40,60]", "optim.warmup_epochs=4"]
+BOOSTING_MINI_FINDER = ["method.finder_epochs=80", "method.search_milestones=[40,60]"]
+# Robust Bird: the search is at most a third of the adversarial epochs (paper: 50 of 200 allowed).
+# With 4 SGD steps an epoch, masks compared after every epoch are 4 steps apart and differ in under
+# 8% of positions from the 5th epoch on, so the criterion could not fail; 12 steps apart (the window
+# spans 48 steps) the distance starts at 0.096 and fell below 0.08 at epoch 24 in a probe
+RB_SEARCH_MINI = ["method.max_search_epochs=53", "method.min_search_epochs=16", "method.eb_every_steps=12"]
 CPU_MINI_ROLE: dict[str, list[str]] = {
-    # the ticket search is at most a third of the adversarial epochs (paper: 50 of 200 allowed), and
-    # at least 16 epochs (64 SGD steps): with 4 steps an epoch the masks of the first epochs barely
-    # train, and a first version's early bird "fired" after 48 steps; on a channel search the distance
-    # stayed >= 0.2 until step 72
-    "robust_bird": ["method.max_search_epochs=33", "method.min_search_epochs=16"],
-    "robust_bird_channel": ["method.max_search_epochs=33", "method.min_search_epochs=16"],
+    "robust_bird": RB_SEARCH_MINI,
+    "robust_bird_channel": RB_SEARCH_MINI,
     # paper: an update every 900 (later 1200) iterations = 2.6 (3.4) epochs of 352 iterations, ~68
-    # updates in 200 epochs; here every 5 epochs of 4 iterations (7 in the second half), 17 updates
+    # updates in 200 epochs; here every 5 epochs of 4 iterations (7 in the second half), 27 updates
     "flying_bird": ["method.update_every_epochs=5", "method.update_every_late_epochs=7"],
     "flying_bird_plus": ["method.update_every_epochs=5", "method.update_every_late_epochs=7",
-                         "method.adapt_from_epoch=50"],
-    # boosting: the shortened schedule is half the dense one (paper: 100 of 200 epochs); the finder as
-    # long as that schedule with its lr steps at 50% and 75% (paper: 100 epochs, x0.1 at 50 and 75)
+                         f"method.adapt_from_epoch={CPU_MINI_EPOCHS // 2}"],
+    # the finder as long as the shortened schedule, with its lr steps at 50% and 75% (paper: 100
+    # epochs, x0.1 at 50 and 75)
     "boosting_dense": BOOSTING_MINI,
     "boosting_ticket": [*BOOSTING_MINI, *BOOSTING_MINI_FINDER],
     "boosting_control": [*BOOSTING_MINI, *BOOSTING_MINI_FINDER],
@@ -227,18 +229,22 @@ def train_run(run: PlannedRun, *, nproc: int | None, log: Callable[[str], None],
     else:  # a folder without a checkpoint holds nothing a rerun would not rewrite
         args = [*run.command(nproc), *(["--overwrite"] if rd.exists() else [])]
         log(f"== {run.name}: sparta {shlex.join(args)}")
-    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
-    argv = [sys.executable, "-m", "sparta", *args]
-    if tag:
-        with subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as child:
-            for line in child.stdout:
-                log(f"[{run.name}] {line.rstrip()}")
-        code = child.returncode
-    else:
-        code = subprocess.call(argv, env=env)
+    code = _child([sys.executable, "-m", "sparta", *args], threads, run.name if tag else None, log)
     if code != 0:
         raise SpartaError(f"run {run.name} stopped with exit code {code} (its error is above); "
                           "rerun the same command to resume: finished runs are kept")
+
+
+def _child(argv: list[str], threads: int | None, tag: str | None, log: Callable[[str], None]) -> int:
+    """Run ``argv`` at ``threads`` torch threads; its output goes through ``log`` with each line
+    prefixed ``[tag]``, or straight to this process's stdout and stderr when ``tag`` is None."""
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    if tag is None:
+        return subprocess.call(argv, env=env)
+    with subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as child:
+        for line in child.stdout:
+            log(f"[{tag}] {line.rstrip()}")
+    return child.returncode
 
 
 def threads_per_job(jobs: int) -> int | None:
@@ -250,9 +256,12 @@ def threads_per_job(jobs: int) -> int | None:
     return max(1, cores // jobs)
 
 
-def train_runs(planned: list[PlannedRun], *, nproc: int | None, jobs: int, log: Callable[[str], None]) -> None:
+def train_runs(planned: list[PlannedRun], *, nproc: int | None, jobs: int, log: Callable[[str], None],
+               final: tuple[FinalEval, Path] | None = None) -> None:
     """Train the planned runs in order, ``jobs`` at a time. A run that fails does not stop the others
-    (they are hours of work); the failures are reported together at the end."""
+    (they are hours of work); the failures are reported together at the end. ``final`` (the final
+    evaluation and the data root): with ``jobs`` > 1, each run is evaluated right after its training,
+    in a child process at the job's threads, while the other jobs train."""
     if jobs == 1:
         for run in planned:
             train_run(run, nproc=nproc, log=log)
@@ -264,8 +273,13 @@ def train_runs(planned: list[PlannedRun], *, nproc: int | None, jobs: int, log: 
             log(line)
 
     threads = threads_per_job(jobs)
+    def job(run: PlannedRun) -> None:
+        train_run(run, nproc=nproc, log=locked, threads=threads, tag=True)
+        if final is not None:
+            evaluate_in_child(run, *final, locked, threads)
+
     with ThreadPoolExecutor(jobs) as pool:
-        futures = [pool.submit(train_run, run, nproc=nproc, log=locked, threads=threads, tag=True) for run in planned]
+        futures = [pool.submit(job, run) for run in planned]
     errors = {run.name: f.exception() for run, f in zip(planned, futures) if f.exception() is not None}
     for error in errors.values():
         if not isinstance(error, SpartaError):  # a defect, not a run that stopped: its traceback
@@ -275,16 +289,17 @@ def train_runs(planned: list[PlannedRun], *, nproc: int | None, jobs: int, log: 
                           "tagged with its run); rerun the same command to resume: finished runs are kept")
 
 
-def evaluate_final(run: PlannedRun, final: FinalEval, data_root: Path, log: Callable[[str], None]) -> dict[str, Any]:
-    """AutoAttack and PGD-``final.steps`` of the run's final model on the same test images (cached)."""
+def evaluate_final(run_dir: Path, final: FinalEval, data_root: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    """AutoAttack and PGD-``final.steps`` of the run's final model on the same test images (cached in
+    ``final-eval.json``)."""
     from .experiment import evaluate_checkpoint
     from .rundir import dumps, write_text_atomic
 
-    last = run.run_dir / "checkpoints" / "last.pt"
-    cache = run.run_dir / "final-eval.json"
+    last = run_dir / "checkpoints" / "last.pt"
+    cache = run_dir / "final-eval.json"
     if cache.is_file():
         return json.loads(cache.read_text())
-    log(f"== {run.name}: AutoAttack and PGD-{final.steps} of the final model on "
+    log(f"== {run_dir.name}: AutoAttack and PGD-{final.steps} of the final model on "
         f"{'all' if final.n is None else f'the first {final.n}'} test images")
     # the PGD reference of the AutoAttack evaluation is PGD-<steps> (eval.restarts 1) on the same images
     result = evaluate_checkpoint(last, attack="autoattack", n_examples=final.n,
@@ -295,6 +310,20 @@ def evaluate_final(run: PlannedRun, final: FinalEval, data_root: Path, log: Call
            "checks": result["checks"], "warnings": result["warnings"], "written": result["written"]}
     write_text_atomic(cache, dumps(out))
     return out
+
+
+def evaluate_in_child(run: PlannedRun, final: FinalEval, data_root: Path, log: Callable[[str], None],
+                      threads: int | None) -> None:
+    """``evaluate_final`` of a trained run in a child process (``python -m sparta.reproduce``): the
+    attacks draw from torch's global RNG, re-seeded per evaluation, which evaluations in threads of one
+    process would share, so their numbers would depend on the interleaving."""
+    if (run.run_dir / "final-eval.json").is_file():
+        return
+    argv = [sys.executable, "-m", "sparta.reproduce", str(run.run_dir), str(data_root), str(final.n), str(final.steps)]
+    code = _child(argv, threads, run.name, log)
+    if code != 0:
+        raise SpartaError(f"the final evaluation of run {run.name} stopped with exit code {code} (its error is "
+                          "above); rerun the same command: finished runs and evaluations are kept")
 
 
 def check_claims(runs: dict[str, list[Any]], n_test: int) -> list[C.Claim]:
@@ -396,8 +425,8 @@ def reproduce(profile: str, data_root: str | Path, out: str | Path, *, dataset: 
     with exclusive(out):
         for run, cfg in zip(planned, configs):  # every earlier run is the one planned, before anything starts
             check_existing(run, cfg)
-        train_runs(planned, nproc=nproc, jobs=jobs, log=log)
-        evals = {run.name: evaluate_final(run, final, data_root, log) for run in planned}
+        train_runs(planned, nproc=nproc, jobs=jobs, log=log, final=(final, data_root))
+        evals = {run.name: evaluate_final(run.run_dir, final, data_root, log) for run in planned}
     loaded = {run.name: load_run(run.run_dir) for run in planned}
     runs: dict[str, list[Any]] = {}
     for run in planned:
@@ -472,3 +501,13 @@ def _preamble(profile: str, dataset: str, planned: list[PlannedRun], found: list
     lines += [f"- {C.LABELS.get(r.role, r.role)}{f' (seed {r.seed})' if seeds > 1 else ''}: "
               f"`sparta {shlex.join(r.command(nproc))}`" for r in planned]
     return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # evaluate_in_child's child: RUN_DIR DATA_ROOT N|None STEPS
+    _run_dir, _data_root, _n, _steps = sys.argv[1:]
+    try:
+        evaluate_final(Path(_run_dir), FinalEval(n=None if _n == "None" else int(_n), steps=int(_steps)),
+                       Path(_data_root), lambda line: print(line, flush=True))
+    except SpartaError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

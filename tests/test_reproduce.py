@@ -180,18 +180,22 @@ def test_cpu_mini_plan_is_one_protocol(tmp_path):
     for role, cfg in cfgs.items():
         assert cfg.run_dir == tmp_path / "out" / "runs" / role
         # the shared protocol: data, model, attack, evaluation, precision are the same for every run
-        assert (cfg.data.train_subset, cfg.data.val_size, cfg.model.name, cfg.model.base_width) == (500, 1000, "preact_resnet18", 8)
+        assert (cfg.data.train_subset, cfg.data.val_size, cfg.model.name, cfg.model.base_width) == (500, 1000, "preact_resnet18", 16)
         assert (cfg.attack.steps, cfg.attack.eps, cfg.eval.steps, cfg.eval.test_subset) == (3, 8 / 255, 10, 500)
+        # the best epoch is picked on the whole validation split
+        assert cfg.eval.val_subset == cfg.data.val_size
         assert cfg.attack.alpha == pytest.approx(2.5 * cfg.attack.eps / 3)
         assert cfg.train.precision == "auto"
     assert cfgs["dense"].epochs == CPU_MINI_EPOCHS and cfgs["boosting_dense"].epochs == CPU_MINI_EPOCHS // 2
     assert cfgs["robust_bird_channel"].method.pruning == "channel"
+    for role in ("robust_bird", "robust_bird_channel"):  # the masks compared 12 steps apart, the search a third of training
+        assert (cfgs[role].method.eb_every_steps, cfgs[role].method.max_search_epochs) == (12, CPU_MINI_EPOCHS // 3)
     assert cfgs["flying_bird_plus"].method.adapt_from_epoch == CPU_MINI_EPOCHS // 2
     # the boosting pair differ only in the method: the ticket's retraining matches its baseline; the paper's
     # finder is as long as that schedule, with its lr steps
     a, b = cfgs["boosting_dense"].to_dict(), cfgs["boosting_ticket"].to_dict()
     assert {k for k in a if a[k] != b[k]} == {"name", "out_dir", "method"}
-    assert (cfgs["boosting_ticket"].method.finder_epochs, cfgs["boosting_ticket"].method.search_milestones) == (50, [25, 38])
+    assert (cfgs["boosting_ticket"].method.finder_epochs, cfgs["boosting_ticket"].method.search_milestones) == (80, [40, 60])
     # the control is the ticket from a random initialisation
     c = cfgs["boosting_control"].to_dict()
     assert {k for k in b if b[k] != c[k]} == {"name", "out_dir", "method"}
@@ -253,7 +257,7 @@ def test_a_moved_run_folder_is_kept_and_other_settings_are_refused(tmp_path):
     run.run_dir.mkdir(parents=True)
     (run.run_dir / "config.yaml").write_text(dump_yaml(moved))
     R.check_existing(run, wanted)
-    other = load_config(run.configs, [*run.overrides, "model.base_width=16"])
+    other = load_config(run.configs, [*run.overrides, "model.base_width=8"])
     (run.run_dir / "config.yaml").write_text(dump_yaml(other))
     with pytest.raises(SpartaError, match=r"holds a dense run with other settings \(model.base_width\)"):
         R.check_existing(run, wanted)
@@ -366,6 +370,13 @@ def test_smoke_trains_evaluates_reports_and_keeps_finished_runs(tmp_path, cifar1
     # trained side by side: each training line is tagged with its run
     assert f"[dense] run directory: {out / 'runs' / 'dense'}" in result.stdout.splitlines()
     assert f"[flying_bird] run directory: {out / 'runs' / 'flying_bird'}" in result.stdout.splitlines()
+    # ... and evaluated right after, in a process of its own, which gives what an evaluation here gives
+    assert "[dense] == dense: AutoAttack and PGD-2 of the final model on the first 8 test images" in result.stdout
+    child = json.loads((out / "runs" / "dense" / "final-eval.json").read_text())
+    (out / "runs" / "dense" / "final-eval.json").rename(tmp_path / "child-eval.json")
+    with pytest.warns(UserWarning, match="md5 of train, test differs"):
+        here = R.evaluate_final(out / "runs" / "dense", R.SMOKE_EVAL, cifar100, lambda line: None)
+    assert [here[k] for k in ("clean", "autoattack", "pgd", "n")] == [child[k] for k in ("clean", "autoattack", "pgd", "n")]
     # robust overfitting, the robust gap, FLOPs at comparable RA; AutoAttack below PGD is a sanity check
     check_smoke(out, ["dense", "flying_bird"], n_claims=3)
     assert [c["claim"] for c in json.loads((out / "claims.json").read_text())["sanity_checks"]] == [
