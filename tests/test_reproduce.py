@@ -187,6 +187,8 @@ def test_cpu_mini_plan_is_one_protocol(tmp_path):
         assert cfg.attack.alpha == pytest.approx(2.5 * cfg.attack.eps / 3)
         assert cfg.train.precision == "auto"
     assert cfgs["dense"].epochs == CPU_MINI_EPOCHS and cfgs["boosting_dense"].epochs == CPU_MINI_EPOCHS // 2
+    # evaluated 8 times in either schedule: the boosting claim reads its epochs to the target from them
+    assert {role: cfg.epochs // cfg.eval.every for role, cfg in cfgs.items()} == dict.fromkeys(ROLES, 8)
     assert cfgs["robust_bird_channel"].method.pruning == "channel"
     for role in ("robust_bird", "robust_bird_channel"):  # the masks compared 12 steps apart, the search a third of training
         assert (cfgs[role].method.eb_every_steps, cfgs[role].method.max_search_epochs) == (12, CPU_MINI_EPOCHS // 3)
