@@ -84,7 +84,8 @@ BOOSTING_MINI_FINDER = ["method.finder_epochs=80", "method.search_milestones=[40
 # With 4 SGD steps an epoch, masks compared after every epoch are 4 steps apart and differ in under
 # 8% of positions from the 5th epoch on, so the criterion could not fail; 12 steps apart (the window
 # spans 48 steps) the distance starts at 0.096 and fell below 0.08 at epoch 24 in a probe
-RB_SEARCH_MINI = ["method.max_search_epochs=53", "method.min_search_epochs=16", "method.eb_every_steps=12"]
+RB_SEARCH_MINI = [f"method.max_search_epochs={CPU_MINI_EPOCHS // 3}", "method.min_search_epochs=16",
+                  "method.eb_every_steps=12"]
 CPU_MINI_ROLE: dict[str, list[str]] = {
     "robust_bird": RB_SEARCH_MINI,
     "robust_bird_channel": RB_SEARCH_MINI,
