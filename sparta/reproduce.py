@@ -71,7 +71,7 @@ CPU_MINI: list[str] = [
     "train.precision=auto",
     # evaluation every 20th epoch: PGD-10, step 2/255, on all 1,000 validation images (the best epoch
     # is picked on them: 250 picked epochs 3 points past the test peak) and 500 test images, the
-    # robust gap on 500 training images; one evaluation costs about 13 training epochs, so evaluating
+    # robust gap on 500 training images; one evaluation costs about 14 training epochs, so evaluating
     # every 10th epoch would cost more than the training itself
     "eval.every=20", "eval.steps=10", "eval.val_subset=1000", "eval.test_subset=500", "eval.gap_subset=500",
     "progress=lines",
