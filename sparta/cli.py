@@ -159,12 +159,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_checkpoint
 
     card = export_checkpoint(args.checkpoint, args.out, fmt=args.format, n_examples=args.n_examples,
-                             attack=not args.no_attack, overrides=args.overrides,
+                             attack=not args.no_attack, overrides=args.overrides, ap_key=args.ap_key, level=args.level,
                              log=lambda line: print(line, file=sys.stderr, flush=True))
     pct = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
     robust = "  ".join(f"AutoAttack {eps}: {pct(r and r['robust_acc'])}" for eps, r in card["autoattack"].items())
     print(f"{card['model']} ({card['structure']}): sparsity {100 * card['sparsity']['overall']:.2f}%  "
           f"clean: {pct(card['clean_acc'])}  {robust}", file=sys.stderr)
+    print(f"benchmark key: {card['submission']['model_key'] or '-'} ({card['submission']['model_key_note']})",
+          file=sys.stderr)
     for path in card["written"]:
         print(path)
     return 0
@@ -268,7 +270,9 @@ def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("overrides", nargs="*", help="dotted overrides applied to every run, e.g. device=cuda")
     parser.add_argument("--dataset", required=True, choices=list(DATASETS))
-    parser.add_argument("--model", required=True, choices=MODELS)
+    parser.add_argument("--model", default="resnet18", choices=list(MODELS),
+                        help="the benchmark's base_resnet18 / base_vgg16 (HYDRA's VGG-16), or the Flying Bird paper's "
+                             "PreActResNet-18 (default: resnet18)")
     parser.add_argument("--data-root", required=True, metavar="DIR",
                         help="folder with the dataset's official files (cifar-10-batches-py/ or train_32x32.mat)")
     parser.add_argument("--methods", default=None, metavar="M,M", help=f"a subset of {','.join(METHODS)}")
@@ -355,11 +359,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="overrides of the checkpoint's config, e.g. data.root=DIR device=cuda")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for model.pt, architecture.py/.json, card.json/.md")
     p.add_argument("--format", choices=["benchmark"], default="benchmark",
-                   help="benchmark: PreActResNet-18 / VGG-16 names of the standard CIFAR definitions (docs/export.md)")
+                   help="benchmark: the adversarial pruning benchmark's base-model names (resnet18, vgg16_bn_hydra), "
+                        "the Flying Bird entry's PreActResNet-18, kuangliu's VGG-16 (docs/export.md)")
     p.add_argument("--n-examples", type=int, default=None, metavar="N",
                    help="measure the card's accuracies on the first N test images (default: all; recorded in the card)")
     p.add_argument("--no-attack", action="store_true",
                    help="write the card without clean/AutoAttack accuracy (those fields null, with the reason)")
+    p.add_argument("--ap-key", default=None, metavar="NAME_REF",
+                   help="the method's taxonomy key in the benchmark, e.g. HYDRA_Sehwag2020Hydra (default: <Method>_sparta)")
+    p.add_argument("--level", type=int, default=None, metavar="PERCENT",
+                   help="the benchmark sparsity level for the model key (default: the measured sparsity, rounded)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("flops", help="inference and training FLOPs of a config or checkpoint (densities included)")

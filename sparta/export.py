@@ -1,25 +1,32 @@
-"""``sparta export``: a checkpoint as a plain, sparta-free model folder plus its result card.
+"""``sparta export``: a checkpoint as a plain, sparta-free model folder, its result card, and the
+adversarial pruning benchmark's submission statement.
 
 ``export_checkpoint(ckpt, out_dir)`` writes
 
 - ``model.pt``: a plain state_dict (masks folded in: pruned weights are exactly 0) whose names follow
-  the standard CIFAR PreActResNet-18 (Rice et al. 2020) / VGG-16 (kuangliu) definitions, loadable with
-  ``torch.load(weights_only=True)`` and ``load_state_dict(strict=True)``; see ``docs/export.md`` for the
-  name mapping;
+  the benchmark's base models (``resnet18`` -> ``base_resnet18``, ``vgg16_bn_hydra`` -> ``base_vgg16``,
+  ``preact_resnet18`` -> the Flying Bird entry's PreActResNet-18) or kuangliu's VGG-16 (``vgg16_bn``),
+  loadable with ``torch.load(weights_only=True)`` and ``load_state_dict(strict=True)``; see
+  ``docs/export.md`` for the name mapping;
 - ``architecture.py``: those definitions in plain torch (a copy of ``sparta/export_arch.py``);
 - ``architecture.json``: name, classes, input channels, every layer's width (a channel ticket is the
   smaller dense network) and the input normalisation (mean/std);
 - ``card.json`` + ``card.md``: clean and AutoAttack (standard, L∞) accuracy at eps 8/255 and 0.031,
   sparsity overall and per layer, structure, training FLOPs and wall time (from the run's
-  ``summary.json``), model, dataset, method.
+  ``summary.json``), model, dataset, method;
+- ``submission.json``: the benchmark's model key (``<ap>_<R18|V16>_<CIFAR10|SVHN>_<US|S>_<sparsity>``),
+  which base model the state_dict loads into (or why not, and which network to use instead), the
+  normalisation statement, and the AutoAttack result at the benchmark's eps 0.031.
 
 Normalisation is exported as separate mean/std, not folded into the first convolution: the first
 convolution zero-pads its input, and a folded convolution would read that padding as pixel 0 where
-the trained network read it as the normalised 0 (the mean pixel), so border outputs would change.
+the trained network read it as the normalised 0 (the mean pixel), so border outputs would change. The
+submission states it (``normalization.required``), as the benchmark asks.
 """
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -35,7 +42,15 @@ from .netspec import build_model
 from .rundir import dumps, write_text_atomic
 
 FORMATS = ("benchmark",)
-SUPPORTED = ("preact_resnet18", "vgg16_bn")
+# sparta model -> (the benchmark's architecture tag in the model key, the network its state_dict loads into)
+SUPPORTED = {"resnet18": ("R18", "base_resnet18 (models/base_resnet18.py)"),
+             "vgg16_bn_hydra": ("V16", "base_vgg16 (models/base_vgg16.py)"),
+             "preact_resnet18": ("R18", "the Flying Bird entry's ResNet18 (models/flyingbird.py), not base_resnet18"),
+             "vgg16_bn": ("V16", "kuangliu's VGG('VGG16'); not base_vgg16 (HYDRA's VGG-16): train vgg16_bn_hydra")}
+KEY_DATASETS = {"cifar10": "CIFAR10", "svhn": "SVHN"}
+# the benchmark's sparsity levels (percent of the conv + linear weights removed) per structure
+KEY_LEVELS = {"US": (90, 95, 99), "S": (50, 75, 90)}
+AP_KEY = re.compile(r"^[A-Za-z0-9-]+_[A-Za-z0-9-]+$")  # "<Name>_<AuthorYearWord>": one underscore, as the taxonomy's keys
 CARD_EPS = (8 / 255, 0.031)  # RobustBench's CIFAR budget and the Adversarial Pruning Benchmark's value
 ARCHITECTURE_SOURCE = Path(__file__).with_name("export_arch.py")
 
@@ -67,7 +82,7 @@ def architecture_spec(spec: dict[str, Any], body: nn.Module) -> dict[str, Any]:
     arch: dict[str, Any] = {"name": spec["name"], "num_classes": spec["num_classes"], "in_channels": spec["in_channels"],
                             "image_size": spec["image_size"], "mean": list(spec["mean"]), "std": list(spec["std"]),
                             "input_range": [0.0, 1.0]}
-    if spec["name"] == "preact_resnet18":
+    if spec["name"] in ("preact_resnet18", "resnet18"):
         stages = [body.layer1, body.layer2, body.layer3, body.layer4]
         arch["streams"] = [stage[0].conv2.out_channels for stage in stages]
         arch["mids"] = [block.conv1.out_channels for stage in stages for block in stage]
@@ -76,6 +91,8 @@ def architecture_spec(spec: dict[str, Any], body: nn.Module) -> dict[str, Any]:
         assert body.conv1.out_channels == arch["streams"][0]
     else:
         arch["widths"] = [m.out_channels for m in body.features if isinstance(m, nn.Conv2d)]
+        if spec["name"] == "vgg16_bn_hydra":
+            arch["hidden"] = body.classifier[0].out_features
     arch["channel_ticket"] = bool(spec.get("channel_plan"))
     return arch
 
@@ -143,9 +160,12 @@ def attack_card(path: Path, cfg, *, n_examples: int | None, log: Callable[[str],
 
 
 def export_checkpoint(path: str | Path, out_dir: str | Path, *, fmt: str = "benchmark", n_examples: int | None = None,
-                      attack: bool = True, overrides: list[str] | tuple[str, ...] = (),
-                      log: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
-    """Write the export folder (see the module docstring); returns the card with ``written`` (the paths)."""
+                      attack: bool = True, overrides: list[str] | tuple[str, ...] = (), ap_key: str | None = None,
+                      level: int | None = None, autoattack: dict[str, Any] | None = None, log: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
+    """Write the export folder (see the module docstring); returns the card with ``submission`` and
+    ``written`` (the paths). ``autoattack``: an AutoAttack result measured elsewhere for the submission
+    (``final-eval.json`` of ``sparta grid``: ``clean``, ``autoattack``, ``n``, ``eps``), used when the
+    card measures none (``attack=False``)."""
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; valid: {', '.join(FORMATS)}")
     if n_examples is not None and n_examples < 1:
@@ -156,8 +176,11 @@ def export_checkpoint(path: str | Path, out_dir: str | Path, *, fmt: str = "benc
     ckpt = checkpoint.load(path)
     spec = ckpt.model_spec
     if spec["name"] not in SUPPORTED:
-        raise ConfigError(f"--format benchmark exports {' and '.join(SUPPORTED)}; this checkpoint holds a "
+        raise ConfigError(f"--format benchmark exports {', '.join(SUPPORTED)}; this checkpoint holds a "
                           f"{spec['name']}")
+    if ap_key is not None and not AP_KEY.match(ap_key):
+        raise ConfigError(f"--ap-key must be <Name>_<AuthorYearWord> (letters, digits, '-', one underscore), as "
+                          f"the benchmark's taxonomy keys, e.g. HYDRA_Sehwag2020Hydra; got {ap_key!r}")
     cfg = from_saved(ckpt.config, overrides) if ckpt.config is not None else None
     if cfg is None and attack:
         raise CheckpointError(f"checkpoint {path} has no config to find its test set; pass --no-attack")
@@ -195,8 +218,72 @@ def export_checkpoint(path: str | Path, out_dir: str | Path, *, fmt: str = "benc
     }
     write_text_atomic(out / "card.json", dumps(card))
     write_text_atomic(out / "card.md", card_markdown(card))
-    return {**card, "written": [str(out / n) for n in ("model.pt", "architecture.py", "architecture.json", "card.json",
-                                                       "card.md")]}
+    submission = submission_statement(card, arch, ap_key=ap_key, level=level, measured=autoattack)
+    write_text_atomic(out / "submission.json", dumps(submission))
+    return {**card, "submission": submission,
+            "written": [str(out / n) for n in ("model.pt", "architecture.py", "architecture.json", "card.json",
+                                               "card.md", "submission.json")]}
+
+
+def default_ap_key(method: str | None) -> str:
+    """``<Method>_sparta``: a placeholder for the taxonomy key the benchmark assigns to a new entry."""
+    name = "".join(part.capitalize() for part in (method or "dense").split("_"))
+    return f"{name}_sparta"
+
+
+def model_key(card: dict[str, Any], *, ap_key: str | None, level: int | None) -> tuple[str | None, str]:
+    """The benchmark's ``<ap>_<R18|V16>_<CIFAR10|SVHN>_<US|S>_<sparsity>`` key and a note on how it was
+    made (or why there is none). The sparsity level is ``level`` when given (a grid run's nominal level),
+    else the measured weight sparsity rounded to the nearest benchmark level within 1 point."""
+    dataset = KEY_DATASETS.get(card["dataset"] or "")
+    structure = {"unstructured": "US", "channel": "S"}.get(card["structure"])
+    if dataset is None or structure is None:
+        return None, (f"no benchmark key: the benchmark has {' and '.join(KEY_DATASETS.values())} models with "
+                      f"unstructured or channel sparsity; this is {card['dataset']}, {card['structure']}")
+    measured = 100 * card["sparsity"]["overall"]
+    if level is None:
+        nearest = min(KEY_LEVELS[structure], key=lambda v: abs(v - measured))
+        if abs(nearest - measured) > 1:
+            return None, (f"no benchmark key: {measured:.2f}% of the weights are pruned, not within 1 point of the "
+                          f"benchmark's {structure} levels {KEY_LEVELS[structure]}")
+        level, how = nearest, f"level {nearest}% = the measured weight sparsity {measured:.2f}% rounded"
+    else:
+        how = f"level {level}% given (nominal); measured weight sparsity {measured:.2f}%"
+    key = "_".join([ap_key or default_ap_key(card["method"]), SUPPORTED[card["model"]][0], dataset, structure,
+                    str(level)])
+    return key, how
+
+
+def submission_statement(card: dict[str, Any], arch: dict[str, Any], *, ap_key: str | None, level: int | None,
+                         measured: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What the benchmark's submission issue asks of each model, from the card and the architecture."""
+    key, how = model_key(card, ap_key=ap_key, level=level)
+    target = SUPPORTED[card["model"]][1]
+    standard = card["model"] in ("resnet18", "vgg16_bn_hydra") and not arch["channel_ticket"] and \
+        arch["num_classes"] == 10 and arch["in_channels"] == 3 and (arch.get("streams") or arch["widths"])[0] == 64
+    loads = {"network": target, "strict_load": standard,
+             "why_not": None if standard else
+             "a channel ticket is a smaller network: use architecture.py with architecture.json" if arch["channel_ticket"]
+             else f"{card['model']} at these widths/classes is not the benchmark's base model: use architecture.py"}
+    aa = card["autoattack"].get("0.031")
+    if aa is not None:
+        result = {"eps": 0.031, "clean_acc": card["clean_acc"], "robust_acc": aa["robust_acc"],
+                  "n_examples": card["n_examples"], "source": "card.json"}
+    elif measured is not None:
+        result = {"eps": measured.get("eps"), "clean_acc": measured["clean"], "robust_acc": measured["autoattack"],
+                  "n_examples": measured["n"], "source": "the run's final-eval.json"}
+    else:
+        result = None
+    return {
+        "model_key": key, "model_key_note": how + ("" if ap_key else "; pass --ap-key with the taxonomy key the "
+                                                   "benchmark assigns to the method"),
+        "state_dict": "model.pt", "loads_into": loads,
+        "normalization": {"required": True, "mean": arch["mean"], "std": arch["std"],
+                          "how": "inputs in [0, 1] are normalised as (x - mean) / std before the network "
+                                 "(architecture.load(folder) returns the wrapped model that takes [0, 1] inputs)"},
+        "autoattack": result and {"version": "standard", "norm": "Linf", **result},
+        "sparsity": {"weights_pruned": card["sparsity"]["overall"], "structure": card["structure"]},
+    }
 
 
 def _pct(v: float | None) -> str:

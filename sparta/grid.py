@@ -2,23 +2,34 @@
 training cost.
 
 Piras et al. 2024 ("Adversarial Pruning: A Survey and Benchmark of Pruning Methods for Adversarial
-Robustness") rank clean and AutoAttack accuracy of PreActResNet-18 and VGG-16 on CIFAR-10 and SVHN
-at 90/95/99% unstructured and 50/75/90% structured sparsity; the benchmark trains nothing and tracks
-no cost. Here each grid point is one ``sparta train`` run: the dataset's dense protocol
-(``<dataset>_pgd.yaml``: PGD-10 training, 200 epochs) plus one method file of ``configs/methods/``
-at one sparsity, then the final model is evaluated with AutoAttack and PGD-20 on the same test
-images, and ``sparta report`` shows robust accuracy against training FLOPs (every stage counted,
-pretraining included).
+Robustness") rank clean and AutoAttack accuracy (eps 0.031) of ResNet-18 and VGG-16 on CIFAR-10 and
+SVHN at 90/95/99% unstructured and 50/75/90% structured sparsity; the benchmark trains nothing and
+tracks no cost. Its base models are kuangliu's post-activation ResNet-18 (sparta's ``resnet18``) and
+HYDRA's VGG-16-BN (``vgg16_bn_hydra``); ``--model resnet18|vgg16`` trains those, ``preact_resnet18``
+the Flying Bird paper's network. Here each grid point is one ``sparta train`` run: the dataset's dense
+protocol (``<dataset>_pgd.yaml``: PGD-10 training, 200 epochs) plus one method file of
+``configs/methods/`` at one sparsity, then the final model is evaluated with AutoAttack and PGD-20 at
+the benchmark's eps 0.031 on the same test images and exported as a submission folder
+(``submissions/<run>/``, see ``sparta export``); ``leaderboard.md`` is the cell in the benchmark's
+leaderboard format (clean/AutoAttack per sparsity) plus sparta's training FLOPs and wall time, and
+``sparta report`` shows robust accuracy against training FLOPs (every stage counted, pretraining
+included).
 
 Differences from the papers' own protocols, on purpose: every method trains under the same dataset
 protocol, so the boosting ticket is retrained on the full schedule (its paper's shortened schedule
 is a claim of its own, ``sparta reproduce``), and 80% sparsity (the Flying Bird paper's density 0.2)
-is added to the benchmark's unstructured levels. Channel sparsity ``s`` is read as the fraction of
-BatchNorm channels removed (``method.channel_density = 1 - s``), which removes about ``1 - (1 - s)^2``
-of a conv layer's weights.
+is added to the benchmark's unstructured levels. The benchmark's structured levels count weights, as
+its unstructured ones do (HARP, its structured reference, sets a target share of the parameters):
+structured sparsity ``s`` means that a share ``s`` of the conv + linear weights is gone. Removing a
+fraction ``c`` of the channels of every layer removes about ``1 - (1 - c)^2`` of the weights, so the
+grid keeps ``method.channel_density = sqrt(1 - s)`` of the BatchNorm channels; the global |gamma|
+threshold removes more channels from some layers than from others, so the weights actually removed
+differ from ``s`` by a few points: ``leaderboard.md`` and each submission give the measured value
+beside the nominal level.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,7 +41,9 @@ CHANNEL_METHODS = ("robust_bird_channel",)
 METHODS = UNSTRUCTURED_METHODS + CHANNEL_METHODS
 UNSTRUCTURED_SPARSITIES = (0.8, 0.9, 0.95, 0.99)  # the benchmark's 90/95/99% and the Flying Bird paper's 80%
 CHANNEL_SPARSITIES = (0.5, 0.75, 0.9)
-MODELS = ("preact_resnet18", "vgg16_bn")
+# --model -> sparta model: the benchmark's base models, and the Flying Bird paper's network
+MODELS = {"resnet18": "resnet18", "vgg16": "vgg16_bn_hydra", "preact_resnet18": "preact_resnet18"}
+BENCHMARK_EPS = 0.031  # the benchmark's AutoAttack budget (8/255 = 0.0314 elsewhere in sparta)
 # dataset -> what its --data-root must hold
 DATASETS = {"cifar10": "cifar-10-batches-py", "svhn": "train_32x32.mat"}
 # the boosting paper's finder lr for VGG (as its VGG presets; the method file has the ResNet's 0.05)
@@ -44,11 +57,13 @@ STAGE_SMOKE = {"magnitude": ["method.pretrain_epochs=1", "method.finetune_epochs
 
 
 def sparsity_setting(method: str, sparsity: float) -> str:
-    """The override that sets ``method`` to ``sparsity``: the kept fraction of weights, or of channels."""
+    """The override that sets ``method`` to ``sparsity`` (a share of the weights): the kept fraction of
+    weights, or for channel methods sqrt of it as the kept fraction of channels (module docstring)."""
     if not 0 < sparsity < 1:
         raise SpartaError(f"sparsity must be in (0, 1), got {sparsity:g}")
-    key = "channel_density" if method in CHANNEL_METHODS else "density"
-    return f"method.{key}={round(1 - sparsity, 6):g}"
+    if method in CHANNEL_METHODS:
+        return f"method.channel_density={round(math.sqrt(1 - sparsity), 6):g}"
+    return f"method.density={round(1 - sparsity, 6):g}"
 
 
 def run_name(method: str, sparsity: float) -> str:
@@ -64,6 +79,7 @@ def plan_grid(dataset: str, model: str, data_root: str | Path, out: str | Path, 
         raise SpartaError(f"unknown grid dataset {dataset!r}; valid: {', '.join(DATASETS)}")
     if model not in MODELS:
         raise SpartaError(f"unknown grid model {model!r}; valid: {', '.join(MODELS)}")
+    network = MODELS[model]
     unknown = [m for m in methods or [] if m not in METHODS]
     if unknown:
         raise SpartaError(f"--methods: unknown method {', '.join(unknown)}; valid: {', '.join(METHODS)}")
@@ -73,8 +89,8 @@ def plan_grid(dataset: str, model: str, data_root: str | Path, out: str | Path, 
         for s in levels:
             name = run_name(method, s)
             run_dir = Path(out) / "runs" / name
-            args = [f"data.root={data_root}", f"name={name}", f"out_dir={run_dir}", f"model.name={model}",
-                    sparsity_setting(method, s), *(VGG_SETTINGS.get(method, []) if model == "vgg16_bn" else []),
+            args = [f"data.root={data_root}", f"name={name}", f"out_dir={run_dir}", f"model.name={network}",
+                    sparsity_setting(method, s), *(VGG_SETTINGS.get(method, []) if model == "vgg16" else []),
                     *(SMOKE + STAGE_SMOKE.get(method, []) if smoke else [])]
             configs = (PRESETS / f"{dataset}_pgd.yaml", PRESETS / "methods" / f"{method}.yaml")
             runs.append(PlannedRun(method, configs, (*args, *overrides), run_dir))
@@ -89,6 +105,7 @@ def run_grid(dataset: str, model: str, data_root: str | Path, out: str | Path, *
     PGD-20 on the first ``final_n`` test images (None: all), write ``OUT/grid.json`` and the report;
     returns the report's path."""
     from .config import load_config
+    from .export import export_checkpoint
     from .report import load_run, write_report
     from .reproduce import check_existing, evaluate_final, exclusive, train_run
     from .robustness import require_autoattack
@@ -104,7 +121,8 @@ def run_grid(dataset: str, model: str, data_root: str | Path, out: str | Path, *
         raise SpartaError(f"--out {out} exists and is not a folder")
     require_autoattack()
     configs = [load_config(run.configs, list(run.overrides)) for run in planned]  # all valid before any run
-    final = SMOKE_EVAL if smoke else FinalEval(n=final_n)
+    final = FinalEval(n=SMOKE_EVAL.n, steps=SMOKE_EVAL.steps, eps=BENCHMARK_EPS) if smoke else \
+        FinalEval(n=final_n, eps=BENCHMARK_EPS)
     with exclusive(out, "grid"):
         for run, cfg in zip(planned, configs):
             check_existing(run, cfg)
@@ -114,13 +132,53 @@ def run_grid(dataset: str, model: str, data_root: str | Path, out: str | Path, *
     rows: list[dict[str, Any]] = []
     for run, cfg in zip(planned, configs):
         summary = load_run(run.run_dir).summary or {}
-        kept = cfg.method.channel_density if run.role in CHANNEL_METHODS else cfg.method.density
-        rows.append({"run": run.name, "method": run.role, "sparsity": round(1 - kept, 6),
+        level = nominal_sparsity(run.role, cfg)
+        ev = evals[run.name]
+        card = export_checkpoint(run.run_dir / "checkpoints" / "last.pt", out / "submissions" / run.name, attack=False,
+                                 level=round(100 * level), autoattack=ev)
+        rows.append({"run": run.name, "method": run.role, "sparsity": level,
+                     "weights_pruned": round(card["sparsity"]["overall"], 6), "model_key": card["submission"]["model_key"],
                      "density_final": summary.get("density_final"), "train_flops": summary.get("train_flops"),
-                     "wall_time_s": summary.get("wall_time_s"), "clean": evals[run.name]["clean"],
-                     "autoattack": evals[run.name]["autoattack"], "pgd": evals[run.name]["pgd"],
-                     "n": evals[run.name]["n"], "command": ["sparta", *run.command(nproc)]})
+                     "wall_time_s": summary.get("wall_time_s"), "clean": ev["clean"], "autoattack": ev["autoattack"],
+                     "pgd": ev["pgd"], "eps": ev.get("eps"), "n": ev["n"], "command": ["sparta", *run.command(nproc)]})
     report = write_report([run.run_dir for run in planned], out / "report")
-    write_text_atomic(out / "grid.json", dumps({"dataset": dataset, "model": model, "smoke": smoke, "runs": rows,
+    write_text_atomic(out / "leaderboard.md", leaderboard(dataset, model, rows))
+    write_text_atomic(out / "grid.json", dumps({"dataset": dataset, "model": model, "network": MODELS[model],
+                                                "smoke": smoke, "runs": rows,
                                                 "robustness_per_flop": report.per_flop}))  # with on_front flags
     return report.path
+
+
+def nominal_sparsity(role: str, cfg: Any) -> float:
+    """The grid level a run was planned at (a share of the weights; see ``sparsity_setting``)."""
+    kept = cfg.method.channel_density ** 2 if role in CHANNEL_METHODS else cfg.method.density
+    return round(1 - kept, 4)
+
+
+def leaderboard(dataset: str, model: str, rows: list[dict[str, Any]]) -> str:
+    """The cell in the benchmark's leaderboard format (``clean/AutoAttack`` per method and sparsity,
+    unstructured and structured apart), then sparta's cost columns, which the benchmark lacks."""
+    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    arch = {"resnet18": "ResNet18", "vgg16": "VGG16", "preact_resnet18": "PreActResNet18"}[model]
+    lines = [f"# {dataset} {arch}: clean / AutoAttack accuracy (%)", ""]
+    for title, methods in (("US pruning", UNSTRUCTURED_METHODS), ("S pruning", CHANNEL_METHODS)):
+        mine = [r for r in rows if r["method"] in methods]
+        if not mine:
+            continue
+        levels = sorted({r["sparsity"] for r in mine})
+        lines += [f"## {dataset} {title}", "", "| Name | " + " | ".join(f"{arch} {100 * s:g}%" for s in levels) + " |",
+                  "|---" * (len(levels) + 1) + "|"]
+        for method in dict.fromkeys(r["method"] for r in mine):
+            cells = {r["sparsity"]: f"{fmt(r['clean'])}/{fmt(r['autoattack'])}" for r in mine if r["method"] == method}
+            lines.append(f"| {method} | " + " | ".join(cells.get(s, "-") for s in levels) + " |")
+        lines.append("")
+    eps = {r["eps"] for r in rows} - {None}
+    lines += [f"AutoAttack (standard, Linf) at eps {', '.join(f'{e:g}' for e in sorted(eps)) or '?'} on the first "
+              f"{', '.join(str(n) for n in sorted({r['n'] for r in rows}))} test images.", "",
+              "## Cost (sparta)", "", "| run | model key | weights pruned (%) | training FLOPs | wall time (s) |",
+              "|---|---|---|---|---|"]
+    for r in rows:
+        flops = "-" if r["train_flops"] is None else f"{r['train_flops']:.3e}"
+        wall = "-" if r["wall_time_s"] is None else f"{r['wall_time_s']:.0f}"
+        lines.append(f"| {r['run']} | {r['model_key'] or '-'} | {100 * r['weights_pruned']:.2f} | {flops} | {wall} |")
+    return "\n".join(lines) + "\n"

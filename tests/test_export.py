@@ -214,5 +214,6 @@ def test_cli_export_and_bad_input(tmp_path, capsys):
     small = tmp_path / "small.pt"
     checkpoint.save(checkpoint.RunCheckpoint(model=build_model(model_spec(cfg, data)).state_dict(),
                                              model_spec=model_spec(cfg, data), config=cfg.to_dict()), small)
-    with pytest.raises(ConfigError, match="exports preact_resnet18 and vgg16_bn; this checkpoint holds a small_cnn"):
+    with pytest.raises(ConfigError, match="exports resnet18, vgg16_bn_hydra, preact_resnet18, vgg16_bn; this "
+                                          "checkpoint holds a small_cnn"):
         export_checkpoint(small, tmp_path / "e2", attack=False)

@@ -12,17 +12,18 @@ from sparta.grid import CHANNEL_SPARSITIES, METHODS, UNSTRUCTURED_SPARSITIES, pl
 
 
 def test_the_plan_is_every_method_at_each_of_its_sparsities(tmp_path):
-    runs = plan_grid("cifar10", "vgg16_bn", tmp_path / "data", tmp_path / "out")
+    runs = plan_grid("cifar10", "vgg16", tmp_path / "data", tmp_path / "out")
     assert len(runs) == 6 * len(UNSTRUCTURED_SPARSITIES) + len(CHANNEL_SPARSITIES) == 27
     assert {r.role for r in runs} == set(METHODS)
     for run in runs:
         cfg = load_config(run.configs, list(run.overrides))
-        assert (cfg.data.name, cfg.model.name, cfg.epochs, cfg.attack.steps) == ("cifar10", "vgg16_bn", 200, 10)
+        assert (cfg.data.name, cfg.model.name, cfg.epochs, cfg.attack.steps) == ("cifar10", "vgg16_bn_hydra", 200, 10)
         assert cfg.method.name == ("robust_bird" if run.role == "robust_bird_channel" else run.role)
         assert cfg.run_dir == tmp_path / "out" / "runs" / run.name
         sparsity = float(run.name.rsplit("-s", 1)[1]) / 100
         if run.role == "robust_bird_channel":
-            assert cfg.method.pruning == "channel" and cfg.method.channel_density == pytest.approx(1 - sparsity)
+            # a share of the weights: sqrt of the kept share as the kept share of channels
+            assert cfg.method.pruning == "channel" and cfg.method.channel_density ** 2 == pytest.approx(1 - sparsity, abs=1e-6)
         else:
             assert cfg.method.density == pytest.approx(1 - sparsity)
         if run.role == "boosting_ticket":
@@ -72,19 +73,26 @@ def write_svhn(root, n_train=100, n_test=40, seed=0):
 def test_smoke_cell_trains_evaluates_and_reports(tmp_path, capsys):
     write_svhn(tmp_path)
     out = tmp_path / "out"
-    argv = ["grid", "--dataset", "svhn", "--model", "preact_resnet18", "--data-root", str(tmp_path), "--out", str(out),
+    argv = ["grid", "--dataset", "svhn", "--model", "resnet18", "--data-root", str(tmp_path), "--out", str(out),
             "--methods", "magnitude,flying_bird", "--sparsities", "0.9", "--smoke", "model.base_width=4"]
     assert main(argv) == 0
     grid = json.loads((out / "grid.json").read_text())
     assert [(r["run"], r["sparsity"]) for r in grid["runs"]] == [("magnitude-s90", 0.9), ("flying_bird-s90", 0.9)]
     for row in grid["runs"]:
         assert row["density_final"] == pytest.approx(0.1, abs=0.01) and row["train_flops"] > 0
-        assert 0 <= row["autoattack"] <= row["clean"] and row["n"] == 8
+        assert 0 <= row["autoattack"] <= row["clean"] and row["n"] == 8 and row["eps"] == 0.031
+        assert row["model_key"] == f"{'Magnitude' if row['method'] == 'magnitude' else 'FlyingBird'}_sparta_R18_SVHN_US_90"
+        sub = json.loads((out / "submissions" / row["run"] / "submission.json").read_text())
+        assert sub["model_key"] == row["model_key"] and sub["normalization"]["required"] is True
+        assert sub["autoattack"]["robust_acc"] == row["autoattack"] and sub["autoattack"]["eps"] == 0.031
+        assert (out / "submissions" / row["run"] / "model.pt").is_file()
+    board = (out / "leaderboard.md").read_text()
+    assert "| Name | ResNet18 90% |" in board and "| magnitude | " in board and "eps 0.031" in board
     summary = json.loads((out / "runs" / "magnitude-s90" / "summary.json").read_text())
     assert [s["name"] for s in summary["stages"]] == ["pretrain", "finetune"]  # the pretrain's cost is counted
     assert "Robustness per training FLOP" in (out / "report" / "report.md").read_text()
     assert len(grid["robustness_per_flop"]) == 2 and any(row["on_front"] for row in grid["robustness_per_flop"])
     capsys.readouterr()
-    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.pt")}
+    mtimes = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*.pt")}
     assert main(argv) == 0  # a second call keeps the finished runs and their evaluations
-    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.pt")} == mtimes
+    assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*.pt")} == mtimes

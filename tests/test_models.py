@@ -13,6 +13,7 @@ SMALL_KWARGS = {
     "preact_resnet18": {"base_width": 8},
     "resnet18": {"base_width": 8},
     "vgg16_bn": {"base_width": 8},
+    "vgg16_bn_hydra": {"base_width": 8},
     "wide_resnet": {"depth": 10, "widen_factor": 1},
     "small_cnn": {},
 }

@@ -18,7 +18,7 @@ from .layers import Normalize, NormalizedModel
 from .preact_resnet import PreActResNet18
 from .resnet import ResNet18
 from .small import SmallCNN
-from .vgg import VGG
+from .vgg import VGG, VGG16Hydra
 from .wide_resnet import WideResNet
 
 __all__ = ["MODELS", "create_model", "Normalize", "NormalizedModel", "model_kwargs"]
@@ -28,6 +28,7 @@ MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
 MODELS.register("preact_resnet18")(PreActResNet18)
 MODELS.register("resnet18")(ResNet18)
 MODELS.register("vgg16_bn")(VGG)
+MODELS.register("vgg16_bn_hydra")(VGG16Hydra)
 MODELS.register("wide_resnet")(WideResNet)
 MODELS.register("small_cnn")(SmallCNN)
 
