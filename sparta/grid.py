@@ -20,16 +20,15 @@ protocol, so the boosting ticket is retrained on the full schedule (its paper's 
 is a claim of its own, ``sparta reproduce``), and 80% sparsity (the Flying Bird paper's density 0.2)
 is added to the benchmark's unstructured levels. The benchmark's structured levels count weights, as
 its unstructured ones do (HARP, its structured reference, sets a target share of the parameters):
-structured sparsity ``s`` means that a share ``s`` of the conv + linear weights is gone. Removing a
-fraction ``c`` of the channels of every layer removes about ``1 - (1 - c)^2`` of the weights, so the
-grid keeps ``method.channel_density = sqrt(1 - s)`` of the BatchNorm channels; the global |gamma|
-threshold removes more channels from some layers than from others, so the weights actually removed
-differ from ``s`` by a few points: ``leaderboard.md`` and each submission give the measured value
-beside the nominal level.
+structured sparsity ``s`` means that a share ``s`` of the conv + linear weights is gone. Channel Robust
+Bird runs with ``method.density = 1 - s`` and ``method.channel_budget = weights``: its early-bird
+search compares channel masks at ``sqrt(1 - s)`` of the channels (about ``1 - s`` of the weights when
+every layer loses the same share), and the ticket keeps as many of the highest-|gamma| channels as
+leave the share of the weights closest to ``1 - s``; ``leaderboard.md`` and each submission give the
+measured share beside the level.
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -56,14 +55,14 @@ STAGE_SMOKE = {"magnitude": ["method.pretrain_epochs=1", "method.finetune_epochs
                "boosting_ticket": ["method.finder_epochs=1", "method.search_milestones=[]"]}
 
 
-def sparsity_setting(method: str, sparsity: float) -> str:
-    """The override that sets ``method`` to ``sparsity`` (a share of the weights): the kept fraction of
-    weights, or for channel methods sqrt of it as the kept fraction of channels (module docstring)."""
+def sparsity_settings(method: str, sparsity: float) -> list[str]:
+    """The overrides that set ``method`` to ``sparsity``, a share of the conv + linear weights removed:
+    the kept share as ``method.density``, which channel tickets meet by the number of channels they
+    keep (``channel_budget: weights``; module docstring)."""
     if not 0 < sparsity < 1:
         raise SpartaError(f"sparsity must be in (0, 1), got {sparsity:g}")
-    if method in CHANNEL_METHODS:
-        return f"method.channel_density={round(math.sqrt(1 - sparsity), 6):g}"
-    return f"method.density={round(1 - sparsity, 6):g}"
+    density = f"method.density={round(1 - sparsity, 6):g}"
+    return [density, "method.channel_budget=weights"] if method in CHANNEL_METHODS else [density]
 
 
 def run_name(method: str, sparsity: float) -> str:
@@ -90,7 +89,7 @@ def plan_grid(dataset: str, model: str, data_root: str | Path, out: str | Path, 
             name = run_name(method, s)
             run_dir = Path(out) / "runs" / name
             args = [f"data.root={data_root}", f"name={name}", f"out_dir={run_dir}", f"model.name={network}",
-                    sparsity_setting(method, s), *(VGG_SETTINGS.get(method, []) if model == "vgg16" else []),
+                    *sparsity_settings(method, s), *(VGG_SETTINGS.get(method, []) if model == "vgg16" else []),
                     *(SMOKE + STAGE_SMOKE.get(method, []) if smoke else [])]
             configs = (PRESETS / f"{dataset}_pgd.yaml", PRESETS / "methods" / f"{method}.yaml")
             runs.append(PlannedRun(method, configs, (*args, *overrides), run_dir))
@@ -150,9 +149,8 @@ def run_grid(dataset: str, model: str, data_root: str | Path, out: str | Path, *
 
 
 def nominal_sparsity(role: str, cfg: Any) -> float:
-    """The grid level a run was planned at (a share of the weights; see ``sparsity_setting``)."""
-    kept = cfg.method.channel_density ** 2 if role in CHANNEL_METHODS else cfg.method.density
-    return round(1 - kept, 4)
+    """The grid level a run was planned at (a share of the weights; see ``sparsity_settings``)."""
+    return round(1 - cfg.method.density, 6)
 
 
 def leaderboard(dataset: str, model: str, rows: list[dict[str, Any]]) -> str:

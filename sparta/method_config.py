@@ -156,6 +156,10 @@ class RobustBirdConfig(TicketConfig):
     eb_window: int = setting(5, ">= 2")  # masks compared (the newest against the window - 1 older ones)
     eb_threshold: Optional[float] = setting(None, "in [0, 1]")  # max normalised Hamming distance; null: 0.08 unstructured, 0.1 channel
     channel_density: Optional[float] = setting(None, "in (0, 1]")  # fraction of BN channels kept; null: sqrt(density)
+    # what the channel ticket's size is set by: channels (channel_density of the BN channels) or weights
+    # (as many channels as keep the share `density` of the conv + linear weights, the adversarial pruning
+    # benchmark's structured sparsity); the search compares masks at channel_density either way
+    channel_budget: Literal["channels", "weights"] = "channels"
     rewind: Literal["none", "init"] = "none"  # train the ticket from the early-bird weights or the initial ones
 
     def check(self, cfg: "Config") -> None:

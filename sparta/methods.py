@@ -170,7 +170,10 @@ def robust_bird(cfg: Config) -> list[Stage]:
                         ticket_weights=f"early-bird epoch {controller.eb_epoch}" if found else
                         f"no early bird within {m.max_search_epochs} search epochs: weights of the last search epoch")
         if m.pruning == "channel":
-            _slim_to_ticket(run, m.channel_density or math.sqrt(m.density), rewind=m.rewind == "init")
+            keep = m.channel_density or math.sqrt(m.density)
+            if m.channel_budget == "weights":
+                keep = _channels_for_weight_share(run, m.density)
+            _slim_to_ticket(run, keep, rewind=m.rewind == "init")
         else:
             _magnitude_ticket(run, m.density, exclude=m.exclude, rewind=m.rewind == "init")
 
@@ -188,6 +191,30 @@ def _magnitude_ticket(run: RunContext, density: float, *, exclude: list[str], re
     if rewind:
         rewind_model_(run.model, run.carry.initial, masks)
     run.carry.ticket = {n: mk.cpu() for n, mk in masks.items()}
+
+
+def _channels_for_weight_share(run: RunContext, density: float) -> float:
+    """The channel keep fraction whose slimmed network keeps the share of the full network's conv +
+    linear weights closest to ``density`` (``method.channel_budget: weights``). The global |gamma|
+    top-k sets are nested in k and so is the kept weight count, so k is found by bisection over the
+    channel count (about log2 of it slimmings, each a deep copy plus torch-pruning's graph)."""
+    from .sparse.channels import batchnorm_modules, bn_channel_masks, slim
+
+    example = example_input(run.spec).to(run.device)
+    total = sum(bn.num_features for bn in batchnorm_modules(run.model).values())
+    full = sum(p.numel() for p in prunable_parameters(run.model).values())
+
+    def share(k: int) -> float:
+        small, _ = slim(run.model, bn_channel_masks(run.model, k / total), example)
+        return sum(p.numel() for p in prunable_parameters(small).values()) / full
+
+    lo, hi = 1, total  # the largest k with share(k) <= density lies in [lo, hi] (or is below lo)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if share(mid) <= density else (lo, mid - 1)
+    k = min((lo, min(lo + 1, total)), key=lambda c: abs(share(c) - density))
+    run.info.update(channel_keep_fraction=k / total, weight_share_target=density, weight_share_kept=share(k))
+    return k / total
 
 
 def _slim_to_ticket(run: RunContext, keep_fraction: float, *, rewind: bool) -> None:

@@ -124,6 +124,10 @@ def test_every_method_on_both_base_architectures_strict_loads(tmp_path, model):
         if role == "robust_bird_channel":  # the smaller network, which the submission says to bring along
             assert arch["channel_ticket"] and card["submission"]["loads_into"]["strict_load"] is False
             assert "architecture.py" in card["submission"]["loads_into"]["why_not"]
+            # the benchmark's structured sparsity: a share of the weights, met by the channel count
+            summary = json.loads((run.run_dir / "summary.json").read_text())
+            assert 1 - card["sparsity"]["overall"] == pytest.approx(summary["weight_share_kept"])
+            assert abs(card["sparsity"]["overall"] - 0.9) < 0.03, summary["weight_share_kept"]
         elif role != "flying_bird_plus":  # FB+ prunes further as it adapts
             assert abs(card["sparsity"]["overall"] - 0.9) < 0.02, (role, card["sparsity"]["overall"])
         assert card["submission"]["normalization"]["required"] is True

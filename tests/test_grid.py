@@ -22,10 +22,9 @@ def test_the_plan_is_every_method_at_each_of_its_sparsities(tmp_path):
         assert cfg.run_dir == tmp_path / "out" / "runs" / run.name
         sparsity = float(run.name.rsplit("-s", 1)[1]) / 100
         if run.role == "robust_bird_channel":
-            # a share of the weights: sqrt of the kept share as the kept share of channels
-            assert cfg.method.pruning == "channel" and cfg.method.channel_density ** 2 == pytest.approx(1 - sparsity, abs=1e-6)
-        else:
-            assert cfg.method.density == pytest.approx(1 - sparsity)
+            # a share of the weights, met by the number of channels kept
+            assert (cfg.method.pruning, cfg.method.channel_budget, cfg.method.channel_density) == ("channel", "weights", None)
+        assert cfg.method.density == pytest.approx(1 - sparsity)
         if run.role == "boosting_ticket":
             assert cfg.method.search_lr == 0.01  # the paper's VGG finder lr
     names = [r.name for r in runs]
