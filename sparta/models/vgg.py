@@ -16,6 +16,22 @@ from .layers import check_positive_int
 CFG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 
 
+def vgg_features(cfg: tuple, in_channels: int, base_width: int) -> tuple[nn.Sequential, int]:
+    """conv3x3(no bias)-BN-ReLU per width of ``cfg`` (scaled by ``base_width / 64``), a 2x2 max-pool
+    (``ceil_mode``) per "M"; returns the layers and the last width."""
+    check_positive_int("base_width", base_width)
+    layers: list[nn.Module] = []
+    c_in = in_channels
+    for v in cfg:
+        if v == "M":
+            layers.append(nn.MaxPool2d(2, ceil_mode=True))
+            continue
+        c_out = max(1, v * base_width // 64)
+        layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+        c_in = c_out
+    return nn.Sequential(*layers), c_in
+
+
 class VGG(nn.Module):
     """``base_width`` scales every width by ``base_width / 64`` (64 gives the standard VGG-16).
 
@@ -25,17 +41,7 @@ class VGG(nn.Module):
 
     def __init__(self, num_classes: int, in_channels: int, base_width: int = 64):
         super().__init__()
-        check_positive_int("base_width", base_width)
-        layers: list[nn.Module] = []
-        c_in = in_channels
-        for v in CFG16:
-            if v == "M":
-                layers.append(nn.MaxPool2d(2, ceil_mode=True))
-                continue
-            c_out = max(1, v * base_width // 64)
-            layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
-            c_in = c_out
-        self.features = nn.Sequential(*layers)
+        self.features, c_in = vgg_features(CFG16, in_channels, base_width)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(c_in, num_classes)
 
@@ -58,18 +64,8 @@ class VGG16Hydra(nn.Module):
 
     def __init__(self, num_classes: int, in_channels: int, base_width: int = 64):
         super().__init__()
-        check_positive_int("base_width", base_width)
-        layers: list[nn.Module] = []
-        c_in = in_channels
-        for v in CFG16_HYDRA:
-            if v == "M":
-                layers.append(nn.MaxPool2d(2, ceil_mode=True))
-                continue
-            c_out = max(1, v * base_width // 64)
-            layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
-            c_in = c_out
+        self.features, c_in = vgg_features(CFG16_HYDRA, in_channels, base_width)
         hidden = max(1, 256 * base_width // 64)
-        self.features = nn.Sequential(*layers)
         self.avgpool = nn.AdaptiveAvgPool2d((2, 2))
         self.classifier = nn.Sequential(nn.Linear(4 * c_in, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, hidden),
                                         nn.ReLU(inplace=True), nn.Linear(hidden, num_classes))
