@@ -286,10 +286,11 @@ def tune_min_norm(model: nn.Module, x: Tensor, y: Tensor, *, trials: int, steps:
 
 def robust_accuracy_at(distances: Tensor | Sequence[float], eps: float) -> float:
     """Robust accuracy (percent) at L∞ budget ``eps``: the share of images whose minimal distance is
-    above ``eps`` (0.0, misclassified clean, is never robust; ``inf`` always is)."""
-    d = torch.as_tensor([math.inf if v is None else v for v in distances] if not isinstance(distances, Tensor)
-                        else distances, dtype=torch.float64)
-    return 100.0 * float((d > eps).sum()) / len(d) if len(d) else 0.0
+    above ``eps`` (0.0, misclassified clean, is never robust; ``inf`` always is). ``eps`` is rounded to the
+    distances' precision first (float32 for a tensor of them), so a distance equal to eps counts as broken."""
+    d = distances.float() if isinstance(distances, Tensor) else \
+        torch.tensor([math.inf if v is None else v for v in distances], dtype=torch.float64)
+    return 100.0 * float((d > torch.tensor(eps, dtype=d.dtype)).sum()) / len(d) if len(d) else 0.0
 
 
 def security_curve(distances: Tensor | Sequence[float], eps_values: Sequence[float]) -> list[tuple[float, float]]:
