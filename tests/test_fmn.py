@@ -8,48 +8,26 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sparta.attacks import fmn
 from sparta.attacks.fmn import (DEFAULT_SETTING, evaluate_min_norm, min_norm_distances, robust_accuracy_at,
                                 search_space, security_curve, tune_min_norm, write_distances)
 from sparta.cli import main
-from sparta.data import load_dataset
-from sparta.data.loader import DeviceLoader
 from sparta.errors import SpartaError
 from sparta.experiment import train
-from sparta.models import create_model
 from sparta.robustness import _stack, evaluate_robustness
 
-from conftest import one_line_error, tiny_cfg
+from conftest import one_line_error, tiny_cfg, trained_digits_cnn
 from test_eval_nproc import sparta_eval
 
 pytest.importorskip("secmlt")
 
 
 @pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits", None)
-
-
-@pytest.fixture(scope="module")
 def model(digits):
     """small_cnn trained (clean) for 200 steps on the digits: ~97% clean accuracy."""
-    torch.manual_seed(0)
-    net = create_model("small_cnn", num_classes=10, in_channels=1, image_size=8, mean=(0.5,), std=(0.5,), base_width=8)
-    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
-    loader = DeviceLoader(digits.train, 64, device="cpu", shuffle=True, augment=False)
-    step, epoch = 0, 0
-    while step < 200:
-        for x, y in loader.epoch(epoch):
-            loss = F.cross_entropy(net(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            step += 1
-        epoch += 1
-    return net.eval()
+    return trained_digits_cnn(digits)
 
 
 @pytest.fixture(scope="module")
