@@ -142,6 +142,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                  n_examples=args.n_examples, eps_list=args.eps_list)
     if rank() != 0:  # every rank holds the merged result; rank 0 prints it
         return 0
+    if args.attack == "fmn":
+        print_min_norm(result)
+        return 0
     rows = [{**r, "eps": format_eps(r["eps"]), **{k: "-" for k in ("steps", "restarts") if r.get(k) is None}}
             for r in result["rows"]]
     print(table(rows, [("kind", "row"), ("attack", "attack"), ("norm", "norm"), ("eps", "eps"), ("steps", "steps"),
@@ -152,6 +155,31 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"warning: {message}", file=sys.stderr)
     print(f"written: {result['written']}", file=sys.stderr)
     return 0
+
+
+def print_min_norm(result: dict[str, Any]) -> None:
+    """``sparta eval --attack fmn``: robust accuracy at a few eps, the tuned setting, the checks, the files."""
+    from .fmt import eps as format_eps
+
+    eps_rows = [{"eps": eps, "robust_acc": acc} for eps, acc in result["robust_acc_at"].items()]
+    print(table(eps_rows, [("eps", "eps (L∞)"), ("robust_acc", "FMN robust %")]))
+    median = result["median_distance"]
+    print(f"n {result['n']}  clean {result['clean_acc']:.1f}%  median distance "
+          f"{'inf' if median is None else f'{255 * median:.2f}/255'}  not found {result['not_found']}")
+    aa = result["autoattack"]
+    if aa is not None:
+        print(f"at eps {format_eps(result['eps'])}: FMN {result['robust_acc']:.1f}%  AutoAttack {aa['robust_acc']:.1f}% "
+              f"(same {aa['n']} images)")
+    best = result["best_setting"]
+    print("best setting (" + (f"{len(result['trials'])} trials): " if result["trials"] else "default, no tuning): ") +
+          "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.items()))
+    for check in result["checks"]:
+        print(f"check {check['name']}: {'ok' if check['passed'] else 'FAILED'}  ({check['detail']})")
+    for message in result["warnings"] + result["notes"]:
+        print(f"warning: {message}", file=sys.stderr)
+    for key in ("written", "distances_file", "plot"):
+        if result[key]:
+            print(f"written: {result[key]}", file=sys.stderr)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -341,9 +369,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="clean and robust accuracy of a checkpoint on the test set")
     p.add_argument("checkpoint")
     p.add_argument("overrides", nargs="*", help="overrides of the checkpoint's config, e.g. eval.steps=50 data.root=DIR")
-    p.add_argument("--attack", choices=["pgd", "cw", "autoattack", "sweep"], default="pgd",
+    p.add_argument("--attack", choices=["pgd", "cw", "autoattack", "sweep", "fmn"], default="pgd",
                    help="pgd: PGD-k with restarts (eval.*); cw: PGD on the CW margin; autoattack: AutoAttack standard "
-                        "(pip install 'sparta[autoattack]'); sweep: PGD over --eps-list and over steps")
+                        "(pip install 'sparta[autoattack]'); sweep: PGD over --eps-list and over steps; fmn: each "
+                        "image's minimal L∞ distance (tuned FMN of secml-torch, eval.fmn.*) and a security curve")
     p.add_argument("--n-examples", type=int, default=None, help="first N test images (default: all)")
     p.add_argument("--eps-list", default=None, metavar="EPS,EPS,...",
                    help="with --attack sweep: budgets, fractions allowed (default 0,2/255,4/255,8/255,16/255; "

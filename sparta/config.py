@@ -95,6 +95,16 @@ class ObjectiveConfig:
 
 
 @dataclass
+class FmnConfig:
+    """``sparta eval --attack fmn`` (sparta.attacks.fmn): the adversarial pruning benchmark's defaults."""
+    trials: int = 32  # settings tried per model (0: the default setting, no tuning)
+    tune_steps: int = 100  # FMN steps of each trial
+    tune_batch: int = 64  # tuning images per trial (validation split, else test images after the evaluated ones)
+    steps: int = 200  # FMN steps of the final attack on the evaluated images
+    autoattack: bool = True  # also run AutoAttack at eval.eps on the same images for the sanity check
+
+
+@dataclass
 class EvalConfig:
     every: int = 1  # evaluate every N epochs (the last epoch is always evaluated)
     attack: Literal["pgd", "fgsm", "none"] = "pgd"
@@ -112,6 +122,7 @@ class EvalConfig:
     # arithmetic of validation/test/gap evaluation (attack and forwards); fp32 keeps robustness
     # numbers free of precision effects, bf16 autocast is faster where supported
     precision: Literal["fp32", "bf16"] = "fp32"
+    fmn: FmnConfig = field(default_factory=FmnConfig)
 
 
 @dataclass

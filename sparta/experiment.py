@@ -203,7 +203,10 @@ def evaluate_checkpoint(path: str | Path, *, attack: str = "pgd", overrides: lis
                         n_examples: int | None = None, eps_list: str | list[float] | None = None) -> dict[str, Any]:
     """Test-set robustness of a checkpoint: ``attack`` is ``pgd`` (CE loss), ``cw`` (CW-L∞: PGD on the
     CW margin), ``autoattack`` (standard, needs ``pyautoattack``) or ``sweep`` (PGD over ``eps_list``
-    and over steps), each with the sanity checks of :func:`sparta.robustness.evaluate_robustness`.
+    and over steps), each with the sanity checks of :func:`sparta.robustness.evaluate_robustness`;
+    or ``fmn``: per-image minimal L∞ distances (:func:`sparta.attacks.fmn.evaluate_min_norm`, settings
+    ``eval.fmn.*``, tuned on the validation split, else on the test images after the evaluated ones),
+    also written as ``<name>.fmn-distances.pickle`` with a security curve ``<name>.fmn-security-curve.png``.
 
     Settings come from the checkpoint's config ``eval.*`` and ``seed`` (overridable); the result
     (with ``rows``, ``checks`` and ``warnings``) is also written as JSON beside the checkpoint
@@ -213,12 +216,16 @@ def evaluate_checkpoint(path: str | Path, *, attack: str = "pgd", overrides: lis
     """
     from .robustness import ATTACKS, evaluate_robustness, require_autoattack
 
-    if attack not in ATTACKS:
-        raise ConfigError(f"unknown evaluation attack {attack!r}; valid: {', '.join(ATTACKS)}")
+    if attack not in (*ATTACKS, "fmn"):
+        raise ConfigError(f"unknown evaluation attack {attack!r}; valid: {', '.join((*ATTACKS, 'fmn'))}")
     if eps_list is not None and attack != "sweep":
         raise ConfigError("--eps-list applies only to --attack sweep")
     if attack == "autoattack":
         require_autoattack()  # before any work
+    if attack == "fmn":
+        from .attacks.fmn import require_secmlt
+
+        require_secmlt()
     path = Path(path)
     state = checkpoint.load(path)
     cfg = from_saved(state.config, overrides)
@@ -240,6 +247,8 @@ def evaluate_checkpoint(path: str | Path, *, attack: str = "pgd", overrides: lis
     model = load_model(path, device)
     protocol = {**eval_protocol(cfg), "precision": "fp32"}  # evaluate_robustness always runs in float32
     e = cfg.eval
+    if attack == "fmn":
+        return _evaluate_fmn(path, cfg, model, data, protocol, dist)
     result = evaluate_robustness(model, _first(data.test, e.test_subset), attack=attack, eps=protocol["eps"],
                                  alpha=e.alpha, steps=e.steps, restarts=e.restarts, norm=protocol["norm"],
                                  batch_size=e.batch_size, device=device, seed=cfg.seed, eps_list=eps_list, dist=dist)
@@ -249,3 +258,43 @@ def evaluate_checkpoint(path: str | Path, *, attack: str = "pgd", overrides: lis
     out = path.with_name(f"{path.stem}.eval-{attack}.json")
     dist.on_main(lambda: write_text_atomic(out, dumps(result)))
     return {**result, "written": str(out)}
+
+
+def _evaluate_fmn(path: Path, cfg: Config, model: nn.Module, data: DatasetSplits, protocol: dict[str, Any],
+                  dist: Distributed) -> dict[str, Any]:
+    """``evaluate_checkpoint(attack="fmn")``: distances, JSON, pickle and security curve beside the checkpoint."""
+    from .attacks.fmn import evaluate_min_norm, security_curve, write_distances
+    from .plots import PLOTS_SKIPPED, matplotlib_or_none, plot_security_curve
+
+    e, f = cfg.eval, cfg.eval.fmn
+    if protocol["norm"] != "linf":
+        raise ConfigError(f"--attack fmn measures L∞ distances; the checkpoint's eval norm is {protocol['norm']}")
+    test = _first(data.test, e.test_subset)
+    tune = data.val if data.val is not None and len(data.val) else \
+        (data.test.subset(len(test), len(data.test)) if len(test) < len(data.test) else None)
+    result = evaluate_min_norm(model, test, tune_data=tune, trials=f.trials, tune_steps=f.tune_steps,
+                               tune_batch=f.tune_batch, steps=f.steps, batch_size=e.batch_size, device=dist.device,
+                               seed=cfg.seed, dist=dist, compare_autoattack=f.autoattack, eps=protocol["eps"])
+    split = None if tune is None else "validation" if tune is data.val else "test images after the evaluated ones"
+    result = {"checkpoint": str(path), **result, "tuning_split": split,
+              "protocol": {**protocol, "attack": "fmn", "seed": cfg.seed}, "device": str(dist.device),
+              "torch": str(torch.__version__)}
+    out = path.with_name(f"{path.stem}.eval-fmn.json")
+    pickled = path.with_name(f"{path.stem}.fmn-distances.pickle")
+    png = path.with_name(f"{path.stem}.fmn-security-curve.png")
+    mpl = matplotlib_or_none()
+    distances = [float("inf") if d is None else d for d in result["distances"]]
+    finite = sorted({d for d in distances if d != float("inf")})
+    top = max([32 / 255, *(1.1 * d for d in finite[-1:])])
+    written = {"written": str(out), "distances_file": str(pickled), "plot": str(png) if mpl else None,
+               "notes": [] if mpl else [PLOTS_SKIPPED]}
+
+    def write() -> None:
+        write_distances(pickled, distances)
+        if mpl:
+            plot_security_curve({path.stem: security_curve(distances, [0.0, *finite, top])}, png, mpl,
+                                eps=protocol["eps"], title=f"{path.stem}: FMN security curve ({len(distances)} images)")
+        write_text_atomic(out, dumps({**result, **written}))
+
+    dist.on_main(write)
+    return {**result, **written}

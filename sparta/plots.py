@@ -228,3 +228,23 @@ def plot_pareto(points: Sequence[Any], path: Path, mpl) -> Path | None:
     ax.grid(alpha=0.3, which="both")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     return _save(fig, Canvas, path)
+
+
+def plot_security_curve(curves: dict[str, list[tuple[float, float]]], path: Path, mpl, *, eps: float | None = None,
+                        title: str = "security curve") -> Path:
+    """Robust accuracy (%) against the L∞ budget, one step line per model (``{label: [(eps, acc)]}``,
+    from :func:`sparta.attacks.fmn.security_curve`), x in 255ths; a dotted line marks ``eps``."""
+    Figure, Canvas = mpl
+    fig = Figure(figsize=(6.5, 4.2))
+    ax = fig.add_subplot()
+    for label, points in curves.items():
+        ax.step([255 * e for e, _ in points], [a for _, a in points], where="post", linewidth=1.6, label=label)
+    if eps is not None:
+        ax.axvline(255 * eps, color="0.4", linestyle=":", linewidth=1, label=f"eps = {255 * eps:.3g}/255")
+    ax.set_xlabel("L∞ budget eps (× 1/255)")
+    ax.set_ylabel("robust accuracy (%)")
+    ax.set_ylim(-2, 102)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, frameon=False)
+    return _save(fig, Canvas, path)

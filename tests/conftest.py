@@ -128,3 +128,35 @@ def write_cifar100(root, n_train: int = 20, n_test: int = 10, seed: int = 0) -> 
         (folder / split).write_bytes(pickle.dumps(batch))
     meta = {"fine_label_names": [f"fine{i}" for i in range(100)], "coarse_label_names": [f"coarse{i}" for i in range(20)]}
     (folder / "meta").write_bytes(pickle.dumps(meta))
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """The embedded 8x8 digits (scikit-learn's), all splits."""
+    from sparta.data import load_dataset
+
+    return load_dataset("digits", None)
+
+
+def trained_digits_cnn(digits, steps: int = 200):
+    """small_cnn (width 8) trained cleanly for ``steps`` SGD steps on the 8x8 digits (~97% clean accuracy
+    after 200), in eval mode."""
+    import torch.nn.functional as F
+
+    from sparta.data.loader import DeviceLoader
+    from sparta.models import create_model
+
+    torch.manual_seed(0)
+    net = create_model("small_cnn", num_classes=10, in_channels=1, image_size=8, mean=(0.5,), std=(0.5,), base_width=8)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    loader = DeviceLoader(digits.train, 64, device="cpu", shuffle=True, augment=False)
+    step, epoch = 0, 0
+    while step < steps:
+        for x, y in loader.epoch(epoch):
+            loss = F.cross_entropy(net(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step += 1
+        epoch += 1
+    return net.eval()

@@ -5,19 +5,15 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sparta import robustness
 from sparta.cli import main
-from sparta.data import load_dataset
-from sparta.data.loader import DeviceLoader
 from sparta.errors import ConfigError, SpartaError
-from sparta.models import create_model
 from sparta.robustness import evaluate_robustness, format_eps, parse_eps_list, run_autoattack, sanity_checks
 from sparta.rundir import dumps
 
-from conftest import one_line_error
+from conftest import one_line_error, trained_digits_cnn
 
 ROOT = Path(__file__).resolve().parents[1]
 EPS, ALPHA, STEPS = 0.1, 0.025, 10  # 8x8 digits: eps 0.1 leaves a trained small CNN about half its accuracy
@@ -26,27 +22,9 @@ EPS, ALPHA, STEPS = 0.1, 0.025, 10  # 8x8 digits: eps 0.1 leaves a trained small
 
 
 @pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits", None)
-
-
-@pytest.fixture(scope="module")
 def model(digits):
     """small_cnn trained (clean) for 200 steps on the digits: ~97% clean accuracy."""
-    torch.manual_seed(0)
-    net = create_model("small_cnn", num_classes=10, in_channels=1, image_size=8, mean=(0.5,), std=(0.5,), base_width=8)
-    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
-    loader = DeviceLoader(digits.train, 64, device="cpu", shuffle=True, augment=False)
-    step, epoch = 0, 0
-    while step < 200:
-        for x, y in loader.epoch(epoch):
-            loss = F.cross_entropy(net(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            step += 1
-        epoch += 1
-    return net.eval()
+    return trained_digits_cnn(digits)
 
 
 class Quantised(nn.Module):
