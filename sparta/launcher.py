@@ -357,10 +357,21 @@ class SlurmLauncher:
         executor = _executor(self.settings, self.out, self.parallelism)
         tasks = [RunTask(replace(run, run_dir=run.run_dir.resolve()), self.nproc, final, data_root.resolve(),
                          state_path(self.out, run.name)) for run in runs]
-        jobs = executor.submit_array(tasks)
+        for run in runs:  # before the tasks exist: a task that starts at once records itself over it
+            write_state(state_path(self.out, run.name), state="pending", job=None, attempt=0, error=None)
+        try:
+            jobs = executor.submit_array(tasks)
+        except Exception as e:  # sbatch refused the array (a partition or account it does not know...)
+            line = next((line for line in str(e).splitlines() if line.strip()), e.__class__.__name__)
+            for run in runs:
+                write_state(state_path(self.out, run.name), state="failed", job=None, attempt=0,
+                            error=f"not submitted: {line}")
+            raise SpartaError(f"the submission failed: {line}") from None
         self.jobs += jobs
         for run, job in zip(runs, jobs):
-            write_state(state_path(self.out, run.name), state="pending", job=job.job_id, attempt=0, error=None)
+            path = state_path(self.out, run.name)
+            if read_state(path).get("state") == "pending":
+                write_state(path, state="pending", job=job.job_id, attempt=0, error=None)
         ids = sorted({str(job.job_id).split("_")[0] for job in jobs})
         self.submitted = ids
         self.log(f"== submitted {len(runs)} run{'s' if len(runs) > 1 else ''} as job{'s' if len(ids) > 1 else ''} "

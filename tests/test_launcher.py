@@ -208,3 +208,49 @@ def test_without_submitit_the_slurm_launcher_says_how_to_install_it(tmp_path, ca
     monkeypatch.setitem(sys.modules, "submitit", None)  # import submitit raises ImportError
     one_line_error(capsys, [*GRID, "--data-root", str(tmp_path), "--out", str(tmp_path / "out"), "--launcher",
                             "slurm"], "needs submitit: pip install 'sparta[cluster]'")
+
+
+def test_grid_smoke_through_the_local_executor_waits_and_reports(tmp_path, capsys):
+    from sparta.cli import main
+
+    write_svhn(tmp_path)
+    (tmp_path / "local.yaml").write_text("launcher: {cluster: local, time_min: 30}\n")
+    out = tmp_path / "out"
+    argv = ["grid", "--dataset", "svhn", "--model", "preact_resnet18", "--data-root", str(tmp_path), "--out", str(out),
+            "--methods", "magnitude,flying_bird", "--sparsities", "0.9", "--smoke", "model.base_width=4",
+            "--launcher", "slurm", "--launcher-config", str(tmp_path / "local.yaml")]
+    assert main([*argv, "--wait"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.rstrip().endswith(str(out / "report" / "report.md"))
+    grid = json.loads((out / "grid.json").read_text())
+    assert [r["run"] for r in grid["runs"]] == ["magnitude-s90", "flying_bird-s90"] and grid["runs"][0]["n"] == 8
+    assert main([*argv, "--status"]) == 0
+    rows = capsys.readouterr().out.splitlines()[2:]
+    assert [row.split()[:2] for row in rows] == [["magnitude-s90", "done"], ["flying_bird-s90", "done"]]
+
+
+def test_reproduce_dry_run_prints_the_array(tmp_path, capsys):
+    from sparta.cli import main
+
+    assert main(["reproduce", "--profile", "paper", "--dataset", "cifar100", "--data-root", str(tmp_path), "--out",
+                 str(tmp_path / "out"), "--launcher", "slurm", "--time-min", "240", "--dry-run"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "#SBATCH --array=0-7%8" in out and "#SBATCH --time=240" in out
+    assert len([line for line in out if line.startswith("sparta train configs/") or "sparta train /" in line]) == 8
+
+
+def test_a_refused_submission_is_one_line_and_recorded(tmp_path, capsys, monkeypatch):
+    write_svhn(tmp_path)
+    env = fake_cluster(tmp_path)
+    (tmp_path / "bin" / "sbatch").write_text("#!/bin/sh\necho 'sbatch: error: invalid partition specified: nope' >&2\n"
+                                             "exit 1\n")
+    monkeypatch.setenv("PATH", env["PATH"])
+    out = tmp_path / "out"
+    from sparta.cli import main
+
+    assert main([*GRID, "--data-root", str(tmp_path), "--out", str(out), "--launcher", "slurm", "--partition", "nope"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # sbatch's own line (its stderr is the terminal's), then ours
+    assert err[-1] == "error: the submission failed: sbatch: error: invalid partition specified: nope", err
+    assert "Traceback" not in "".join(err)
+    state = json.loads((out / "launcher" / "state" / "hydra-s90.json").read_text())
+    assert state["state"] == "failed" and state["error"].startswith("not submitted: ")
