@@ -13,7 +13,8 @@ claims of ``sparta.claims`` with their verdicts.
 
 Everything is resumable: a finished run (``summary.json``) and a finished evaluation
 (``final-eval.json`` in the run directory) are kept, an unfinished run is resumed from its last checkpoint, so the
-same command continues after a kill.
+same command continues after a kill. The runs train here (``--jobs`` at once) or, with a launcher
+(``sparta.launcher``: ``--launcher slurm``), as tasks of a Slurm job array that write the same files.
 """
 from __future__ import annotations
 
