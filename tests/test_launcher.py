@@ -38,12 +38,13 @@ def one_thread_tasks(monkeypatch):
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     """Two runs and a run that fails, submitted as one array to the local executor, waited for."""
-    os.environ["OMP_NUM_THREADS"] = "1"
     out = tmp_path_factory.mktemp("pair")
     runs = [planned(out, "a"), planned(out, "b", "seed=1"), planned(out, "bad", "model.name=nope")]
     lines = []
     launcher = SlurmLauncher(LOCAL, out, wait=True, log=lines.append)
-    evals = launcher.run(runs, FINAL, out)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")  # the tasks inherit it
+        evals = launcher.run(runs, FINAL, out)
     return out, runs, launcher, evals, lines
 
 
