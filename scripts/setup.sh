@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv once and install torch, then sparta (editable) with its test dependencies and every
-# optional extra (AutoAttack, torch-pruning, matplotlib, TensorBoard), and secml-torch, so the whole suite runs.
+# optional extra (AutoAttack, torch-pruning, matplotlib, TensorBoard, submitit), and secml-torch, so the whole suite runs.
 # torch goes first: without it, pip would resolve sparta's `torch` requirement to a multi-GB CUDA
 # build. On a GPU machine, install the torch build you want into .venv first (see README); this
 # script keeps any torch it finds there. SPARTA_TORCH overrides the default CPU pin.
@@ -17,7 +17,7 @@ fi
 stamp=.venv/.sparta-installed
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  .venv/bin/python -m pip install -q -e ".[test,autoattack,pruning,report,tensorboard]"
+  .venv/bin/python -m pip install -q -e ".[test,autoattack,pruning,report,tensorboard,cluster]"
   echo "$want" > "$stamp"
 fi
 # secml-torch (the FMN of `sparta eval --attack fmn`) without its dependencies: it declares torchvision,

@@ -266,13 +266,102 @@ def add_reproduce_arguments(parser: argparse.ArgumentParser) -> None:
                              "call with fewer seeds are reused); the claims use the mean and the seed spread")
     parser.add_argument("--nproc", type=int, default=None, metavar="N",
                         help="train each run with N local processes (torchrun, DistributedDataParallel)")
-    parser.add_argument("--jobs", type=int, default=1, metavar="N",
-                        help="train N runs at once, each on its share of the cores (OMP_NUM_THREADS, unless set); "
-                             "on a CPU small runs finish sooner side by side than one after the other")
     parser.add_argument("--only", default=None, metavar="RUN,RUN",
                         help=f"a subset of the runs: {','.join(ROLES)}")
     parser.add_argument("--smoke", action="store_true",
                         help="one epoch on a few images per run: checks the whole pipeline, measures nothing")
+    parser.add_argument("--dry-run", action="store_true", help="print the runs' commands (and the submission) and stop")
+    add_launcher_arguments(parser)
+
+
+def add_launcher_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where the runs of ``reproduce`` and ``grid`` train: here (``--jobs`` at once) or as a Slurm job array."""
+    parser.add_argument("--jobs", type=int, default=None, metavar="N",
+                        help="runs at once. local: N runs side by side, each on its share of the cores "
+                             "(OMP_NUM_THREADS, unless set; default 1); slurm: at most N array tasks running "
+                             "(default: all)")
+    parser.add_argument("--launcher", choices=["local", "slurm"], default="local",
+                        help="local: train here; slurm: one Slurm array task per run, through submitit "
+                             "(pip install 'sparta[cluster]'), requeued on preemption and time limits")
+    parser.add_argument("--launcher-config", default=None, metavar="YAML",
+                        help="a file with a 'launcher:' section: partition, account, qos, time_min, gpus_per_run, "
+                             "cpus_per_task, mem_gb, signal_delay_s, max_timeouts, setup (flags win over it)")
+    for flag, kind, what in (("--partition", str, "Slurm partition"), ("--account", str, "Slurm account"),
+                             ("--time-min", int, "time limit of each task in minutes (default 1440; a longer run "
+                                                 "is requeued at the limit and resumes)"),
+                             ("--gpus-per-run", int, "GPUs of each task (default 1); N > 1 trains the run with "
+                                                     "torchrun on N processes inside the task"),
+                             ("--cpus-per-task", int, "CPUs of each task (default 8)"),
+                             ("--mem-gb", int, "memory of each task in GB (default 32)")):
+        parser.add_argument(flag, type=kind, default=None, metavar="N" if kind is int else "NAME",
+                            help=f"with --launcher slurm: {what}")
+    parser.add_argument("--wait", action="store_true",
+                        help="with --launcher slurm: wait for the array, then report (without it: print the job "
+                             "id; the same command later reports what has finished)")
+    parser.add_argument("--status", action="store_true",
+                        help="print the state of each run (done, running, pending, failed with its error) and stop")
+
+
+def make_launcher(args: argparse.Namespace, out: str) -> Any:
+    """The ``SlurmLauncher`` the arguments ask for (None: the local launcher); bad combinations refused."""
+    slurm_only = {"--launcher-config": args.launcher_config, "--partition": args.partition,
+                  "--account": args.account, "--time-min": args.time_min, "--gpus-per-run": args.gpus_per_run,
+                  "--cpus-per-task": args.cpus_per_task, "--mem-gb": args.mem_gb, "--wait": args.wait or None}
+    from .reproduce import check_jobs
+
+    check_jobs(1 if args.jobs is None else args.jobs, args.nproc if args.launcher == "local" else None)
+    if args.launcher == "local":
+        given = [flag for flag, value in slurm_only.items() if value is not None]
+        if given:
+            raise SpartaError(f"{', '.join(given)}: only with --launcher slurm (locally, --nproc N trains a run "
+                              "on N processes and --jobs N runs at once)")
+        return None
+    if args.nproc is not None:
+        raise SpartaError("--nproc is the local launcher's; with --launcher slurm give --gpus-per-run N")
+    from .launcher import SlurmLauncher, load_settings
+
+    settings = load_settings(args.launcher_config, partition=args.partition, account=args.account,
+                             time_min=args.time_min, gpus_per_run=args.gpus_per_run,
+                             cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb)
+    return SlurmLauncher(settings, Path(out), wait=args.wait, parallelism=args.jobs,
+                         log=lambda line: print(line, flush=True))
+
+
+def launch(args: argparse.Namespace, out: str, planned: list, run: Any) -> int:
+    """The shared end of ``reproduce`` and ``grid``: ``--status``, ``--dry-run`` (the commands, and the
+    submission), or ``run(launcher)`` (the report's path or None) with what the launcher has to say."""
+    launcher = make_launcher(args, out)
+    nproc = launcher.nproc if launcher else args.nproc
+    if args.status:
+        from .launcher import STATUS_COLUMNS, run_status
+
+        print(table(run_status(planned, Path(out), cluster=launcher.settings.cluster if launcher else None),
+                    STATUS_COLUMNS))
+        return 0
+    if args.dry_run:
+        if launcher:
+            from .launcher import dry_run_lines
+
+            print("\n".join(dry_run_lines(launcher.settings, Path(out), len(planned), args.jobs)))
+        for run in planned:
+            print("sparta " + " ".join(run.command(nproc)))
+        return 0
+    path = run(launcher, nproc)
+    if launcher:
+        from .launcher import STATUS_COLUMNS
+
+        print(table(launcher.rows, STATUS_COLUMNS))
+    if path is not None:
+        print(path)
+    if launcher:
+        failed = [row for row in launcher.rows if row["state"] == "failed"]
+        if failed:
+            raise SpartaError("; ".join(f"run {row['run']} failed: {row['error']}" for row in failed)
+                              + " (the same command submits them again)")
+        if any(row["state"] != "done" for row in launcher.rows):
+            print(f"not finished yet: the same command{' without --wait' if args.wait else ''} reports what has "
+                  "finished; --status shows each run", file=sys.stderr)
+    return 0
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
@@ -281,15 +370,18 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
     from .reproduce import reproduce
 
+    from .reproduce import plan
+
     processes(args.nproc)
     out = args.out or f"results/{args.profile}-{args.dataset}" + ("-smoke" if args.smoke else "")
     only = [r.strip() for r in args.only.split(",") if r.strip()] if args.only else None
     command = "sparta " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["reproduce"] else ""
-    path = reproduce(args.profile, args.data_root, out, dataset=args.dataset, seeds=args.seeds, nproc=args.nproc,
-                     jobs=args.jobs, smoke=args.smoke,
-                     only=only, overrides=args.overrides, command=command, log=lambda line: print(line, flush=True))
-    print(path)
-    return 0
+    planned = plan(args.profile, args.dataset, args.data_root, out, seeds=args.seeds, smoke=args.smoke, only=only,
+                   overrides=args.overrides)
+    return launch(args, out, planned, lambda launcher, nproc: reproduce(
+        args.profile, args.data_root, out, dataset=args.dataset, seeds=args.seeds, nproc=nproc,
+        jobs=1 if launcher else args.jobs or 1, smoke=args.smoke, only=only, overrides=args.overrides,
+        command=command, launcher=launcher, log=lambda line: print(line, flush=True)))
 
 
 def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
@@ -312,9 +404,10 @@ def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, metavar="DIR", help="default: results/grid-<dataset>-<model>")
     parser.add_argument("--nproc", type=int, default=None, metavar="N",
                         help="train each run with N local processes (torchrun, DistributedDataParallel)")
-    parser.add_argument("--dry-run", action="store_true", help="print the runs' commands and stop")
+    parser.add_argument("--dry-run", action="store_true", help="print the runs' commands (and the submission) and stop")
     parser.add_argument("--smoke", action="store_true",
                         help="one epoch of each stage on a few images per run: checks the pipeline, measures nothing")
+    add_launcher_arguments(parser)
 
 
 def cmd_grid(args: argparse.Namespace) -> int:
@@ -333,13 +426,10 @@ def cmd_grid(args: argparse.Namespace) -> int:
     processes(args.nproc)
     out = args.out or f"results/grid-{args.dataset}-{args.model}" + ("-smoke" if args.smoke else "")
     kw = dict(methods=split(args.methods), sparsities=sparsities, smoke=args.smoke, overrides=args.overrides)
-    if args.dry_run:
-        for run in plan_grid(args.dataset, args.model, args.data_root, out, **kw):
-            print("sparta " + " ".join(run.command(args.nproc)))
-        return 0
-    print(run_grid(args.dataset, args.model, args.data_root, out, final_n=args.final_n, nproc=args.nproc,
-                   log=lambda line: print(line, flush=True), **kw))
-    return 0
+    return launch(args, out, plan_grid(args.dataset, args.model, args.data_root, out, **kw),
+                  lambda launcher, nproc: run_grid(args.dataset, args.model, args.data_root, out, final_n=args.final_n,
+                                                   nproc=nproc, jobs=1 if launcher else args.jobs or 1,
+                                                   launcher=launcher, log=lambda line: print(line, flush=True), **kw))
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -98,15 +98,16 @@ def plan_grid(dataset: str, model: str, data_root: str | Path, out: str | Path, 
 
 def run_grid(dataset: str, model: str, data_root: str | Path, out: str | Path, *, methods: list[str] | None = None,
              sparsities: list[float] | None = None, final_n: int | None = None, nproc: int | None = None,
-             smoke: bool = False, overrides: list[str] | tuple[str, ...] = (),
-             log: Callable[[str], None] = lambda line: None) -> Path:
+             smoke: bool = False, overrides: list[str] | tuple[str, ...] = (), jobs: int = 1, launcher: Any = None,
+             log: Callable[[str], None] = lambda line: None) -> Path | None:
     """Train (or resume, or keep) every run of the cell, evaluate each final model with AutoAttack and
     PGD-20 on the first ``final_n`` test images (None: all), write ``OUT/grid.json`` and the report;
-    returns the report's path."""
+    returns the report's path. ``jobs`` runs train at once; ``launcher``: as in ``reproduce.reproduce``
+    (the report of the runs finished so far; None when none has)."""
     from .config import load_config
     from .export import export_checkpoint
     from .report import load_run, write_report
-    from .reproduce import check_existing, evaluate_final, exclusive, train_run
+    from .reproduce import check_existing, exclusive, train_and_evaluate
     from .robustness import require_autoattack
     from .rundir import dumps, write_text_atomic
 
@@ -125,9 +126,10 @@ def run_grid(dataset: str, model: str, data_root: str | Path, out: str | Path, *
     with exclusive(out, "grid"):
         for run, cfg in zip(planned, configs):
             check_existing(run, cfg)
-        for run in planned:
-            train_run(run, nproc=nproc, log=log)
-        evals = {run.name: evaluate_final(run.run_dir, final, data_root, log) for run in planned}
+        evals = train_and_evaluate(planned, final, data_root, nproc=nproc, jobs=jobs, launcher=launcher, log=log)
+    planned, configs = [r for r in planned if r.name in evals], [c for r, c in zip(planned, configs) if r.name in evals]
+    if not planned:
+        return None
     rows: list[dict[str, Any]] = []
     for run, cfg in zip(planned, configs):
         summary = load_run(run.run_dir).summary or {}

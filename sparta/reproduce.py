@@ -13,7 +13,8 @@ claims of ``sparta.claims`` with their verdicts.
 
 Everything is resumable: a finished run (``summary.json``) and a finished evaluation
 (``final-eval.json`` in the run directory) are kept, an unfinished run is resumed from its last checkpoint, so the
-same command continues after a kill.
+same command continues after a kill. The runs train here (``--jobs`` at once) or, with a launcher
+(``sparta.launcher``: ``--launcher slurm``), as tasks of a Slurm job array that write the same files.
 """
 from __future__ import annotations
 
@@ -223,20 +224,25 @@ def train_run(run: PlannedRun, *, nproc: int | None, log: Callable[[str], None],
 
     ``threads``: the child's torch threads (``OMP_NUM_THREADS``; None: torch's default). ``tag``: its
     output goes through ``log``, each line prefixed with ``[run name]`` (runs trained side by side)."""
-    rd = run.run_dir
-    if (rd / "summary.json").is_file():
-        log(f"== {run.name}: finished earlier, kept ({rd})")
+    if (run.run_dir / "summary.json").is_file():
+        log(f"== {run.name}: finished earlier, kept ({run.run_dir})")
         return
-    if (rd / "checkpoints" / "last.pt").is_file():
-        args = ["train", *_nproc_args(nproc), "--resume", str(rd)]
-        log(f"== {run.name}: resuming {rd}")
-    else:  # a folder without a checkpoint holds nothing a rerun would not rewrite
-        args = [*run.command(nproc), *(["--overwrite"] if rd.exists() else [])]
-        log(f"== {run.name}: sparta {shlex.join(args)}")
+    args, what = train_args(run, nproc)
+    log(f"== {run.name}: {what}")
     code = _child([sys.executable, "-m", "sparta", *args], threads, run.name if tag else None, log)
     if code != 0:
         raise SpartaError(f"run {run.name} stopped with exit code {code} (its error is above); "
                           "rerun the same command to resume: finished runs are kept")
+
+
+def train_args(run: PlannedRun, nproc: int | None) -> tuple[list[str], str]:
+    """The ``sparta`` arguments that train ``run`` from where it stands, and what they do in words."""
+    rd = run.run_dir
+    if (rd / "checkpoints" / "last.pt").is_file():
+        return ["train", *_nproc_args(nproc), "--resume", str(rd)], f"resuming {rd}"
+    # a folder without a checkpoint holds nothing a rerun would not rewrite
+    args = [*run.command(nproc), *(["--overwrite"] if rd.exists() else [])]
+    return args, f"sparta {shlex.join(args)}"
 
 
 def _child(argv: list[str], threads: int | None, tag: str | None, log: Callable[[str], None]) -> int:
@@ -293,6 +299,16 @@ def train_runs(planned: list[PlannedRun], *, nproc: int | None, jobs: int, log: 
                           "tagged with its run); rerun the same command to resume: finished runs are kept")
 
 
+def train_and_evaluate(planned: list[PlannedRun], final: FinalEval, data_root: Path, *, nproc: int | None, jobs: int,
+                       launcher: Any, log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+    """The final evaluation of every planned run, trained here (``jobs`` at a time) or, with a
+    ``launcher``, of those its cluster has finished (the launcher submits the others)."""
+    if launcher is not None:
+        return launcher.run(planned, final, data_root)
+    train_runs(planned, nproc=nproc, jobs=jobs, log=log, final=(final, data_root))
+    return {run.name: evaluate_final(run.run_dir, final, data_root, log) for run in planned}
+
+
 def evaluate_final(run_dir: Path, final: FinalEval, data_root: Path, log: Callable[[str], None]) -> dict[str, Any]:
     """AutoAttack and PGD-``final.steps`` of the run's final model on the same test images (cached in
     ``final-eval.json``)."""
@@ -328,7 +344,7 @@ def evaluate_in_child(run: PlannedRun, final: FinalEval, data_root: Path, log: C
     process would share, so their numbers would depend on the interleaving."""
     if (run.run_dir / "final-eval.json").is_file():
         return
-    argv = [sys.executable, "-m", "sparta.reproduce", str(run.run_dir), str(data_root), str(final.n), str(final.steps)]
+    argv = child_args(run.run_dir, final, data_root)
     code = _child(argv, threads, run.name, log)
     if code != 0:
         raise SpartaError(f"the final evaluation of run {run.name} stopped with exit code {code} (its error is "
@@ -406,21 +422,28 @@ def sanity_checks(runs: dict[str, list[Any]], evals: dict[str, dict[str, Any]]) 
     return out
 
 
+def check_jobs(jobs: int, nproc: int | None) -> None:
+    if jobs < 1:
+        raise SpartaError(f"--jobs must be >= 1, got {jobs}")
+    if jobs > 1 and nproc and nproc > 1:
+        raise SpartaError("--jobs trains several one-process runs side by side and --nproc one run on several "
+                          "processes; give one of them")
+
+
 def reproduce(profile: str, data_root: str | Path, out: str | Path, *, dataset: str = "cifar10", seeds: int = 1,
               nproc: int | None = None, jobs: int = 1, smoke: bool = False, only: list[str] | None = None,
-              overrides: list[str] | tuple[str, ...] = (), command: str = "", log: Callable[[str], None] = lambda line: None) -> Path:
-    """Train, evaluate and report ``profile``; returns the path of the report."""
+              overrides: list[str] | tuple[str, ...] = (), command: str = "", launcher: Any = None,
+              log: Callable[[str], None] = lambda line: None) -> Path | None:
+    """Train, evaluate and report ``profile``; returns the path of the report. ``launcher``: a
+    ``sparta.launcher.SlurmLauncher`` (None: train here); the report then holds the runs finished so
+    far (None: no run has finished)."""
     from .config import load_config
     from .report import load_run, write_report
     from .robustness import require_autoattack
     from .rundir import dumps, write_text_atomic
 
     data_root, out = Path(data_root), Path(out)
-    if jobs < 1:
-        raise SpartaError(f"--jobs must be >= 1, got {jobs}")
-    if jobs > 1 and nproc and nproc > 1:
-        raise SpartaError("--jobs trains several one-process runs side by side and --nproc one run on several "
-                          "processes; give one of them")
+    check_jobs(jobs, nproc)
     folder = DATASET_FOLDERS.get(dataset)
     if folder and not (data_root / folder).is_dir():
         raise SpartaError(f"--data-root {data_root} has no {folder}/ folder; give the folder that holds the "
@@ -434,8 +457,10 @@ def reproduce(profile: str, data_root: str | Path, out: str | Path, *, dataset: 
     with exclusive(out):
         for run, cfg in zip(planned, configs):  # every earlier run is the one planned, before anything starts
             check_existing(run, cfg)
-        train_runs(planned, nproc=nproc, jobs=jobs, log=log, final=(final, data_root))
-        evals = {run.name: evaluate_final(run.run_dir, final, data_root, log) for run in planned}
+        evals = train_and_evaluate(planned, final, data_root, nproc=nproc, jobs=jobs, launcher=launcher, log=log)
+    planned = [run for run in planned if run.name in evals]
+    if not planned:
+        return None
     loaded = {run.name: load_run(run.run_dir) for run in planned}
     runs: dict[str, list[Any]] = {}
     for run in planned:
@@ -512,10 +537,17 @@ def _preamble(profile: str, dataset: str, planned: list[PlannedRun], found: list
     return "\n".join(lines) + "\n"
 
 
-if __name__ == "__main__":  # evaluate_in_child's child: RUN_DIR DATA_ROOT N|None STEPS
-    _run_dir, _data_root, _n, _steps = sys.argv[1:]
+def child_args(run_dir: Path, final: FinalEval, data_root: Path) -> list[str]:
+    """The ``python -m sparta.reproduce`` command that runs ``evaluate_final`` in a child process."""
+    return [sys.executable, "-m", "sparta.reproduce", str(run_dir), str(data_root), str(final.n), str(final.steps),
+            str(final.eps)]
+
+
+if __name__ == "__main__":  # evaluate_in_child's child: RUN_DIR DATA_ROOT N|None STEPS EPS|None
+    _run_dir, _data_root, _n, _steps, _eps = sys.argv[1:]
     try:
-        evaluate_final(Path(_run_dir), FinalEval(n=None if _n == "None" else int(_n), steps=int(_steps)),
+        evaluate_final(Path(_run_dir), FinalEval(n=None if _n == "None" else int(_n), steps=int(_steps),
+                                                 eps=None if _eps == "None" else float(_eps)),
                        Path(_data_root), lambda line: print(line, flush=True))
     except SpartaError as error:
         print(f"error: {error}", file=sys.stderr)
