@@ -188,6 +188,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     card = export_checkpoint(args.checkpoint, args.out, fmt=args.format, n_examples=args.n_examples,
                              attack=not args.no_attack, overrides=args.overrides, ap_key=args.ap_key, level=args.level,
+                             min_norm=not (args.no_attack or args.no_fmn),
                              log=lambda line: print(line, file=sys.stderr, flush=True))
     pct = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
     robust = "  ".join(f"AutoAttack {eps}: {pct(r and r['robust_acc'])}" for eps, r in card["autoattack"].items())
@@ -484,6 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measure the card's accuracies on the first N test images (default: all; recorded in the card)")
     p.add_argument("--no-attack", action="store_true",
                    help="write the card without clean/AutoAttack accuracy (those fields null, with the reason)")
+    p.add_argument("--no-fmn", action="store_true",
+                   help="leave out the FMN distances (the submission's HO-FMN part; CPU only, slow on full test sets)")
     p.add_argument("--ap-key", default=None, metavar="NAME_REF",
                    help="the method's taxonomy key in the benchmark, e.g. HYDRA_Sehwag2020Hydra (default: <Method>_sparta)")
     p.add_argument("--level", type=int, default=None, metavar="PERCENT",

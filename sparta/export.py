@@ -26,6 +26,7 @@ submission states it (``normalization.required``), as the benchmark asks.
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -159,18 +160,59 @@ def attack_card(path: Path, cfg, *, n_examples: int | None, log: Callable[[str],
             "seed": cfg.seed, "device": str(device)}
 
 
+def min_norm_result(path: Path, *, overrides: list[str] | tuple[str, ...], n_examples: int | None,
+                    autoattack: dict[str, Any] | None, log: Callable[[str], None]) -> dict[str, Any]:
+    """HO-FMN's part of a submission: ``sparta eval --attack fmn`` of the checkpoint (on the CPU, where
+    secml-torch's loop runs; kept from an earlier call when its JSON beside the checkpoint has the same
+    images and settings), AutoAttack not rerun: its accuracy on the same images (``autoattack``:
+    ``eps``, ``robust_acc``, ``n``) is compared here with FMN's at that eps, as the eval's own check does."""
+    from .attacks.fmn import robust_accuracy_at
+    from .experiment import evaluate_checkpoint
+
+    args = [*overrides, "device=cpu", "eval.fmn.autoattack=false"]
+    kept_file = path.with_name(f"{path.stem}.eval-fmn.json")
+    wanted = from_saved(checkpoint.load(path).config, args).eval.fmn
+    kept = json.loads(kept_file.read_text()) if kept_file.is_file() else None
+    same = kept is not None and kept.get("steps") == wanted.steps and kept.get("tuning", {}).get("trials") == \
+        wanted.trials and (n_examples is None or kept.get("n") == n_examples)
+    if same:
+        result = kept
+    else:
+        log(f"FMN (minimal L-inf distances, {wanted.trials} tuning trials, {wanted.steps} steps) on "
+            f"{'all' if n_examples is None else n_examples} test images")
+        result = evaluate_checkpoint(path, attack="fmn", overrides=args, n_examples=n_examples)
+    distances = [math.inf if d is None else d for d in result["distances"]]
+    out = {"n": result["n"], "robust_acc_at": result["robust_acc_at"], "median_distance": result["median_distance"],
+           "best_setting": result["best_setting"], "steps": result["steps"], "tuning": result["tuning"],
+           "package": result["package"], "distances_file": result["distances_file"], "plot": result.get("plot"),
+           "distances": distances, "check": None}
+    if autoattack is not None and autoattack.get("eps") is not None and autoattack["n"] == result["n"]:
+        eps, aa, n = autoattack["eps"], autoattack["robust_acc"], result["n"]
+        fmn = robust_accuracy_at(distances, eps)
+        out["robust_acc_at"] = {**out["robust_acc_at"], format_eps(eps): fmn}
+        p = (aa + fmn) / 200
+        two_se = 200 * math.sqrt(p * (1 - p) / n)
+        out["check"] = {"name": "fmn_le_autoattack", "passed": fmn <= aa + two_se,
+                        "detail": f"FMN robust {fmn:.2f}% <= AutoAttack {aa:.2f}% + 2 SE ({two_se:.2f}) at eps "
+                                  f"{format_eps(eps)} on the same {n} images"}
+    return out
+
+
 def export_checkpoint(path: str | Path, out_dir: str | Path, *, fmt: str = "benchmark", n_examples: int | None = None,
                       attack: bool = True, overrides: list[str] | tuple[str, ...] = (), ap_key: str | None = None,
-                      level: int | None = None, autoattack: dict[str, Any] | None = None, log: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
+                      level: int | None = None, autoattack: dict[str, Any] | None = None,
+                      min_norm: bool | None = None, log: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
     """Write the export folder (see the module docstring); returns the card with ``submission`` and
     ``written`` (the paths). ``autoattack``: an AutoAttack result measured elsewhere for the submission
     (``final-eval.json`` of ``sparta grid``: ``clean``, ``autoattack``, ``n``, ``eps``), used when the
-    card measures none (``attack=False``)."""
+    card measures none (``attack=False``). ``min_norm`` (default: as ``attack``): FMN distances for the
+    submission (:func:`min_norm_result`), written as ``<model key>.pickle``."""
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; valid: {', '.join(FORMATS)}")
     if n_examples is not None and n_examples < 1:
         raise ConfigError(f"--n-examples must be >= 1, got {n_examples}")
-    if n_examples is not None and not attack:
+    min_norm = attack if min_norm is None else min_norm
+    if n_examples is not None and not (attack or min_norm):
         raise ConfigError("--n-examples limits the attack; leave it out with --no-attack")
     path = Path(path)
     ckpt = checkpoint.load(path)
@@ -182,7 +224,7 @@ def export_checkpoint(path: str | Path, out_dir: str | Path, *, fmt: str = "benc
         raise ConfigError(f"--ap-key must be <Name>_<AuthorYearWord> (letters, digits, '-', one underscore), as "
                           f"the benchmark's taxonomy keys, e.g. HYDRA_Sehwag2020Hydra; got {ap_key!r}")
     cfg = from_saved(ckpt.config, overrides) if ckpt.config is not None else None
-    if cfg is None and attack:
+    if cfg is None and (attack or min_norm):
         raise CheckpointError(f"checkpoint {path} has no config to find its test set; pass --no-attack")
     from .experiment import load_model
 
@@ -219,10 +261,24 @@ def export_checkpoint(path: str | Path, out_dir: str | Path, *, fmt: str = "benc
     write_text_atomic(out / "card.json", dumps(card))
     write_text_atomic(out / "card.md", card_markdown(card))
     submission = submission_statement(card, arch, ap_key=ap_key, level=level, measured=autoattack)
+    written = ["model.pt", "architecture.py", "architecture.json", "card.json", "card.md", "submission.json"]
+    if min_norm:
+        aa = submission["autoattack"]
+        fmn = min_norm_result(path, overrides=overrides, n_examples=n_examples, log=log,
+                              autoattack=aa and {"eps": aa["eps"], "robust_acc": aa["robust_acc"], "n": aa["n_examples"]})
+        name = f"{submission['model_key'] or 'distances'}.pickle"  # the benchmark reads <model key>.pickle
+        shutil.copyfile(fmn.pop("distances_file"), out / name)
+        plot = fmn.pop("plot")
+        if plot:
+            shutil.copyfile(plot, out / "security-curve.png")
+            written.append("security-curve.png")
+        del fmn["distances"]
+        submission["hofmn"] = {**fmn, "distances": name, "robust_acc_8/255": fmn["robust_acc_at"].get("8/255")}
+        written.append(name)
+    else:
+        submission["hofmn"] = None
     write_text_atomic(out / "submission.json", dumps(submission))
-    return {**card, "submission": submission,
-            "written": [str(out / n) for n in ("model.pt", "architecture.py", "architecture.json", "card.json",
-                                               "card.md", "submission.json")]}
+    return {**card, "submission": submission, "written": [str(out / n) for n in written]}
 
 
 def default_ap_key(method: str | None) -> str:

@@ -42,6 +42,8 @@ UNSTRUCTURED_SPARSITIES = (0.8, 0.9, 0.95, 0.99)  # the benchmark's 90/95/99% an
 CHANNEL_SPARSITIES = (0.5, 0.75, 0.9)
 # --model -> sparta model: the benchmark's base models, and the Flying Bird paper's network
 MODELS = {"resnet18": "resnet18", "vgg16": "vgg16_bn_hydra", "preact_resnet18": "preact_resnet18"}
+# the FMN distances of each submission, shrunk for --smoke (sparta.attacks.fmn; defaults: the benchmark's)
+FMN_SMOKE = ["eval.fmn.trials=2", "eval.fmn.tune_steps=5", "eval.fmn.tune_batch=8", "eval.fmn.steps=10"]
 BENCHMARK_EPS = 0.031  # the benchmark's AutoAttack budget (8/255 = 0.0314 elsewhere in sparta)
 # dataset -> what its --data-root must hold
 DATASETS = {"cifar10": "cifar-10-batches-py", "svhn": "train_32x32.mat"}
@@ -106,6 +108,7 @@ def run_grid(dataset: str, model: str, data_root: str | Path, out: str | Path, *
     (the report of the runs finished so far; None when none has)."""
     from .config import load_config
     from .export import export_checkpoint
+    from .fmt import eps as format_eps
     from .report import load_run, write_report
     from .reproduce import check_existing, exclusive, train_and_evaluate
     from .robustness import require_autoattack
@@ -136,12 +139,15 @@ def run_grid(dataset: str, model: str, data_root: str | Path, out: str | Path, *
         level = nominal_sparsity(run.role, cfg)
         ev = evals[run.name]
         card = export_checkpoint(run.run_dir / "checkpoints" / "last.pt", out / "submissions" / run.name, attack=False,
-                                 level=round(100 * level), autoattack=ev)
+                                 level=round(100 * level), autoattack=ev, min_norm=True, n_examples=final.n,
+                                 overrides=[f"data.root={data_root}", *(FMN_SMOKE if smoke else [])], log=log)
         rows.append({"run": run.name, "method": run.role, "sparsity": level,
                      "weights_pruned": round(card["sparsity"]["overall"], 6), "model_key": card["submission"]["model_key"],
                      "density_final": summary.get("density_final"), "train_flops": summary.get("train_flops"),
                      "wall_time_s": summary.get("wall_time_s"), "clean": ev["clean"], "autoattack": ev["autoattack"],
-                     "pgd": ev["pgd"], "eps": ev.get("eps"), "n": ev["n"], "command": ["sparta", *run.command(nproc)]})
+                     "pgd": ev["pgd"], "eps": ev.get("eps"), "n": ev["n"],
+                     "fmn_robust_acc": card["submission"]["hofmn"]["robust_acc_at"].get(format_eps(BENCHMARK_EPS)),
+                     "command": ["sparta", *run.command(nproc)]})
     report = write_report([run.run_dir for run in planned], out / "report")
     write_text_atomic(out / "leaderboard.md", leaderboard(dataset, model, rows))
     write_text_atomic(out / "grid.json", dumps({"dataset": dataset, "model": model, "network": MODELS[model],
@@ -175,10 +181,11 @@ def leaderboard(dataset: str, model: str, rows: list[dict[str, Any]]) -> str:
     eps = {r["eps"] for r in rows} - {None}
     lines += [f"AutoAttack (standard, Linf) at eps {', '.join(f'{e:g}' for e in sorted(eps)) or '?'} on the first "
               f"{', '.join(str(n) for n in sorted({r['n'] for r in rows}))} test images.", "",
-              "## Cost (sparta)", "", "| run | model key | weights pruned (%) | training FLOPs | wall time (s) |",
-              "|---|---|---|---|---|"]
+              "## Cost (sparta)", "", "| run | model key | weights pruned (%) | FMN robust (%) | training FLOPs | "
+              "wall time (s) |", "|---|---|---|---|---|---|"]
     for r in rows:
         flops = "-" if r["train_flops"] is None else f"{r['train_flops']:.3e}"
         wall = "-" if r["wall_time_s"] is None else f"{r['wall_time_s']:.0f}"
-        lines.append(f"| {r['run']} | {r['model_key'] or '-'} | {100 * r['weights_pruned']:.2f} | {flops} | {wall} |")
+        lines.append(f"| {r['run']} | {r['model_key'] or '-'} | {100 * r['weights_pruned']:.2f} | "
+                     f"{fmt(r.get('fmn_robust_acc'))} | {flops} | {wall} |")
     return "\n".join(lines) + "\n"

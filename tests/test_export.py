@@ -5,6 +5,7 @@ statistics, a random unstructured mask, or a channel ticket slimmed by ``sparta.
 """
 import json
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -217,3 +218,20 @@ def test_cli_export_and_bad_input(tmp_path, capsys):
     with pytest.raises(ConfigError, match="exports resnet18, vgg16_bn_hydra, preact_resnet18, vgg16_bn; this "
                                           "checkpoint holds a small_cnn"):
         export_checkpoint(small, tmp_path / "e2", attack=False)
+
+
+def test_submission_with_fmn_distances(tmp_path):
+    """The submission's HO-FMN part on a tiny digits network: the distances file under the model key's
+    name (or ``distances.pickle`` without a key), the tuned setting, robust accuracy read off them."""
+    path = write_checkpoint(tmp_path, "resnet18", width=2, density=0.5)
+    out = tmp_path / "export"
+    card = export_checkpoint(path, out, attack=False, min_norm=True, n_examples=12,
+                             overrides=["eval.fmn.trials=2", "eval.fmn.tune_steps=3", "eval.fmn.tune_batch=4",
+                                        "eval.fmn.steps=5"])
+    sub = json.loads((out / "submission.json").read_text())
+    assert sub["model_key"] is None and sub["hofmn"]["distances"] == "distances.pickle"  # digits: no benchmark key
+    with open(out / "distances.pickle", "rb") as f:
+        distances = pickle.load(f)
+    assert len(distances) == 12 == sub["hofmn"]["n"] and bool((torch.as_tensor(distances) >= 0).all())
+    assert sub["hofmn"]["best_setting"]["loss"] in ("dlr", "ce", "ll") and sub["hofmn"]["check"] is None
+    assert str(out / "distances.pickle") in card["written"]

@@ -1,6 +1,7 @@
 """``sparta grid``: the benchmark's sparsity grid as runs (plan checked exactly), and one smoke cell
 trained, evaluated and reported end to end on a stand-in SVHN in the official format."""
 import json
+import pickle
 
 import numpy as np
 import pytest
@@ -85,6 +86,10 @@ def test_smoke_cell_trains_evaluates_and_reports(tmp_path, capsys):
         assert sub["model_key"] == row["model_key"] and sub["normalization"]["required"] is True
         assert sub["autoattack"]["robust_acc"] == row["autoattack"] and sub["autoattack"]["eps"] == 0.031
         assert (out / "submissions" / row["run"] / "model.pt").is_file()
+        with open(out / "submissions" / row["run"] / f"{row['model_key']}.pickle", "rb") as f:
+            distances = pickle.load(f)
+        assert len(distances) == 8 and sub["hofmn"]["n"] == 8 and sub["hofmn"]["check"]["name"] == "fmn_le_autoattack"
+        assert row["fmn_robust_acc"] == sub["hofmn"]["robust_acc_at"]["0.031"]
     board = (out / "leaderboard.md").read_text()
     assert "| Name | ResNet18 90% |" in board and "| magnitude | " in board and "eps 0.031" in board
     summary = json.loads((out / "runs" / "magnitude-s90" / "summary.json").read_text())
