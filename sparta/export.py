@@ -160,41 +160,36 @@ def attack_card(path: Path, cfg, *, n_examples: int | None, log: Callable[[str],
             "seed": cfg.seed, "device": str(device)}
 
 
-def min_norm_result(path: Path, *, overrides: list[str] | tuple[str, ...], n_examples: int | None,
+def min_norm_result(path: Path, cfg: Any, *, overrides: list[str] | tuple[str, ...], n_examples: int | None,
                     autoattack: dict[str, Any] | None, log: Callable[[str], None]) -> dict[str, Any]:
     """HO-FMN's part of a submission: ``sparta eval --attack fmn`` of the checkpoint (on the CPU, where
     secml-torch's loop runs; kept from an earlier call when its JSON beside the checkpoint has the same
-    images and settings), AutoAttack not rerun: its accuracy on the same images (``autoattack``:
-    ``eps``, ``robust_acc``, ``n``) is compared here with FMN's at that eps, as the eval's own check does."""
-    from .attacks.fmn import robust_accuracy_at
+    images and settings ``cfg.eval.fmn``), AutoAttack not rerun: its accuracy on the same images
+    (``autoattack``: ``eps``, ``robust_acc``, ``n``) is compared with FMN's at that eps by the eval's
+    own check (:func:`sparta.attacks.fmn.autoattack_check`)."""
+    from .attacks.fmn import autoattack_check, robust_accuracy_at
     from .experiment import evaluate_checkpoint
 
-    args = [*overrides, "device=cpu", "eval.fmn.autoattack=false"]
+    wanted = cfg.eval.fmn
     kept_file = path.with_name(f"{path.stem}.eval-fmn.json")
-    wanted = from_saved(checkpoint.load(path).config, args).eval.fmn
     kept = json.loads(kept_file.read_text()) if kept_file.is_file() else None
-    same = kept is not None and kept.get("steps") == wanted.steps and kept.get("tuning", {}).get("trials") == \
-        wanted.trials and (n_examples is None or kept.get("n") == n_examples)
-    if same:
+    if kept is not None and kept.get("steps") == wanted.steps and kept.get("tuning", {}).get("trials") == \
+            wanted.trials and (n_examples is None or kept.get("n") == n_examples):
         result = kept
     else:
         log(f"FMN (minimal L-inf distances, {wanted.trials} tuning trials, {wanted.steps} steps) on "
             f"{'all' if n_examples is None else n_examples} test images")
-        result = evaluate_checkpoint(path, attack="fmn", overrides=args, n_examples=n_examples)
-    distances = [math.inf if d is None else d for d in result["distances"]]
+        result = evaluate_checkpoint(path, attack="fmn", overrides=[*overrides, "device=cpu", "eval.fmn.autoattack=false"],
+                                     n_examples=n_examples)
     out = {"n": result["n"], "robust_acc_at": result["robust_acc_at"], "median_distance": result["median_distance"],
            "best_setting": result["best_setting"], "steps": result["steps"], "tuning": result["tuning"],
            "package": result["package"], "distances_file": result["distances_file"], "plot": result.get("plot"),
-           "distances": distances, "check": None}
+           "check": None}
     if autoattack is not None and autoattack.get("eps") is not None and autoattack["n"] == result["n"]:
-        eps, aa, n = autoattack["eps"], autoattack["robust_acc"], result["n"]
-        fmn = robust_accuracy_at(distances, eps)
+        eps = autoattack["eps"]
+        fmn = robust_accuracy_at([math.inf if d is None else d for d in result["distances"]], eps)
         out["robust_acc_at"] = {**out["robust_acc_at"], format_eps(eps): fmn}
-        p = (aa + fmn) / 200
-        two_se = 200 * math.sqrt(p * (1 - p) / n)
-        out["check"] = {"name": "fmn_le_autoattack", "passed": fmn <= aa + two_se,
-                        "detail": f"FMN robust {fmn:.2f}% <= AutoAttack {aa:.2f}% + 2 SE ({two_se:.2f}) at eps "
-                                  f"{format_eps(eps)} on the same {n} images"}
+        out["check"], _ = autoattack_check(fmn, autoattack["robust_acc"], result["n"], eps)
     return out
 
 
@@ -264,7 +259,7 @@ def export_checkpoint(path: str | Path, out_dir: str | Path, *, fmt: str = "benc
     written = ["model.pt", "architecture.py", "architecture.json", "card.json", "card.md", "submission.json"]
     if min_norm:
         aa = submission["autoattack"]
-        fmn = min_norm_result(path, overrides=overrides, n_examples=n_examples, log=log,
+        fmn = min_norm_result(path, cfg, overrides=overrides, n_examples=n_examples, log=log,
                               autoattack=aa and {"eps": aa["eps"], "robust_acc": aa["robust_acc"], "n": aa["n_examples"]})
         name = f"{submission['model_key'] or 'distances'}.pickle"  # the benchmark reads <model key>.pickle
         shutil.copyfile(fmn.pop("distances_file"), out / name)
@@ -272,8 +267,7 @@ def export_checkpoint(path: str | Path, out_dir: str | Path, *, fmt: str = "benc
         if plot:
             shutil.copyfile(plot, out / "security-curve.png")
             written.append("security-curve.png")
-        del fmn["distances"]
-        submission["hofmn"] = {**fmn, "distances": name, "robust_acc_8/255": fmn["robust_acc_at"].get("8/255")}
+        submission["hofmn"] = {**fmn, "distances": name}
         written.append(name)
     else:
         submission["hofmn"] = None

@@ -29,6 +29,7 @@ measured share beside the level.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -124,8 +125,7 @@ def run_grid(dataset: str, model: str, data_root: str | Path, out: str | Path, *
         raise SpartaError(f"--out {out} exists and is not a folder")
     require_autoattack()
     configs = [load_config(run.configs, list(run.overrides)) for run in planned]  # all valid before any run
-    final = FinalEval(n=SMOKE_EVAL.n, steps=SMOKE_EVAL.steps, eps=BENCHMARK_EPS) if smoke else \
-        FinalEval(n=final_n, eps=BENCHMARK_EPS)
+    final = replace(SMOKE_EVAL if smoke else FinalEval(n=final_n), eps=BENCHMARK_EPS)
     with exclusive(out, "grid"):
         for run, cfg in zip(planned, configs):
             check_existing(run, cfg)
@@ -136,7 +136,7 @@ def run_grid(dataset: str, model: str, data_root: str | Path, out: str | Path, *
     rows: list[dict[str, Any]] = []
     for run, cfg in zip(planned, configs):
         summary = load_run(run.run_dir).summary or {}
-        level = nominal_sparsity(run.role, cfg)
+        level = round(1 - cfg.method.density, 6)  # the planned share of the weights (sparsity_settings)
         ev = evals[run.name]
         card = export_checkpoint(run.run_dir / "checkpoints" / "last.pt", out / "submissions" / run.name, attack=False,
                                  level=round(100 * level), autoattack=ev, min_norm=True, n_examples=final.n,
@@ -154,11 +154,6 @@ def run_grid(dataset: str, model: str, data_root: str | Path, out: str | Path, *
                                                 "smoke": smoke, "runs": rows,
                                                 "robustness_per_flop": report.per_flop}))  # with on_front flags
     return report.path
-
-
-def nominal_sparsity(role: str, cfg: Any) -> float:
-    """The grid level a run was planned at (a share of the weights; see ``sparsity_settings``)."""
-    return round(1 - cfg.method.density, 6)
 
 
 def leaderboard(dataset: str, model: str, rows: list[dict[str, Any]]) -> str:

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import SpartaError
-from .reproduce import FinalEval, PlannedRun, child_args, train_args
+from .reproduce import FinalEval, PlannedRun, child_args, kept_final_eval, train_args
 
 LAUNCHERS = ("local", "slurm")
 CLUSTERS = ("slurm", "local")  # local: submitit's local executor (the tasks as local processes)
@@ -206,7 +206,7 @@ class RunTask:
             args, what = train_args(self.run, self.nproc)
             print(f"== {self.run.name}: {what}", flush=True)
             self._step([sys.executable, "-m", "sparta", *args])
-        if not (rd / "final-eval.json").is_file():
+        if kept_final_eval(rd, self.final) is None:
             self._step(child_args(rd, self.final, self.data_root))
         self._record("done")
         return "done"
@@ -278,7 +278,8 @@ def _slurm_states(job_ids: list[str]) -> dict[str, str]:
     return states
 
 
-def run_status(planned: list[PlannedRun], out: Path, *, cluster: str | None = None) -> list[dict[str, Any]]:
+def run_status(planned: list[PlannedRun], out: Path, *, cluster: str | None = None,
+               final: FinalEval | None = None) -> list[dict[str, Any]]:
     """One row per run: its state (done, trained, running, pending, requeued, failed, stopped, not started),
     last epoch, job, attempts and error line. ``cluster`` "slurm": sacct corrects tasks that ended unseen."""
     from .rundir import RunDir
@@ -292,7 +293,7 @@ def run_status(planned: list[PlannedRun], out: Path, *, cluster: str | None = No
         records = RunDir(rd).read_metrics()
         row = {"run": run.name, "epoch": records[-1]["epoch"] if records else None, "job": st.get("job"),
                "attempts": st.get("attempt"), "error": None}
-        if (rd / "summary.json").is_file() and (rd / "final-eval.json").is_file():
+        if (rd / "summary.json").is_file() and kept_final_eval(rd, final or FinalEval(n=None)) is not None:
             row["state"] = "done"
         elif st.get("state") == "failed":
             row.update(state="failed", error=st.get("error"))
@@ -334,7 +335,7 @@ class SlurmLauncher:
         return self.settings.gpus_per_run if self.settings.gpus_per_run > 1 else None
 
     def run(self, planned: list[PlannedRun], final: FinalEval, data_root: Path) -> dict[str, dict[str, Any]]:
-        rows = {row["run"]: row for row in run_status(planned, self.out, cluster=self.settings.cluster)}
+        rows = {row["run"]: row for row in run_status(planned, self.out, cluster=self.settings.cluster, final=final)}
         todo = [run for run in planned if rows[run.name]["state"] not in ("done", *ACTIVE)]
         for run in todo:
             if rows[run.name]["state"] == "failed":
@@ -346,10 +347,11 @@ class SlurmLauncher:
             for job in jobs:
                 job.wait()
             # runs of an earlier submission: wait for their state files
-            while any(r["state"] in ACTIVE for r in run_status(planned, self.out, cluster=self.settings.cluster)):
+            while any(r["state"] in ACTIVE for r in run_status(planned, self.out, cluster=self.settings.cluster,
+                                                                final=final)):
                 time.sleep(10)
-        self.rows = run_status(planned, self.out, cluster=self.settings.cluster)
-        return {row["run"]: json.loads((run.run_dir / "final-eval.json").read_text())
+        self.rows = run_status(planned, self.out, cluster=self.settings.cluster, final=final)
+        return {row["run"]: kept_final_eval(run.run_dir, final)
                 for run, row in zip(planned, self.rows) if row["state"] == "done"}
 
     def submit(self, runs: list[PlannedRun], final: FinalEval, data_root: Path) -> list[Any]:

@@ -204,9 +204,13 @@ def _channels_for_weight_share(run: RunContext, density: float) -> float:
     total = sum(bn.num_features for bn in batchnorm_modules(run.model).values())
     full = sum(p.numel() for p in prunable_parameters(run.model).values())
 
+    shares: dict[int, float] = {}  # k -> the share kept (each costs a slimming)
+
     def share(k: int) -> float:
-        small, _ = slim(run.model, bn_channel_masks(run.model, k / total), example)
-        return sum(p.numel() for p in prunable_parameters(small).values()) / full
+        if k not in shares:
+            small, _ = slim(run.model, bn_channel_masks(run.model, k / total), example)
+            shares[k] = sum(p.numel() for p in prunable_parameters(small).values()) / full
+        return shares[k]
 
     lo, hi = 1, total  # the largest k with share(k) <= density lies in [lo, hi] (or is below lo)
     while lo < hi:

@@ -309,6 +309,15 @@ def train_and_evaluate(planned: list[PlannedRun], final: FinalEval, data_root: P
     return {run.name: evaluate_final(run.run_dir, final, data_root, log) for run in planned}
 
 
+def kept_final_eval(run_dir: Path, final: FinalEval) -> dict[str, Any] | None:
+    """The run's ``final-eval.json`` when it answers ``final`` (one evaluated at another eps does not)."""
+    cache = run_dir / "final-eval.json"
+    if not cache.is_file():
+        return None
+    kept = json.loads(cache.read_text())
+    return kept if final.eps is None or kept.get("eps") == final.eps else None
+
+
 def evaluate_final(run_dir: Path, final: FinalEval, data_root: Path, log: Callable[[str], None]) -> dict[str, Any]:
     """AutoAttack and PGD-``final.steps`` of the run's final model on the same test images (cached in
     ``final-eval.json``)."""
@@ -317,10 +326,9 @@ def evaluate_final(run_dir: Path, final: FinalEval, data_root: Path, log: Callab
 
     last = run_dir / "checkpoints" / "last.pt"
     cache = run_dir / "final-eval.json"
-    if cache.is_file():
-        kept = json.loads(cache.read_text())
-        if final.eps is None or kept.get("eps") == final.eps:  # one evaluated at another eps is redone
-            return kept
+    kept = kept_final_eval(run_dir, final)
+    if kept is not None:
+        return kept
     log(f"== {run_dir.name}: AutoAttack and PGD-{final.steps} of the final model on "
         f"{'all' if final.n is None else f'the first {final.n}'} test images")
     # the PGD reference of the AutoAttack evaluation is PGD-<steps> (eval.restarts 1) on the same images
@@ -342,7 +350,7 @@ def evaluate_in_child(run: PlannedRun, final: FinalEval, data_root: Path, log: C
     """``evaluate_final`` of a trained run in a child process (``python -m sparta.reproduce``): the
     attacks draw from torch's global RNG, re-seeded per evaluation, which evaluations in threads of one
     process would share, so their numbers would depend on the interleaving."""
-    if (run.run_dir / "final-eval.json").is_file():
+    if kept_final_eval(run.run_dir, final) is not None:
         return
     argv = child_args(run.run_dir, final, data_root)
     code = _child(argv, threads, run.name, log)

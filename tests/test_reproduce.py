@@ -412,3 +412,13 @@ def test_paper_smoke_of_all_eight_runs(tmp_path, cifar100):
     _, result = smoke(tmp_path / "out", cifar100, "model.base_width=4")
     assert result.returncode == 0, result.stderr[-3000:]
     check_smoke(tmp_path / "out", list(ROLES), n_claims=8)
+
+
+def test_a_kept_final_evaluation_at_another_eps_is_not_kept(tmp_path):
+    from sparta.reproduce import FinalEval, kept_final_eval
+
+    assert kept_final_eval(tmp_path, FinalEval(n=8)) is None  # nothing evaluated yet
+    (tmp_path / "final-eval.json").write_text(json.dumps({"eps": 8 / 255, "autoattack": 40.0}))
+    assert kept_final_eval(tmp_path, FinalEval(n=8))["autoattack"] == 40.0  # no eps asked: the run's own
+    assert kept_final_eval(tmp_path, FinalEval(n=8, eps=8 / 255)) is not None
+    assert kept_final_eval(tmp_path, FinalEval(n=8, eps=0.031)) is None  # the grid's 0.031: evaluated again

@@ -42,7 +42,7 @@ from ..distributed import SINGLE, Distributed
 from ..errors import ConfigError, SpartaError
 
 __all__ = ["min_norm_distances", "tune_min_norm", "robust_accuracy_at", "security_curve", "evaluate_min_norm",
-           "write_distances", "require_secmlt", "DEFAULT_SETTING", "DEFAULT_EPS_GRID", "search_space"]
+           "autoattack_check", "write_distances", "require_secmlt", "DEFAULT_SETTING", "DEFAULT_EPS_GRID", "search_space"]
 
 SECMLT_VERSION = "1.5"
 SECMLT_MISSING = (f"--attack fmn needs secml-torch: pip install --no-deps secml-torch=={SECMLT_VERSION} "
@@ -312,10 +312,17 @@ def write_distances(path: str | Path, distances: Tensor | Sequence[float]) -> Pa
 
 # -------------------------------------------------------------------------------------- evaluation
 
-def _binomial_se(p_percent: float, n: int) -> float:
-    """Standard error (in percent) of an accuracy of ``p_percent`` measured on ``n`` images."""
-    p = p_percent / 100.0
-    return 100.0 * math.sqrt(p * (1 - p) / max(n, 1))
+def autoattack_check(robust: float, autoattack: float, n: int, eps: float, note: str = "") -> tuple[dict[str, Any], float]:
+    """``fmn_le_autoattack``: FMN's robust accuracy at ``eps`` (percent) is not above AutoAttack's on the
+    same ``n`` images by more than twice the pooled binomial standard error; returns the check
+    (``name``, ``passed``, ``detail`` + ``note``) and that margin."""
+    from ..fmt import eps as format_eps
+    from ..pareto import binomial_se
+
+    two_se = 2 * binomial_se((autoattack + robust) / 2, n)
+    return {"name": "fmn_le_autoattack", "passed": robust <= autoattack + two_se,
+            "detail": f"FMN robust {robust:.2f}% <= AutoAttack {autoattack:.2f}% + 2 SE ({two_se:.2f}) at eps "
+                      f"{format_eps(eps)} on the same {n} images{note}"}, two_se
 
 
 def _autoattack_flags(model: nn.Module, data: Any, *, eps: float, batch_size: int, device: torch.device, seed: int,
@@ -428,14 +435,13 @@ def evaluate_min_norm(model: nn.Module, data: Any, *, tune_data: Any | None, tri
     if compare_autoattack:
         flags, info = _autoattack_flags(model, data, eps=eps, batch_size=batch_size, device=device, seed=seed, dist=dist)
         aa = 100.0 * sum(flags) / n
-        se = _binomial_se((aa + robust) / 2, n)
         missed = sum(1 for f, d in zip(flags, distances.tolist()) if not f and d > eps)
         autoattack = {"robust_acc": aa, "n": n, "package": info["package"], "x_adv_valid": info["valid"]}
-        add("fmn_le_autoattack", robust <= aa + 2 * se,
-            f"FMN robust {robust:.2f}% <= AutoAttack {aa:.2f}% + 2 SE ({2 * se:.2f}) at eps {format_eps(eps)} on the same "
-            f"{n} images; AutoAttack broke {missed} images FMN found no adversarial example within eps for",
+        check, two_se = autoattack_check(robust, aa, n, eps, f"; AutoAttack broke {missed} images FMN found no "
+                                                             "adversarial example within eps for")
+        add(check["name"], check["passed"], check["detail"],
             f"FMN's robust accuracy at eps {format_eps(eps)} ({robust:.2f}%) is above AutoAttack's ({aa:.2f}%) by more "
-            f"than 2 standard errors ({2 * se:.2f}): the tuned FMN is too weak on this model (more steps or trials), "
+            f"than 2 standard errors ({two_se:.2f}): the tuned FMN is too weak on this model (more steps or trials), "
             "or the model masks gradients")
     if median == math.inf and clean > 0:
         warns.append("FMN found no adversarial example for half or more of the correctly classified images: raise "
