@@ -330,7 +330,8 @@ def make_launcher(args: argparse.Namespace, out: str) -> Any:
 
 def launch(args: argparse.Namespace, out: str, planned: list, run: Any) -> int:
     """The shared end of ``reproduce`` and ``grid``: ``--status``, ``--dry-run`` (the commands, and the
-    submission), or ``run(launcher)`` (the report's path or None) with what the launcher has to say."""
+    submission), or ``run(launcher, nproc, jobs)`` (the report's path or None) with what the launcher
+    has to say."""
     launcher = make_launcher(args, out)
     nproc = launcher.nproc if launcher else args.nproc
     if args.status:
@@ -347,7 +348,7 @@ def launch(args: argparse.Namespace, out: str, planned: list, run: Any) -> int:
         for run in planned:
             print("sparta " + " ".join(run.command(nproc)))
         return 0
-    path = run(launcher, nproc)
+    path = run(launcher, nproc, 1 if launcher else args.jobs or 1)  # a launcher runs its tasks itself
     if launcher:
         from .launcher import STATUS_COLUMNS
 
@@ -369,9 +370,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     """``sparta reproduce``: train, evaluate and report; progress lines on stdout, then the report's path."""
     import shlex
 
-    from .reproduce import reproduce
-
-    from .reproduce import plan
+    from .reproduce import plan, reproduce
 
     processes(args.nproc)
     out = args.out or f"results/{args.profile}-{args.dataset}" + ("-smoke" if args.smoke else "")
@@ -379,10 +378,10 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     command = "sparta " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["reproduce"] else ""
     planned = plan(args.profile, args.dataset, args.data_root, out, seeds=args.seeds, smoke=args.smoke, only=only,
                    overrides=args.overrides)
-    return launch(args, out, planned, lambda launcher, nproc: reproduce(
-        args.profile, args.data_root, out, dataset=args.dataset, seeds=args.seeds, nproc=nproc,
-        jobs=1 if launcher else args.jobs or 1, smoke=args.smoke, only=only, overrides=args.overrides,
-        command=command, launcher=launcher, log=lambda line: print(line, flush=True)))
+    return launch(args, out, planned, lambda launcher, nproc, jobs: reproduce(
+        args.profile, args.data_root, out, dataset=args.dataset, seeds=args.seeds, nproc=nproc, jobs=jobs,
+        smoke=args.smoke, only=only, overrides=args.overrides, command=command, launcher=launcher,
+        log=lambda line: print(line, flush=True)))
 
 
 def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
@@ -428,9 +427,9 @@ def cmd_grid(args: argparse.Namespace) -> int:
     out = args.out or f"results/grid-{args.dataset}-{args.model}" + ("-smoke" if args.smoke else "")
     kw = dict(methods=split(args.methods), sparsities=sparsities, smoke=args.smoke, overrides=args.overrides)
     return launch(args, out, plan_grid(args.dataset, args.model, args.data_root, out, **kw),
-                  lambda launcher, nproc: run_grid(args.dataset, args.model, args.data_root, out, final_n=args.final_n,
-                                                   nproc=nproc, jobs=1 if launcher else args.jobs or 1,
-                                                   launcher=launcher, log=lambda line: print(line, flush=True), **kw))
+                  lambda launcher, nproc, jobs: run_grid(args.dataset, args.model, args.data_root, out,
+                                                         final_n=args.final_n, nproc=nproc, jobs=jobs, launcher=launcher,
+                                                         log=lambda line: print(line, flush=True), **kw))
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -477,7 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "architecture and a result card (clean + AutoAttack accuracy, sparsity, cost)")
     p.add_argument("checkpoint")
     p.add_argument("overrides", nargs="*", help="overrides of the checkpoint's config, e.g. data.root=DIR device=cuda")
-    p.add_argument("--out", required=True, metavar="DIR", help="folder for model.pt, architecture.py/.json, card.json/.md")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for model.pt, architecture.py/.json, card.json/.md, submission.json "
+                                                           "and the FMN distances")
     p.add_argument("--format", choices=["benchmark"], default="benchmark",
                    help="benchmark: the adversarial pruning benchmark's base-model names (resnet18, vgg16_bn_hydra), "
                         "the Flying Bird entry's PreActResNet-18, kuangliu's VGG-16 (docs/export.md)")
