@@ -236,8 +236,8 @@ def test_reproduce_dry_run_prints_the_array(tmp_path, capsys):
     assert main(["reproduce", "--profile", "paper", "--dataset", "cifar100", "--data-root", str(tmp_path), "--out",
                  str(tmp_path / "out"), "--launcher", "slurm", "--time-min", "240", "--dry-run"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert "#SBATCH --array=0-7%8" in out and "#SBATCH --time=240" in out
-    assert len([line for line in out if line.startswith("sparta train configs/") or "sparta train /" in line]) == 8
+    assert "#SBATCH --array=0-6%7" in out and "#SBATCH --time=240" in out
+    assert len([line for line in out if line.startswith("sparta train configs/") or "sparta train /" in line]) == 7
 
 
 def test_a_refused_submission_is_one_line_and_recorded(tmp_path, capsys, monkeypatch):

@@ -1,7 +1,6 @@
 """``sparta reproduce``: the claim rules against hand-computed numbers, the profiles' plans, and
 one-epoch smoke runs of the paper profile on a stand-in CIFAR-100 written in the official layout."""
 import json
-import math
 import os
 import subprocess
 import sys
@@ -13,164 +12,27 @@ from sparta import claims as C
 from sparta import reproduce as R
 from sparta.config import load_config
 from sparta.errors import SpartaError
-from sparta.reproduce import CPU_MINI_EPOCHS, PRESETS, ROLES, plan
+from sparta.reproduce import CPU_MINI_EPOCHS, PRESETS, PROFILES, ROLES, plan
 
 from conftest import write_cifar100
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(**kw):
-    """One seed's run_stats: RA 30% best and final, gap 20 points (train RA 50% on 500 images)."""
-    base = {"ra_best": 30.0, "ra_final": 30.0, "ra_diff": 0.0, "robust_gap": 20.0, "train_robust_acc": 50.0,
-            "gap_subset": 500, "density": 1.0, "train_flops": 100.0}
-    return {**base, **kw}
-
-
-def test_standard_errors_by_hand():
-    assert C.sampling_se(30.0, 1000) == pytest.approx(100 * math.sqrt(0.21 / 1000))  # 1.449 points
-    assert C.sampling_se(0.0, 1000) == 0.0
-    # the robust gap's noise comes from both samples: 500 training images at 50%, 1000 test images at 30%
-    gap = C.robust_gap([run()], 1000)
-    assert (gap.value, gap.seeds) == (20.0, 1)
-    assert gap.se == pytest.approx(math.hypot(100 * math.sqrt(0.25 / 500), 100 * math.sqrt(0.21 / 1000)))  # 2.665
-    # over seeds: the mean, with sqrt((std^2 + sampling^2) / k)
-    two = C.robust_gap([run(robust_gap=18.0), run(robust_gap=22.0)], 1000)
-    assert two.value == 20.0 and two.seeds == 2
-    assert two.se == pytest.approx(math.sqrt((math.sqrt(8) ** 2 + gap.se ** 2) / 2))
-    over = C.robust_overfitting([run(ra_best=30.0, ra_final=30.0, ra_diff=0.0)], 1000)
-    assert over.se == pytest.approx(math.sqrt(2) * C.sampling_se(30.0, 1000))
-
-
-def test_combine():
-    assert C.combine([C.REPRODUCED] * 3) == C.REPRODUCED
-    assert C.combine([C.REPRODUCED, C.EVIDENCE]) == C.EVIDENCE
-    assert C.combine([C.REPRODUCED, C.INCONCLUSIVE]) == C.INCONCLUSIVE
-    assert C.combine([C.REPRODUCED, C.NOT_REPRODUCED, C.INCONCLUSIVE]) == C.NOT_REPRODUCED
-    assert C.combine([]) == C.INCONCLUSIVE
-
-
-def test_smaller_gap_than_dense_returns_every_verdict():
-    # dense gap 20 +- 2.66 (one SE); a sparse run's difference has SE 3.77, so 2 SE = 7.54 points
-    def verdict(gaps, dense=(20.0,)):
-        runs = {"dense": [run(robust_gap=g) for g in dense], "flying_bird": [run(robust_gap=g) for g in gaps]}
-        return C.smaller_than(runs, "dense", ["flying_bird"], C.robust_gap, "robust gap", 1000).verdict
-
-    assert verdict([12.0]) == C.EVIDENCE  # 8 points smaller, beyond 7.54, one seed
-    assert verdict([12.0, 11.0], dense=(20.0, 21.0)) == C.REPRODUCED  # beyond noise on two seeds
-    assert verdict([13.0]) == C.INCONCLUSIVE  # 7 points smaller: within noise
-    assert verdict([28.0]) == C.NOT_REPRODUCED  # 8 points larger
-    # 5,000 gap images and 10,000 test images: a 3-point difference is beyond noise
-    big = {"dense": [run(gap_subset=5000)], "robust_bird": [run(robust_gap=17.0, gap_subset=5000)]}
-    assert C.smaller_than(big, "dense", ["robust_bird"], C.robust_gap, "robust gap", 10_000).verdict == C.EVIDENCE
-
-
-def test_comparable_ra_is_non_inferiority_against_a_declared_bound():
-    # 10,000 test images: SE of a difference at RA 30% is 0.648, 2 SE = 1.30 points; bound 1 point
-    def verdict(ra_sparse, flops=40.0, n=10_000, seeds=1):
-        runs = {"dense": [run(ra_best=30.0 + i * 0.1) for i in range(seeds)],
-                "flying_bird": [run(ra_best=ra_sparse + i * 0.1, train_flops=flops) for i in range(seeds)]}
-        return C.saves_flops_at_comparable_ra(runs, n).verdict
-
-    assert verdict(30.5) == C.EVIDENCE  # -0.8 lower end of the interval: inside the bound
-    assert verdict(30.5, seeds=2) == C.REPRODUCED
-    assert verdict(29.5) == C.INCONCLUSIVE  # interval -1.8 .. +0.8 straddles -1
-    assert verdict(27.5) == C.NOT_REPRODUCED  # interval -3.8 .. -1.2: wholly below -1
-    assert verdict(30.5, flops=120.0) == C.NOT_REPRODUCED  # no saving
-    assert verdict(30.0, n=500) == C.INCONCLUSIVE  # 500 images: 2 SE = 5.8 points, wider than any 1-point claim
-    claim = C.saves_flops_at_comparable_ra({"dense": [run()], "robust_bird": [run(train_flops=40.0)]}, 10_000)
-    assert any("40% of dense" in e for e in claim.evidence) and "above -1" in claim.why
-
-
-def test_fb_plus_best_final_ra_returns_every_verdict():
-    def verdict(fbp, others=(30.0,), seeds=1):
-        runs = {"flying_bird_plus": [run(ra_final=fbp)] * seeds, "flying_bird": [run(ra_final=o) for o in others] * seeds,
-                "dense": [run(ra_final=o) for o in others] * seeds}
-        return C.fb_plus_best_final_ra(runs, 10_000).verdict
-
-    assert verdict(32.0) == C.EVIDENCE  # 2 points above both, 2 SE = 1.30
-    assert verdict(32.0, seeds=2) == C.REPRODUCED
-    assert verdict(30.5) == C.INCONCLUSIVE
-    assert verdict(28.0) == C.NOT_REPRODUCED
-    # FB+ vs FB robust overfitting: FB+ smaller by 4 points (2 SE of the difference: 2.6)
-    runs = {"flying_bird": [run(ra_best=34.0, ra_diff=4.0)], "flying_bird_plus": [run(ra_diff=0.0)]}
-    assert C.smaller_than(runs, "flying_bird", ["flying_bird_plus"], C.robust_overfitting, "overfitting",
-                          10_000).verdict == C.EVIDENCE
-
-
-def test_boosting_is_judged_on_epochs_and_returns_every_verdict():
-    # target 30% on 1,000 images: 2 SE of a difference = 4.10 points
-    claim = C.boosting_reaches_dense_ra_in_fewer_epochs
-    assert claim(30.0, [31.0], [9.5], [14], 1000).verdict == C.EVIDENCE  # fewer epochs, finder included
-    assert claim(30.0, [31.0, 32.0], [9.5, 10.0], [14, 13], 1000).verdict == C.REPRODUCED
-    assert claim(30.0, [31.0], [14.0], [14], 1000).verdict == C.NOT_REPRODUCED  # as many epochs
-    assert claim(30.0, [28.0], [None], [14], 1000).verdict == C.INCONCLUSIVE  # never reached, within 4.1
-    assert claim(30.0, [20.0], [None], [14], 1000).verdict == C.NOT_REPRODUCED  # never came close
-    assert claim(30.0, [31.0, 31.0], [9.0, 16.0], [14, 14], 1000).verdict == C.INCONCLUSIVE  # seeds disagree
-    assert "4.1 points" in claim(30.0, [28.0], [None], [14], 1000).why
-
-
-def test_boosting_control_is_slower_returns_every_verdict():
-    # target 30% on 1,000 images: a control that never reached it counts as slower below 25.9%
-    claim = C.boosting_control_is_slower
-    assert claim(30.0, [9.5], [14.0], [31.0], 1000).verdict == C.EVIDENCE  # the control needed more epochs
-    assert claim(30.0, [9.5, 10.0], [14.0, None], [31.0, 20.0], 1000).verdict == C.REPRODUCED  # never close
-    assert claim(30.0, [9.5], [9.5], [31.0], 1000).verdict == C.NOT_REPRODUCED  # as early
-    assert claim(30.0, [None], [12.0], [31.0], 1000).verdict == C.NOT_REPRODUCED  # only the control reached it
-    assert claim(30.0, [9.5], [None], [28.0], 1000).verdict == C.INCONCLUSIVE  # missed it by noise
-    assert claim(30.0, [None], [None], [20.0], 1000).verdict == C.INCONCLUSIVE  # neither
-    assert claim(30.0, [9.5, 9.5], [14.0, 8.0], [31.0, 31.0], 1000).verdict == C.INCONCLUSIVE  # seeds disagree
-
-
 class FakeRun:
-    """What the boosting claims read of a run: its metrics records and its table numbers."""
+    """What the boosting budget reads of a run: its metrics records."""
 
-    def __init__(self, records, flops):
-        self.records, self._flops = records, flops
-
-    def stats(self):
-        return {"ra_final": self.records[-1]["test_robust_acc"], "train_flops": self._flops}
+    def __init__(self, records):
+        self.records = records
 
 
-def boosting_runs(control_ra=25.0):
-    # the baseline: 10 epochs at 100 FLOPs each, its final RA 30% first reached at epoch 8
-    dense = FakeRun([{"stage": "train", "epoch": e, "test_robust_acc": 30.0 if e >= 8 else 20.0,
-                      "train_flops": 100.0 * e} for e in (2, 4, 6, 8, 10)], 1000.0)
-
-    def ticket(ra_from_4):  # a finder that cost 250 FLOPs (2.5 dense epochs), then retraining
-        return FakeRun([{"stage": "finder", "epoch": 2, "test_robust_acc": 15.0, "train_flops": 250.0},
-                        *({"stage": "train", "epoch": e, "test_robust_acc": ra_from_4 if e >= 4 else 25.0,
-                           "train_flops": 20.0 * e} for e in (2, 4, 6))], 370.0)
-    return {"boosting_dense": [dense], "boosting_ticket": [ticket(31.0)], "boosting_control": [ticket(control_ra)]}
-
-
-def test_boosting_claims_count_the_finder_in_dense_epochs():
-    from sparta.reproduce import check_claims, epochs_to
-
-    runs = boosting_runs()
-    # 30% at retraining epoch 4 plus the finder's 250 FLOPs / 100 per dense epoch -> 6.5 epochs
-    assert epochs_to(runs["boosting_ticket"][0], 30.0, 100.0).epochs == 6.5
-    assert epochs_to(runs["boosting_dense"][0], 30.0, 100.0).epochs == 8
-    assert epochs_to(runs["boosting_control"][0], 30.0, 100.0).epochs is None
-    ticket, control = check_claims(runs, 1000)
-    assert ticket.verdict == C.EVIDENCE and "6.5 epochs" in ticket.evidence[1] and "8 epochs" in ticket.evidence[1]
-    assert control.verdict == C.EVIDENCE and "never reached the target" in control.evidence[1]  # 25% < 25.9%
-    assert check_claims(boosting_runs(control_ra=30.0), 1000)[1].verdict == C.NOT_REPRODUCED  # as fast
-
-
-def test_sanity_checks():
-    evals = {"dense": {"autoattack": 20.0, "pgd": 22.4, "n": 500},
-             "flying_bird": {"autoattack": 21.0, "pgd": 21.0, "n": 500}}
-    assert C.autoattack_below_pgd(evals).verdict == C.INCONCLUSIVE
-    evals["flying_bird"]["autoattack"] = 21.2
-    assert C.autoattack_below_pgd(evals).verdict == C.NOT_REPRODUCED
-    evals["flying_bird"]["autoattack"] = 19.0
-    assert C.autoattack_below_pgd(evals).verdict == C.REPRODUCED
-    runs = {"flying_bird": [run(density=0.2, train_flops=50.0)], "flying_bird_plus": [run(density=0.15, train_flops=45.0)]}
-    assert C.fb_plus_sparser_and_cheaper(runs).verdict == C.REPRODUCED
-    runs["flying_bird_plus"] = [run(density=0.2, train_flops=50.0)]  # the trigger never fired
-    claim = C.fb_plus_sparser_and_cheaper(runs)
-    assert claim.verdict == C.NOT_REPRODUCED and "did not end sparser" in claim.why
+def test_boosting_budget_counts_the_finder_in_dense_epochs():
+    # a finder that cost 250 FLOPs (2.5 dense epochs at 100 each), then 6 retraining epochs
+    ticket = FakeRun([{"stage": "finder", "epoch": 2, "train_flops": 250.0},
+                      *({"stage": "train", "epoch": e, "train_flops": 20.0 * e} for e in (2, 4, 6))])
+    cost = R.budget([ticket], 100.0)
+    assert (cost.epochs, cost.finder_epochs, cost.total) == (6.0, 2.5, 8.5)
+    assert R.budget([FakeRun([{"stage": "train", "epoch": 10, "train_flops": 1000.0}])], 100.0).total == 10.0
 
 
 def test_cpu_mini_plan_is_one_protocol(tmp_path):
@@ -186,22 +48,33 @@ def test_cpu_mini_plan_is_one_protocol(tmp_path):
         assert cfg.eval.val_subset == cfg.data.val_size
         assert cfg.attack.alpha == pytest.approx(2.5 * cfg.attack.eps / 3)
         assert cfg.train.precision == "auto"
-    assert cfgs["dense"].epochs == CPU_MINI_EPOCHS and cfgs["boosting_dense"].epochs == CPU_MINI_EPOCHS // 2
-    # evaluated 8 times in either schedule: the boosting claim reads its epochs to the target from them
+    assert cfgs["dense"].epochs == CPU_MINI_EPOCHS and cfgs["boosting_ticket"].epochs == CPU_MINI_EPOCHS // 2
+    # evaluated 8 times in either schedule
     assert {role: cfg.epochs // cfg.eval.every for role, cfg in cfgs.items()} == dict.fromkeys(ROLES, 8)
     assert cfgs["robust_bird_channel"].method.pruning == "channel"
     for role in ("robust_bird", "robust_bird_channel"):  # the masks compared 12 steps apart, the search a third of training
         assert (cfgs[role].method.eb_every_steps, cfgs[role].method.max_search_epochs) == (12, CPU_MINI_EPOCHS // 3)
     assert cfgs["flying_bird_plus"].method.adapt_from_epoch == CPU_MINI_EPOCHS // 2
-    # the boosting pair differ only in the method: the ticket's retraining matches its baseline; the paper's
-    # finder is as long as that schedule, with its lr steps
-    a, b = cfgs["boosting_dense"].to_dict(), cfgs["boosting_ticket"].to_dict()
-    assert {k for k in a if a[k] != b[k]} == {"name", "out_dir", "method"}
-    assert (cfgs["boosting_ticket"].method.finder_epochs, cfgs["boosting_ticket"].method.search_milestones) == (80, [40, 60])
+    # the ticket retrains on the dense schedule compressed to half, after a finder of a fifth of it
+    t = cfgs["boosting_ticket"]
+    assert (t.optim.milestones, t.method.finder_epochs, t.method.search_milestones) == ([40, 60], 32, [16, 24])
     # the control is the ticket from a random initialisation
-    c = cfgs["boosting_control"].to_dict()
+    b, c = t.to_dict(), cfgs["boosting_control"].to_dict()
     assert {k for k in b if b[k] != c[k]} == {"name", "out_dir", "method"}
     assert {k for k in b["method"] if b["method"][k] != c["method"][k]} == {"reinit"} and c["method"]["reinit"] == "random"
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_the_boosting_finder_costs_at_most_a_quarter_of_the_dense_schedule(tmp_path, profile):
+    runs = {r.role: load_config(r.configs, list(r.overrides)) for r in plan(profile, "cifar10", tmp_path, tmp_path / "o")}
+    dense = runs["dense"]
+    for role in ("boosting_ticket", "boosting_control"):
+        ticket = runs[role]
+        assert ticket.method.finder_epochs <= 0.25 * dense.epochs
+        # the budget: finder and shortened schedule together below the dense schedule's epochs
+        assert ticket.method.finder_epochs + ticket.epochs < dense.epochs
+        # the lr steps compressed with the schedule: at the same fractions of it as dense's
+        assert [m / ticket.epochs for m in ticket.optim.milestones] == [m / dense.epochs for m in dense.optim.milestones]
 
 
 def test_seeds_are_runs_of_their_own(tmp_path):
@@ -226,9 +99,9 @@ def test_paper_plan_is_the_presets(tmp_path, dataset):
         assert run.configs[0].parent == PRESETS and cfg.data.name == dataset
         assert cfg.model.name == "preact_resnet18" and cfg.attack.steps == 10 and cfg.eval.steps == 20
         assert cfg.epochs == (100 if "boosting" in run.role else 200)
-        if run.role in ("boosting_ticket", "boosting_control"):  # the paper's finder
-            assert (cfg.method.finder_epochs, cfg.method.search_milestones) == (100, [50, 75])
-        if run.role != "dense" and run.role != "boosting_dense":
+        if run.role in ("boosting_ticket", "boosting_control"):  # a fifth of the dense schedule, lr steps at 50%, 75%
+            assert (cfg.method.finder_epochs, cfg.method.search_milestones) == (40, [20, 30])
+        if run.role != "dense":
             assert cfg.method.density == 0.2
 
 
@@ -363,8 +236,8 @@ def check_smoke(out, roles, n_claims):
 
 def test_smoke_trains_evaluates_reports_and_keeps_finished_runs(tmp_path, cifar100):
     """Two runs of the paper profile for one epoch, trained side by side, AutoAttack, report and claims; a
-    second call retrains nothing and other settings are refused. (The eight runs each train in-process
-    below; all eight through the whole pipeline: the slow test after it.)"""
+    second call retrains nothing and other settings are refused. (The seven runs each train in-process
+    below; all seven through the whole pipeline: the slow test after it.)"""
     pytest.importorskip("pyautoattack")
     out, env = tmp_path / "out", {**os.environ, "PYTHONPATH": str(ROOT)}
     argv, result = smoke(out, cifar100, "--jobs", "2", "model.base_width=4", only="dense,flying_bird")
@@ -406,19 +279,23 @@ def test_every_paper_preset_trains_with_the_smoke_settings(tmp_path, cifar100, r
     assert summary["epochs"] == 1 and summary["steps"] > 0
 
 
-@pytest.mark.slow  # eight training processes and eight AutoAttack evaluations: over 2 minutes on 2 CPU cores
-def test_paper_smoke_of_all_eight_runs(tmp_path, cifar100):
+@pytest.mark.slow  # seven training processes and seven AutoAttack evaluations: over 2 minutes on 2 CPU cores
+def test_paper_smoke_of_all_seven_runs(tmp_path, cifar100):
     pytest.importorskip("pyautoattack")
     _, result = smoke(tmp_path / "out", cifar100, "model.base_width=4")
     assert result.returncode == 0, result.stderr[-3000:]
-    check_smoke(tmp_path / "out", list(ROLES), n_claims=8)
+    check_smoke(tmp_path / "out", list(ROLES), n_claims=13)
 
 
 def test_a_kept_final_evaluation_at_another_eps_is_not_kept(tmp_path):
     from sparta.reproduce import FinalEval, kept_final_eval
 
     assert kept_final_eval(tmp_path, FinalEval(n=8)) is None  # nothing evaluated yet
-    (tmp_path / "final-eval.json").write_text(json.dumps({"eps": 8 / 255, "autoattack": 40.0}))
+    kept = {"eps": 8 / 255, "autoattack": 40.0, "n_pgd": 8}
+    (tmp_path / "final-eval.json").write_text(json.dumps(kept))
+    assert kept_final_eval(tmp_path, FinalEval(n=8)) is None  # an older version's: no per-image PGD outcomes
+    (tmp_path / "final-eval.json").write_text(json.dumps({**kept, "pgd_outcomes": {"n": 8, "robust": "AA=="}}))
     assert kept_final_eval(tmp_path, FinalEval(n=8))["autoattack"] == 40.0  # no eps asked: the run's own
     assert kept_final_eval(tmp_path, FinalEval(n=8, eps=8 / 255)) is not None
     assert kept_final_eval(tmp_path, FinalEval(n=8, eps=0.031)) is None  # the grid's 0.031: evaluated again
+    assert kept_final_eval(tmp_path, FinalEval(n=8, n_pgd=2000)) is None  # PGD on more images asked
