@@ -143,7 +143,25 @@ class Report:
     per_flop: list[dict[str, Any]] = field(default_factory=list)  # the robustness-per-FLOP rows (CostPoint.to_dict)
 
 
+def _dense_train_flops(groups: list[list[Run]]) -> float | None:
+    """The mean training FLOPs of the dense config when the report holds exactly one: the one
+    denominator of every "of dense" training-FLOPs share (the report's, claims.json's, the README's)."""
+    dense = [g for g in groups if g[0].method == "dense"]
+    values = [r.stats()["train_flops"] for r in dense[0]] if len(dense) == 1 else []
+    return statistics.fmean(values) if values and None not in values and all(values) else None
+
+
+def _train_flops_text(text: str, stats: Sequence[dict[str, Any]], dense: float | None) -> str:
+    """``text`` + `` (N% of dense)`` against the dense config's training FLOPs; without one dense
+    config, against each run's dense network trained for the same steps (``of dense, same steps``)."""
+    values = present(s["train_flops"] for s in stats)
+    if dense is None or not values or text == fmt.MISSING:
+        return _with_dense_share(text, stats, "train_flops").replace(" of dense)", " of dense, same steps)")
+    return text + f" ({fmt.fraction(statistics.fmean(values) / dense)} of dense)"
+
+
 def _config_table(groups: list[list[Run]], labels: list[str], diffs: list[str]) -> str:
+    dense = _dense_train_flops(groups)
     header = ["config", "method", "seeds", "RA best", "RA final", "RA diff", "SA best", "SA final", "SA diff",
               "train FLOPs", "inference FLOPs", "robust gen. gap", "density", "wall time"]
     if any(d for d in diffs):
@@ -152,7 +170,7 @@ def _config_table(groups: list[list[Run]], labels: list[str], diffs: list[str]) 
     for group, label, diff in zip(groups, labels, diffs):
         st = [r.stats() for r in group]
         col = lambda k, unit: _fmt([s[k] for s in st], unit, len(group))
-        flops = _with_dense_share(col("train_flops", _flops_unit), st, "train_flops")
+        flops = _train_flops_text(col("train_flops", _flops_unit), st, dense)
         inference = _with_dense_share(col("inference_flops", _flops_unit), st, "inference_flops")
         unfinished = sum(not r.finished for r in group)
         seeds = ", ".join(str(r.seed) for r in group) + (f" ({unfinished} unfinished)" if unfinished else "")
@@ -374,7 +392,9 @@ def _measurement_section(runs: Sequence[Run]) -> str:
         "validation RA (never selected on test), *final* = at the last epoch; diff = best − final "
         "(RA diff is the robust overfitting).",
         "- Robust gen. gap = RA on a fixed training subset (eval mode, no augmentation) − test RA, at the final "
-        "epoch. Train FLOPs: every stage, attack steps included; inference FLOPs: one forward pass at the final "
+        "epoch. Train FLOPs: every stage, attack steps included, their % of dense = / the dense config's mean "
+        "training FLOPs (with no single dense config: / the run's dense network trained for the same steps, "
+        "marked \"same steps\"); inference FLOPs: one forward pass at the final "
         "density (each layer's dense FLOPs x its density), its % of dense = `inference_flops / "
         "inference_flops_dense`, the number to set beside a paper's inference-FLOPs ratio: it depends on how the "
         "density is spread over layers, not on the density alone. `-` = not recorded by that run.",

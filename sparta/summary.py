@@ -68,11 +68,10 @@ def training_cost(run: RunContext, masks: dict[str, torch.Tensor], cfg: Config, 
 
     ``cfg``: the final stage's config; ``train_images``: training images per epoch.
     ``train_flops_paper_table`` is the formula of Chen et al. 2022's training-FLOPs columns, epochs x
-    ``train_images`` x (3k + 3) x the final network's inference FLOPs, for the final stage alone (its
-    epochs and attack steps): the formula has one epoch count and one network, and an earlier ticket
-    search / finder stage trains another network (dense, or at other densities), so it is left out
-    here; ``train_flops`` and ``train_flops_attack_full_backward`` include it. None for TRADES (the
-    formula is PGD-AT's).
+    ``train_images`` x (3k + 3) x the final network's inference FLOPs for the final stage, plus each
+    earlier stage (Robust Bird's search, a boosting finder: the dense network) as its images x (3k + 3)
+    x the dense inference FLOPs, as the paper's table includes Robust Bird's search stage. None for
+    TRADES (the formula is PGD-AT's).
     """
     dense_spec = {k: v for k, v in run.spec.items() if k != "channel_plan"}
     dense = forward_flops_by_layer(build_model(dense_spec), input_shape(dense_spec))
@@ -84,6 +83,9 @@ def training_cost(run: RunContext, masks: dict[str, torch.Tensor], cfg: Config, 
     final_f = inference_flops(final, mask_densities(masks) if masks else None)  # the slim network for a channel ticket
     epochs = int(run.stages[-1]["epochs"])  # the final stage's (recorded when it finished)
     table = paper_table_flops(epochs, train_images, final_f, attack_steps_of(cfg), cfg.objective.name)
+    for stage in stages[:-1]:  # an earlier stage (Robust Bird's search, a finder) trains the dense network
+        earlier = paper_table_flops(1, int(stage["images"]), dense.total, int(stage["attack_steps"]), stage["objective"])
+        table = None if table is None or earlier is None else table + earlier
     return {"train_flops": cost.total, "train_flops_dense": dense_total,
             "train_flops_saving": savings(cost.total, dense_total),
             "train_flops_attack_full_backward": attack_full_backward_flops(stages),
@@ -94,5 +96,6 @@ def training_cost(run: RunContext, masks: dict[str, torch.Tensor], cfg: Config, 
                                 "training step = forward + full backward (3F), at the densities in force, every stage; "
                                 "train_flops_attack_full_backward: the same with every attack step as 3F; "
                                 "train_flops_paper_table: final stage epochs x training images x (3k+3) x final "
-                                "inference FLOPs (null for TRADES); the same at every train.precision "
+                                "inference FLOPs, plus earlier stages' images x (3k+3) x dense inference FLOPs "
+                                "(null for TRADES); the same at every train.precision "
                                 f"(this run: {run.info['train_precision']})"}

@@ -112,7 +112,7 @@ def test_report_tables_plots_and_time_to_robustness(runs_root, tmp_path, capsys)
     assert dense["RA diff"] == "2.00 ± 1.41"  # (45-42, 44-43)
     assert dense["SA best"] == "76.00 ± 1.41" and dense["SA final"] == "75.00 ± 1.41" and dense["SA diff"] == "1.00 ± 0.00"
     assert dense["robust gen. gap"] == "11.00 ± 1.41" and dense["density"] == "1.000 ± 0.000"
-    assert dense["train FLOPs"] == "4.2 ± 0.283 PFLOP" and dense["wall time"] == "42.0 ± 2.8 s"
+    assert dense["train FLOPs"] == "4.2 ± 0.283 PFLOP (100% of dense)" and dense["wall time"] == "42.0 ± 2.8 s"
     assert "method.density" in dense["settings"] or "method.name=dense" in dense["settings"]
     fb = table_row(md, "Results per config", "fbplus")
     assert fb["RA best"] == "43.00" and fb["RA final"] == "41.00" and fb["RA diff"] == "2.00"
