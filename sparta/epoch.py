@@ -18,7 +18,7 @@ from . import checkpoint, outcomes
 from .config import Config
 from .data.base import ImageSet
 from .distributed import Distributed
-from .errors import DivergedError
+from .errors import ConfigError, DivergedError
 from .evaluate import evaluate
 from .precision import StepPrecision
 from .protocol import improves
@@ -92,9 +92,24 @@ def evaluate_epoch(s: StageRun) -> tuple[dict[str, Any], dict[str, float] | None
             "test_robust_acc": t["robust_acc"], "test_robust_loss": t["robust_loss"]}, v, t["outcomes"]
 
 
+def window_validation(s: StageRun, val: dict[str, float] | None) -> dict[str, float]:
+    """Robust accuracy and loss on the first ``controller.epoch_val_images`` validation images (None:
+    all of them), for a controller that adapts on per-epoch statistics (Flying Bird+'s window). The
+    same images every epoch, evaluated or not; ``val``, this epoch's full validation result if any, is
+    reused when the window's images are exactly those."""
+    if s.val is None:
+        raise ConfigError(f"stage {s.stage.name}'s controller needs a validation split every epoch (data.val_size > 0)")
+    n = s.controller.epoch_val_images
+    if val is None or (n is not None and n < len(s.val)):
+        s.dist.broadcast_buffers_(s.run.model)  # every rank measures rank 0's BN statistics
+        val = _evaluate(s, s.val if n is None else s.val.subset(0, min(n, len(s.val))))
+    return {"window_val_robust_acc": val["robust_acc"], "window_val_robust_loss": val["robust_loss"]}
+
+
 def end_epoch(s: StageRun, stats: EpochStats, on_epoch: Callable[[dict[str, Any]], None]) -> bool:
-    """After epoch ``stats.epoch``: evaluate (every ``eval.every`` epochs and the last), let the
-    controller see the epoch, select the best epoch on validation robust accuracy, write the metrics
+    """After epoch ``stats.epoch``: evaluate (every ``eval.every`` epochs and the last), measure the
+    per-epoch validation statistics a controller asks for (``epoch_val_images``), let the controller
+    see the epoch, select the best epoch on validation robust accuracy, write the metrics
     record and the checkpoints, hand the record to ``on_epoch``, honour a stop request. Returns
     whether the stage is done (its controller says so)."""
     start = time.perf_counter()
@@ -108,6 +123,8 @@ def end_epoch(s: StageRun, stats: EpochStats, on_epoch: Callable[[dict[str, Any]
     if evaluated:
         scores, val, tested = evaluate_epoch(s)
         record.update(scores)
+    if s.controller.epoch_val_images != 0:  # in the record, so written on evaluated epochs only
+        record.update(window_validation(s, val))
     s.controller.end_epoch(stats.epoch, record)  # every epoch: early-bird checks, FB+ statistics
     record.update(s.controller.epoch_log())
     is_best = False
