@@ -13,7 +13,7 @@ from sparta import claims as C
 from sparta import reproduce as R
 from sparta.config import load_config
 from sparta.errors import SpartaError
-from sparta.reproduce import CPU_MINI_EPOCHS, PRESETS, ROLES, plan
+from sparta.reproduce import CPU_MINI_EPOCHS, PRESETS, PROFILES, ROLES, plan
 
 from conftest import write_cifar100
 
@@ -230,6 +230,16 @@ def test_paper_plan_is_the_presets(tmp_path, dataset):
             assert (cfg.method.finder_epochs, cfg.method.search_milestones) == (100, [50, 75])
         if run.role != "dense" and run.role != "boosting_dense":
             assert cfg.method.density == 0.2
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_flying_bird_plus_window_is_a_few_epochs_of_every_plan(tmp_path, profile):
+    # the window holds one entry per epoch (tests/test_methods.py), so it spans `window` epochs
+    (run,) = plan(profile, "cifar10", tmp_path, tmp_path / "out", only=["flying_bird_plus"])
+    cfg = load_config(run.configs, list(run.overrides))
+    assert cfg.method.window / cfg.epochs <= 0.05, (cfg.method.window, cfg.epochs)
+    if profile == "cpu-mini":
+        assert cfg.method.window_val_subset == 250 and cfg.eval.every == 20
 
 
 def test_bad_plans(tmp_path):
