@@ -14,11 +14,11 @@ from typing import Any, Callable
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, outcomes
 from .config import Config
 from .data.base import ImageSet
 from .distributed import Distributed
-from .errors import DivergedError
+from .errors import ConfigError, DivergedError
 from .evaluate import evaluate
 from .precision import StepPrecision
 from .protocol import improves
@@ -75,25 +75,41 @@ def save_checkpoint(s: StageRun, path: Path) -> None:
         torch_version=str(torch.__version__)), path))
 
 
-def evaluate_epoch(s: StageRun) -> tuple[dict[str, Any], dict[str, float] | None]:
-    """Validation and test accuracy of the model now, as metrics keys, and the validation result
-    (None without a validation split). Every rank evaluates with rank 0's BN statistics."""
-    s.dist.broadcast_buffers_(s.run.model)
+def _evaluate(s: StageRun, images: ImageSet, *, outcomes: bool = False) -> dict[str, Any]:
     e = s.cfg.eval
+    return evaluate(s.run.model, images, s.attack, batch_size=e.batch_size, device=s.run.device, dist=s.dist,
+                    precision=e.precision, outcomes=outcomes)
 
-    def on(images: ImageSet) -> dict[str, float]:
-        return evaluate(s.run.model, images, s.attack, batch_size=e.batch_size, device=s.run.device, dist=s.dist,
-                        precision=e.precision)
 
-    v, t = (on(s.val) if s.val is not None else None), on(s.test)
+def evaluate_epoch(s: StageRun) -> tuple[dict[str, Any], dict[str, float] | None, outcomes.Outcomes]:
+    """Validation and test accuracy of the model now, as metrics keys, the validation result (None
+    without a validation split) and the test images' outcomes. Every rank evaluates with rank 0's BN
+    statistics."""
+    s.dist.broadcast_buffers_(s.run.model)
+    v, t = (_evaluate(s, s.val) if s.val is not None else None), _evaluate(s, s.test, outcomes=True)
     return {"val_clean_acc": v and v["clean_acc"], "val_robust_acc": v and v["robust_acc"],
             "val_robust_loss": v and v["robust_loss"], "test_clean_acc": t["clean_acc"],
-            "test_robust_acc": t["robust_acc"], "test_robust_loss": t["robust_loss"]}, v
+            "test_robust_acc": t["robust_acc"], "test_robust_loss": t["robust_loss"]}, v, t["outcomes"]
+
+
+def window_validation(s: StageRun, val: dict[str, float] | None) -> dict[str, float]:
+    """Robust accuracy and loss on the first ``controller.epoch_val_images`` validation images (None:
+    all of them), for a controller that adapts on per-epoch statistics (Flying Bird+'s window). The
+    same images every epoch, evaluated or not; ``val``, this epoch's full validation result if any, is
+    reused when the window's images are exactly those."""
+    if s.val is None:
+        raise ConfigError(f"stage {s.stage.name}'s controller needs a validation split every epoch (data.val_size > 0)")
+    n = s.controller.epoch_val_images
+    if val is None or (n is not None and n < len(s.val)):
+        s.dist.broadcast_buffers_(s.run.model)  # every rank measures rank 0's BN statistics
+        val = _evaluate(s, s.val if n is None else s.val.subset(0, min(n, len(s.val))))
+    return {"window_val_robust_acc": val["robust_acc"], "window_val_robust_loss": val["robust_loss"]}
 
 
 def end_epoch(s: StageRun, stats: EpochStats, on_epoch: Callable[[dict[str, Any]], None]) -> bool:
-    """After epoch ``stats.epoch``: evaluate (every ``eval.every`` epochs and the last), let the
-    controller see the epoch, select the best epoch on validation robust accuracy, write the metrics
+    """After epoch ``stats.epoch``: evaluate (every ``eval.every`` epochs and the last), measure the
+    per-epoch validation statistics a controller asks for (``epoch_val_images``), let the controller
+    see the epoch, select the best epoch on validation robust accuracy, write the metrics
     record and the checkpoints, hand the record to ``on_epoch``, honour a stop request. Returns
     whether the stage is done (its controller says so)."""
     start = time.perf_counter()
@@ -103,10 +119,12 @@ def end_epoch(s: StageRun, stats: EpochStats, on_epoch: Callable[[dict[str, Any]
               "train_loss": stats.train_loss, "train_robust_acc": stats.train_robust_acc,
               "train_flops": s.run.cost.total}
     evaluated = stats.epoch % cfg.eval.every == 0 or last
-    val = None
+    val = tested = None
     if evaluated:
-        scores, val = evaluate_epoch(s)
+        scores, val, tested = evaluate_epoch(s)
         record.update(scores)
+    if s.controller.epoch_val_images != 0:  # in the record, so written on evaluated epochs only
+        record.update(window_validation(s, val))
     s.controller.end_epoch(stats.epoch, record)  # every epoch: early-bird checks, FB+ statistics
     record.update(s.controller.epoch_log())
     is_best = False
@@ -123,7 +141,8 @@ def end_epoch(s: StageRun, stats: EpochStats, on_epoch: Callable[[dict[str, Any]
     stopping = s.stop.agree(dist.share_signal)  # a signal any rank got stops all of them here
     dist.agree(f"at the end of epoch {stats.epoch}", best=is_best, stop=done)
     if evaluated:
-        dist.on_main(lambda: s.rd.append_metrics(record))
+        line = outcomes.record(tested, stage=stage.name, epoch=stats.epoch, split="test")
+        dist.on_main(lambda: (s.rd.append_metrics(record), s.rd.append_outcomes(line)))
         s.run.records += 1
     if is_best:
         save_checkpoint(s, s.rd.best)

@@ -123,7 +123,8 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, progres
     if cfg.logging.tensorboard and dist.is_main:
         board.close()
     masks = controller.mask_state()
-    summary = summarize(cfg, stages, run, dist.on_main(rd.read_metrics), data, masks, dist=dist)
+    summary = summarize(cfg, stages, run, dist.on_main(rd.read_metrics), data, masks, dist=dist,
+                        on_outcomes=lambda line: dist.on_main(lambda: rd.append_outcomes(line)))
     summary.update(dist.report(run.model, masks))
     dist.on_main(lambda: rd.write_summary(summary))
     return summary

@@ -114,7 +114,13 @@ class FlyingBirdPlusConfig(FlyingBirdConfig):
 
     name: str = "flying_bird_plus"
     adapt_from_epoch: Optional[int] = setting(None, ">= 0")  # null = half of the epochs (paper: 100 of 200)
-    window: int = setting(5, ">= 2")  # evaluated epochs looked at (window - 1 differences)
+    window: int = setting(5, ">= 2")  # the last epochs looked at (window - 1 differences), every epoch
+    # whatever eval.every is. Each epoch's window entry needs the validation robust accuracy and loss:
+    # the first N validation images are evaluated with the evaluation attack after every epoch for it,
+    # the same images every epoch. null = all of eval.val_subset's images (reused on evaluated epochs,
+    # but a full validation after every epoch); fewer are cheaper and noisier (binomial standard error
+    # sqrt(p(1-p)/N): 3 points at N=250, p=0.3)
+    window_val_subset: Optional[int] = setting(None, ">= 1")
     threshold: float = setting(0.5, "in (0, 1]")  # fraction of the differences that must show the trend
     extra_prune_fraction: float = setting(0.4, "in [0, 1]")  # prune-more: extra ceil(0.4 * r * nnz) per layer
     extra_grow_fraction: float = setting(0.05, ">= 0")  # grow-more: regrow 5% more than dropped

@@ -75,7 +75,8 @@ def _flying_bird_plus(cfg: Config, run: RunContext, optimizer: torch.optim.Optim
     return AdaptiveDensity(run.model, optimizer, _random_masks(cfg, run), steps_per_epoch=steps_per_epoch,
                            adapt_from_epoch=cfg.epochs // 2 if m.adapt_from_epoch is None else m.adapt_from_epoch,
                            window=m.window, threshold=m.threshold, extra_prune_fraction=m.extra_prune_fraction,
-                           extra_grow_fraction=m.extra_grow_fraction, **_dynamic_args(cfg, steps_per_epoch))
+                           extra_grow_fraction=m.extra_grow_fraction, window_val_images=m.window_val_subset,
+                           **_dynamic_args(cfg, steps_per_epoch))
 
 
 def _one_stage(builder: Callable[..., SparsityController], doc: str) -> Callable[[Config], list[Stage]]:

@@ -4,13 +4,14 @@
 
     out_dir/config.yaml            fully resolved config
     out_dir/metrics.jsonl          one JSON object per evaluated epoch
+    out_dir/outcomes.jsonl         per-image test outcomes per evaluated epoch, then the gap set's (sparta.outcomes)
     out_dir/checkpoints/last.pt    latest state (resume point)
     out_dir/checkpoints/best.pt    highest validation robust accuracy
     out_dir/summary.json           final numbers, written at the end
 
 Every file is replaced atomically (temporary file, fsync, rename), so a kill never leaves a torn
-file; ``metrics.jsonl`` is appended a whole line at a time and cut back to the last checkpoint on
-resume.
+file; ``metrics.jsonl`` and ``outcomes.jsonl`` are appended a whole line at a time and cut back to
+the last checkpoint on resume.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from .outcomes import FILE as OUTCOMES_FILE
 from .checkpoint import atomic_write
 from .errors import CheckpointError, ConfigError
 
@@ -45,7 +47,7 @@ def dumps(obj: Any) -> str:
 
 
 # everything a run (and the tools reading it) may write into its folder
-RUN_FILES = {"config.yaml", "metrics.jsonl", "summary.json", "checkpoints", "plots", "tensorboard",
+RUN_FILES = {"config.yaml", "metrics.jsonl", OUTCOMES_FILE, "summary.json", "checkpoints", "plots", "tensorboard",
              "final-eval.json"}  # the last: `sparta reproduce`
 
 
@@ -55,6 +57,7 @@ class RunDir:
 
     config = property(lambda self: self.path / "config.yaml")
     metrics = property(lambda self: self.path / "metrics.jsonl")
+    outcomes = property(lambda self: self.path / OUTCOMES_FILE)
     summary = property(lambda self: self.path / "summary.json")
     last = property(lambda self: self.path / "checkpoints" / "last.pt")
     best = property(lambda self: self.path / "checkpoints" / "best.pt")
@@ -87,27 +90,33 @@ class RunDir:
             )
 
     def append_metrics(self, record: dict[str, Any]) -> None:
-        with open(self.metrics, "a") as f:
-            f.write(json.dumps(_jsonable(record)) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        _append_line(self.metrics, record)
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        if not self.metrics.is_file():
-            return []
-        records = []
-        for line in self.metrics.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a line cut by a kill: everything after it is not trusted
-        return records
+        return _read_lines(self.metrics)
 
     def truncate_metrics(self, keep: int) -> list[dict[str, Any]]:
-        """Keep the first ``keep`` records (those the resumed checkpoint has seen)."""
+        """Keep the first ``keep`` records (those the resumed checkpoint has seen); also cut
+        ``outcomes.jsonl`` back to the evaluations of those records."""
         records = self.read_metrics()[:keep]
         write_text_atomic(self.metrics, "".join(json.dumps(_jsonable(r)) + "\n" for r in records))
+        if self.outcomes.is_file():
+            self.truncate_outcomes(records)
         return records
+
+    def append_outcomes(self, line: dict[str, Any]) -> None:
+        """One ``outcomes.record`` line."""
+        _append_line(self.outcomes, line)
+
+    def read_outcomes(self) -> list[dict[str, Any]]:
+        return _read_lines(self.outcomes)
+
+    def truncate_outcomes(self, kept: list[dict[str, Any]]) -> None:
+        """Keep the test outcomes of the epochs of ``kept`` metrics records; drop the rest (the epochs
+        the resumed run evaluates again, and the gap record, which the summary writes again)."""
+        epochs = {(r["stage"], r["epoch"]) for r in kept}
+        lines = [o for o in self.read_outcomes() if o["split"] == "test" and (o["stage"], o["epoch"]) in epochs]
+        write_text_atomic(self.outcomes, "".join(json.dumps(o) + "\n" for o in lines))
 
     def remove_torn_writes(self) -> None:
         """Delete the temporary files of writes a kill cut short (``checkpoint.atomic_write`` names them
@@ -118,6 +127,25 @@ class RunDir:
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         write_text_atomic(self.summary, dumps(summary))
+
+
+def _append_line(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(_jsonable(record)) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _read_lines(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a line cut by a kill: everything after it is not trusted
+    return records
 
 
 class TensorBoardLog:

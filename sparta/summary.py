@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import platform
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import torch
 
+from . import outcomes
 from .config import Config
 from .data.base import DatasetSplits
 from .distributed import Distributed
@@ -19,12 +20,15 @@ from .stages import RunContext, Stage
 
 
 def summarize(cfg: Config, stages: list[Stage], run: RunContext, records: list[dict[str, Any]],
-              data: DatasetSplits, masks: dict[str, torch.Tensor], *, dist: Distributed) -> dict[str, Any]:
+              data: DatasetSplits, masks: dict[str, torch.Tensor], *, dist: Distributed,
+              on_outcomes: Callable[[Mapping[str, Any]], None] = lambda line: None) -> dict[str, Any]:
     """Final numbers of the last stage (the one that produces the model); accuracies in percent.
 
     best = the first epoch with the highest validation robust accuracy (the final epoch when there
     is no validation split); robust_overfitting = RA_best - RA_final (test); robust_gap = RA on the
     first ``eval.gap_subset`` training images (eval mode, no augmentation) - test RA, at the end.
+    ``on_outcomes`` gets the ``outcomes.record`` of those training images (split "gap", the final
+    stage and epoch); called on every rank.
     """
     final_cfg = stages[-1].cfg
     mine = [r for r in records if r["stage"] == stages[-1].name]
@@ -48,7 +52,8 @@ def summarize(cfg: Config, stages: list[Stage], run: RunContext, records: list[d
     if n is not None:
         subset = data.train.subset(0, min(n, len(data.train)))
         g = evaluate(run.model, subset, eval_attack(final_cfg), batch_size=final_cfg.eval.batch_size, device=run.device,
-                     dist=dist, precision=final_cfg.eval.precision)
+                     dist=dist, precision=final_cfg.eval.precision, outcomes=True)
+        on_outcomes(outcomes.record(g["outcomes"], stage=stages[-1].name, epoch=final["epoch"], split="gap"))
         summary.update(gap_subset=g["n"], train_clean_acc=g["clean_acc"], train_robust_acc=g["robust_acc"],
                        robust_gap=g["robust_acc"] - final["test_robust_acc"],
                        clean_gap=g["clean_acc"] - final["test_clean_acc"])

@@ -2,7 +2,9 @@
 
 ``crash CONFIG EPOCH [overrides]``: train and raise on every rank once EPOCH was saved (a kill).
 ``mismatch``: rank 1 moves one kept weight; the consistency check must name that layer on every rank.
+``outcomes``: ``evaluation_outcomes`` under torchrun; each rank prints what it returned as one JSON line.
 """
+import json
 import os
 import sys
 
@@ -21,6 +23,30 @@ def crash(config: str, epoch: str, *overrides: str) -> None:
     except Crash:
         distributed.shutdown()  # every rank crashed at the same point: a clean exit
         distributed.exit_worker(3)
+
+
+def evaluation_outcomes(dist=None) -> dict:
+    """``evaluate(..., outcomes=True)`` of a fixed small_cnn on the first 101 digits test images (batches
+    of 8 per rank, so each rank's last batch is short) under a PGD without random start: the same
+    numbers image by image whichever rank evaluates an image."""
+    from sparta.attacks import build_attack
+    from sparta.data import load_dataset
+    from sparta.evaluate import evaluate
+    from sparta.models.small import SmallCNN
+
+    torch.manual_seed(0)
+    model = SmallCNN(10, 1, base_width=4)
+    attack = build_attack("pgd", eps=0.1, alpha=0.03, steps=2, random_start=False)
+    data = load_dataset("digits", None).test.subset(0, 101)
+    r = evaluate(model, data, attack, batch_size=8, device=torch.device("cpu"), dist=dist or distributed.SINGLE,
+                 outcomes=True)
+    return {**r, "outcomes": r["outcomes"].to_json()}
+
+
+def outcomes() -> None:
+    dist = distributed.setup(load_config(None, ["batch_size=2", "device=cpu"]))
+    os.write(1, (json.dumps({"rank": dist.rank, **evaluation_outcomes(dist)}) + "\n").encode())  # one write: see below
+    distributed.shutdown()
 
 
 def mismatch() -> None:
@@ -48,4 +74,4 @@ def mismatch() -> None:
 
 
 if __name__ == "__main__":
-    {"crash": crash, "mismatch": mismatch}[sys.argv[1]](*sys.argv[2:])
+    {"crash": crash, "mismatch": mismatch, "outcomes": outcomes}[sys.argv[1]](*sys.argv[2:])

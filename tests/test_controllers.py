@@ -382,7 +382,7 @@ def fb_plus(model, optimizer, **kwargs) -> AdaptiveDensity:
 
 
 def metrics(gap: float, loss: float) -> dict[str, float]:
-    return {"train_robust_acc": 0.25 + gap, "val_robust_acc": 0.25, "val_robust_loss": loss}
+    return {"train_robust_acc": 0.25 + gap, "window_val_robust_acc": 0.25, "window_val_robust_loss": loss}
 
 
 UP, DOWN, FLAT = [1, 2, 3, 4, 5], [5, 4, 3, 2, 1], [3, 3, 3, 3, 3]
@@ -463,13 +463,16 @@ def test_fb_plus_waits_for_adapt_from_epoch_and_a_full_window():
     assert [(d["prune_more"], d["grow_more"]) for d in short.decisions] == [(True, True)]
 
 
-def test_fb_plus_needs_validation_metrics():
+def test_fb_plus_needs_window_validation_metrics_every_epoch():
     model = tiny_net()
-    fbp = fb_plus(model, OPTIMIZERS["sgd"](model.parameters()))
-    with pytest.raises(ConfigError, match="val_robust_loss"):
-        fbp.end_epoch(0, {"train_robust_acc": 0.5, "val_robust_acc": 0.4})
-    with pytest.raises(ConfigError, match="val_robust_acc"):
-        fbp.end_epoch(0, {"train_robust_acc": 0.5, "val_robust_acc": None, "val_robust_loss": 1.0})
+    fbp = fb_plus(model, OPTIMIZERS["sgd"](model.parameters()), window_val_images=7)
+    assert fbp.epoch_val_images == 7  # the loop measures the window on the first 7 validation images
+    with pytest.raises(ConfigError, match="window_val_robust_loss"):
+        fbp.end_epoch(0, {"train_robust_acc": 0.5, "window_val_robust_acc": 0.4})
+    with pytest.raises(ConfigError, match="window_val_robust_acc"):  # an evaluated epoch's numbers are not enough
+        fbp.end_epoch(0, {"train_robust_acc": 0.5, "val_robust_acc": 0.4, "val_robust_loss": 1.0})
+    with pytest.raises(ConfigError, match="window_val_images"):
+        fb_plus(model, OPTIMIZERS["sgd"](model.parameters()), window_val_images=0)
 
 
 # -- resuming -------------------------------------------------------------------------------------
@@ -537,3 +540,4 @@ def test_every_controller_declares_what_the_loop_reads():
     for controller, has_masks in ((Dense(), False), (static, True), (dynamic, True), (search, False)):
         assert (controller.masks is not None) == has_masks
         assert controller.topology_updates == 0 and controller.done is False
+        assert controller.epoch_val_images == 0  # only Flying Bird+ asks for a validation every epoch

@@ -17,12 +17,16 @@ import torch
 import yaml
 
 import sparta
-from sparta import distributed
+from sparta import distributed, outcomes
+from sparta.attacks import build_attack
+from sparta.data import load_dataset
+from sparta.evaluate import evaluate
 from sparta.config import load_config, with_overrides
 from sparta.distributed import Distributed, mask_checksum, mask_layer_checksums
 from sparta.errors import ConfigError
-from sparta.experiment import train
+from sparta.experiment import load_model, train
 from sparta.netspec import build_model
+from sparta.outcomes import Outcomes
 from sparta.rundir import RunDir
 from sparta.sparse.distributions import exact_counts, layer_densities
 from sparta.sparse.select import prunable_parameters
@@ -80,6 +84,13 @@ def test_flying_bird_two_ranks_keep_identical_masks_and_exact_density(flying_bir
     assert summary["weights_sha256"][0] == summary["weights_sha256"][1]  # bitwise the same model
     metrics = rd.read_metrics()
     assert [r["epoch"] for r in metrics] == [1, 2, 3]  # written once, by rank 0
+    lines = rd.read_outcomes()
+    assert [(o["split"], o["epoch"]) for o in lines] == [("test", 1), ("test", 2), ("test", 3), ("gap", 3)]
+    final = outcomes.find(lines, split="test", epoch=3)
+    assert final.n == 101 and final.accuracy("robust") == metrics[-1]["test_robust_acc"]
+    test = load_dataset("digits", None).test.subset(0, 101)  # the clean outcomes of one process, image by image
+    one = evaluate(load_model(rd.last), test, build_attack("none"), batch_size=64, device=torch.device("cpu"), outcomes=True)
+    assert final.clean == one["outcomes"].clean
     assert metrics[-1]["topology_updates"] >= 4
     state = torch.load(rd.last, weights_only=True)
     assert state["world_size"] == 2 and mask_checksum(state["masks"]) == summary["mask_checksums"][0]
@@ -108,6 +119,8 @@ def test_resume_of_two_ranks_equals_uninterrupted(flying_bird_two_ranks, tmp_pat
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert all(torch.equal(a["masks"][k], b["masks"][k]) for k in a["masks"])
     assert records(full) == records(part)
+    last = lambda run_dir: {(o["stage"], o["epoch"], o["split"]): o for o in RunDir(run_dir).read_outcomes()}
+    assert last(full) == last(part)
 
 
 def test_dense_two_ranks_match_one_process(tmp_path):
@@ -135,6 +148,21 @@ def test_ranks_with_different_masks_stop_naming_the_layer():
     ranks = re.findall(r"rank (\d): masks differ across ranks after a deliberate flip: layer features\.2\.weight ",
                        result.stdout)
     assert sorted(ranks) == ["0", "1"], result.stdout
+
+
+def test_two_ranks_evaluate_the_same_outcomes_as_one_process_image_by_image():
+    from ddp_worker import evaluation_outcomes
+
+    result = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER), "outcomes"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = sorted((json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")), key=lambda r: r["rank"])
+    one = evaluation_outcomes()
+    assert [r["rank"] for r in ranks] == [0, 1]
+    for r in ranks:  # every rank returns the whole vector, each image's outcome where one process puts it
+        assert r["outcomes"] == one["outcomes"] and r["outcomes"]["n"] == 101
+        assert (r["clean_acc"], r["robust_acc"]) == pytest.approx((one["clean_acc"], one["robust_acc"]))
+    robust = Outcomes.from_json(one["outcomes"]).robust
+    assert 0 < robust.bit_count() < 101  # the attack flipped some images, not all
 
 
 def test_world_size_that_does_not_fit_is_one_line_exit_2(tmp_path):

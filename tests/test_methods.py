@@ -86,9 +86,22 @@ def test_flying_bird_plus_logs_decisions_and_moves_density(tmp_path):
         assert summary["density_final"] != pytest.approx(0.3, abs=1e-6)
 
 
-def test_flying_bird_plus_learns_only_from_evaluated_epochs(tmp_path):
-    # eval.every=2: epochs 1 and 3 have no validation numbers; the rule's window holds epochs 2 and 4
-    cfg = cfg_for(tmp_path / "run", *FBPLUS, "epochs=4", "eval.every=2")
+def test_flying_bird_plus_window_gets_an_entry_every_epoch_on_the_same_images(tmp_path, monkeypatch):
+    # eval.every=3: epochs 1 and 2 are not evaluated; the window still gets their statistics, measured on
+    # the first 40 validation images after every epoch (the full validation set has 100)
+    import sparta.epoch
+
+    seen = []
+    real = sparta.epoch.evaluate
+    monkeypatch.setattr(sparta.epoch, "evaluate", lambda model, data, *a, **k: seen.append(data) or real(model, data, *a, **k))
+    cfg = cfg_for(tmp_path / "run", *FBPLUS, "epochs=4", "eval.every=3", "method.window_val_subset=40")
     train(cfg)
     history = checkpoint_of(cfg)["controller"]["history"]
-    assert [h["epoch"] for h in history] == [2, 4]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    window = [d for d in seen if len(d) == 40]
+    assert len(window) == 4 and all(torch.equal(d.images, window[0].images) for d in window)
+    records = RunDir(cfg.run_dir).read_metrics()
+    assert [r["epoch"] for r in records] == [3, 4]  # one line per evaluated epoch, as before
+    for r, h in zip(records, history[2:]):
+        assert h["robust_gap"] == pytest.approx(r["train_robust_acc"] - r["window_val_robust_acc"])
+        assert h["val_robust_loss"] == r["window_val_robust_loss"]

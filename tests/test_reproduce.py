@@ -105,6 +105,16 @@ def test_paper_plan_is_the_presets(tmp_path, dataset):
             assert cfg.method.density == 0.2
 
 
+@pytest.mark.parametrize("profile", PROFILES)
+def test_flying_bird_plus_window_is_a_few_epochs_of_every_plan(tmp_path, profile):
+    # the window holds one entry per epoch (tests/test_methods.py), so it spans `window` epochs
+    (run,) = plan(profile, "cifar10", tmp_path, tmp_path / "out", only=["flying_bird_plus"])
+    cfg = load_config(run.configs, list(run.overrides))
+    assert cfg.method.window / cfg.epochs <= 0.05, (cfg.method.window, cfg.epochs)
+    if profile == "cpu-mini":
+        assert cfg.method.window_val_subset == 250 and cfg.eval.every == 20
+
+
 def test_bad_plans(tmp_path):
     with pytest.raises(SpartaError, match="cpu-mini profile is defined on cifar10 only"):
         plan("cpu-mini", "cifar100", tmp_path, tmp_path)

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from sparta import checkpoint
+from sparta import checkpoint, outcomes
 from sparta.errors import CheckpointError, ConfigError
 from sparta.experiment import load_model, prepare_resume, train
 from sparta.rundir import RunDir
@@ -28,6 +28,7 @@ def test_run_directory_contract_and_learning(tmp_path):
     assert records[-1]["test_clean_acc"] > 30.0  # 10 classes: chance is 10 %
     saved = json.loads(rd.summary.read_text())
     assert SUMMARY_KEYS <= set(saved) and saved == json.loads(json.dumps(summary))
+    assert_outcomes_match(rd, records, saved)
     best = max(records, key=lambda r: r["val_robust_acc"])  # first maximum wins
     assert saved["best_epoch"] == best["epoch"] and saved["ra_best"] == best["test_robust_acc"]
     assert saved["robust_overfitting"] == pytest.approx(best["test_robust_acc"] - records[-1]["test_robust_acc"])
@@ -56,6 +57,24 @@ def test_resume_equals_uninterrupted(tmp_path, precision):
     assert untimed(ma) == untimed(mb)
     for key in ("sa_best", "ra_best", "sa_final", "ra_final", "best_epoch", "steps"):
         assert full[key] == resumed[key]
+    oa, ob = RunDir(tmp_path / "a" / "run").read_outcomes(), RunDir(tmp_path / "b" / "run").read_outcomes()
+    assert last_per_key(oa) == last_per_key(ob) and len(last_per_key(oa)) == 4  # 3 epochs' test, the gap
+
+
+def assert_outcomes_match(rd, records, summary):
+    """outcomes.jsonl: one test record per evaluated epoch, then the gap set's, whose accuracies are
+    metrics.jsonl's and summary.json's."""
+    lines = rd.read_outcomes()
+    assert [(o["split"], o["epoch"]) for o in lines] == [("test", r["epoch"]) for r in records] + [("gap", records[-1]["epoch"])]
+    for r in records:
+        test = outcomes.find(lines, split="test", epoch=r["epoch"], stage=r["stage"])
+        assert test.n == 200 and test.accuracy("robust") == r["test_robust_acc"] and test.accuracy("clean") == r["test_clean_acc"]
+    gap = outcomes.find(lines, split="gap", epoch=records[-1]["epoch"], stage="train")
+    assert gap.n == summary["gap_subset"] == 512 and gap.accuracy("robust") == summary["train_robust_acc"]
+
+
+def last_per_key(lines):
+    return {(o["stage"], o["epoch"], o["split"]): o for o in lines}
 
 
 def test_resume_drops_metrics_written_after_the_checkpoint(tmp_path):
@@ -65,8 +84,12 @@ def test_resume_drops_metrics_written_after_the_checkpoint(tmp_path):
     rd = RunDir(cfg.run_dir)
     # simulate a kill after epoch 3's record was appended but before its checkpoint was written
     rd.append_metrics({**rd.read_metrics()[-1], "epoch": 3})
+    rd.append_outcomes({**rd.read_outcomes()[-1], "epoch": 3})
+    with open(rd.outcomes, "a") as f:
+        f.write('{"stage": "train", "epoch": 3, "spl')  # and the next line cut short
     train(prepare_resume(cfg.run_dir, [], force=False), resume=True)
     assert [r["epoch"] for r in rd.read_metrics()] == [1, 2, 3]
+    assert_outcomes_match(rd, rd.read_metrics(), json.loads(rd.summary.read_text()))
 
 
 def test_resume_refuses_changed_config_and_non_runs(tmp_path):

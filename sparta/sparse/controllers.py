@@ -7,7 +7,7 @@ The loop (``sparta.train.fit``) calls, for every training step::
     optimizer.step()
     controller.after_step(step)       # keeps masked weights at exactly zero
     ...
-    controller.end_epoch(epoch, metrics)   # once per evaluated epoch (FB+ statistics, early bird)
+    controller.end_epoch(epoch, metrics)   # once per epoch (FB+ statistics, early bird)
 
 ``Dense`` is the no-op controller, so the loop never branches on "is this run sparse".
 
@@ -48,13 +48,17 @@ class SparsityController(Protocol):
     - ``topology_updates``: how many times the masks changed so far (0 for fixed masks); under DDP a
       change is synchronised across ranks right after the hook that made it;
     - ``done``: True once the controller's stage has reached its goal, which ends the stage at the end
-      of that epoch.
+      of that epoch;
+    - ``epoch_val_images``: 0, or how many of the stage's validation images (the first ones; None: all)
+      the loop evaluates with the evaluation attack after every epoch, evaluated or not, handing the
+      result to ``end_epoch`` as ``window_val_robust_acc`` / ``window_val_robust_loss`` (Flying Bird+).
 
     Anything else a recipe reads (Robust Bird's ``eb_epoch``) it reads from the concrete class it built."""
 
     masks: MaskSet | None
     topology_updates: int
     done: bool
+    epoch_val_images: int | None
 
     def after_backward(self, step: int) -> None: ...
 
@@ -81,6 +85,7 @@ class Dense:
     masks = None
     topology_updates = 0
     done = False
+    epoch_val_images = 0
 
     def after_backward(self, step: int) -> None:
         pass
@@ -122,6 +127,7 @@ class Static:
 
     topology_updates = 0  # fixed masks (DynamicSparse counts its updates)
     done = False  # trains to the end of its stage
+    epoch_val_images: int | None = 0  # no per-epoch validation (AdaptiveDensity sets it)
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, masks: MaskSet):
         _check_masks_belong_to(model, masks)
@@ -385,10 +391,14 @@ class DynamicSparse(Static):
 class AdaptiveDensity(DynamicSparse):
     """Flying Bird+ (Chen et al., ICLR 2022): Flying Bird whose density adapts to robust overfitting.
 
-    ``end_epoch`` records, per evaluated epoch, the robust generalization gap proxy
-    ``train_robust_acc - val_robust_acc`` and ``val_robust_loss``. At each topology update from epoch
+    ``end_epoch`` records, after every epoch (whatever ``eval.every`` is), the robust generalization
+    gap proxy ``train_robust_acc - window_val_robust_acc`` and ``window_val_robust_loss``: the epoch's
+    training robust accuracy and the evaluation attack's robust accuracy and loss on the same
+    ``window_val_images`` validation images every epoch (the loop measures them: ``epoch_val_images``;
+    None = every validation image of the stage). At each topology update from epoch
     ``adapt_from_epoch`` on (``epoch = step // steps_per_epoch``) with at least ``window`` recorded
-    epochs, over the last ``window`` entries (``window - 1`` consecutive differences):
+    epochs, over the last ``window`` entries, i.e. the last ``window`` epochs (``window - 1``
+    consecutive differences):
 
     - gap increased in >= ``threshold`` of the differences -> prune more: each layer drops an extra
       ``ceil(extra_prune_fraction * r * nnz)`` weights that are not regrown (density falls);
@@ -400,7 +410,7 @@ class AdaptiveDensity(DynamicSparse):
     DynamicSparse's (``total_steps``, ``update_every``, ...).
     """
 
-    REQUIRED_METRICS = ("train_robust_acc", "val_robust_acc", "val_robust_loss")
+    REQUIRED_METRICS = ("train_robust_acc", "window_val_robust_acc", "window_val_robust_loss")
 
     def __init__(
         self,
@@ -414,6 +424,7 @@ class AdaptiveDensity(DynamicSparse):
         threshold: float = 0.5,
         extra_prune_fraction: float = 0.4,
         extra_grow_fraction: float = 0.05,
+        window_val_images: int | None = None,
         **dynamic_sparse_args: Any,
     ):
         if steps_per_epoch < 1 or adapt_from_epoch < 0:
@@ -426,6 +437,8 @@ class AdaptiveDensity(DynamicSparse):
             raise ConfigError(f"threshold must be in (0, 1], got {threshold}")
         if extra_prune_fraction < 0 or extra_grow_fraction < 0:
             raise ConfigError(f"extra fractions must be >= 0, got {extra_prune_fraction}, {extra_grow_fraction}")
+        if window_val_images is not None and window_val_images < 1:
+            raise ConfigError(f"window_val_images must be >= 1 (or None: all), got {window_val_images}")
         super().__init__(model, optimizer, masks, **dynamic_sparse_args)
         self.steps_per_epoch = steps_per_epoch
         self.adapt_from_epoch = adapt_from_epoch
@@ -433,23 +446,22 @@ class AdaptiveDensity(DynamicSparse):
         self.threshold = threshold
         self.extra_prune_fraction = extra_prune_fraction
         self.extra_grow_fraction = extra_grow_fraction
-        self.history: list[dict[str, float]] = []  # per evaluated epoch: epoch, robust_gap, val_robust_loss
+        self.epoch_val_images = window_val_images  # the loop measures them after every epoch
+        self.history: list[dict[str, float]] = []  # per epoch: epoch, robust_gap, val_robust_loss
         self.decisions: list[dict[str, Any]] = []  # one per topology update once the rule is active
 
     def end_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
-        if "val_robust_acc" not in metrics:  # not an evaluated epoch (eval.every > 1): nothing to learn from
-            return
         missing = [key for key in self.REQUIRED_METRICS if metrics.get(key) is None]
         if missing:
             raise ConfigError(
-                f"Flying Bird+ needs {', '.join(missing)} in every evaluated epoch's metrics "
-                "(it needs a validation split evaluated with the robust attack)"
+                f"Flying Bird+ needs {', '.join(missing)} after every epoch (the loop measures the window's "
+                "validation statistics for controllers with epoch_val_images != 0)"
             )
         self.history.append(
             {
                 "epoch": epoch,
-                "robust_gap": float(metrics["train_robust_acc"]) - float(metrics["val_robust_acc"]),
-                "val_robust_loss": float(metrics["val_robust_loss"]),
+                "robust_gap": float(metrics["train_robust_acc"]) - float(metrics["window_val_robust_acc"]),
+                "val_robust_loss": float(metrics["window_val_robust_loss"]),
             }
         )
 

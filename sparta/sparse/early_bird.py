@@ -178,6 +178,7 @@ class EarlyBirdSearch:
 
     masks = None  # trains densely
     topology_updates = 0
+    epoch_val_images = 0  # no per-epoch validation
 
     def __init__(self, model: nn.Module, *, bn_l1: float = 0.0, every_steps: int | None = None,
                  min_epochs: int = 0, **detector_args: Any):

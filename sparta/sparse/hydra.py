@@ -59,6 +59,7 @@ class HydraScores:
     masks = None  # FLOPs charged dense (module docstring); the mask in force is mask_set
     topology_updates = 0  # the mask follows the scores, which every rank holds alike (no sync needed)
     done = False  # learns for the whole stage
+    epoch_val_images = 0  # no per-epoch validation
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, counts: Mapping[str, int],
                  exclude: list[str] | tuple[str, ...] = ()):
