@@ -113,7 +113,7 @@ SMOKE: list[str] = ["epochs=1", "data.val_size=32", "data.train_subset=64", "bat
                     "eval.steps=2", "eval.val_subset=32", "eval.test_subset=32", "eval.gap_subset=32",
                     "optim.milestones=[1]", "optim.warmup_epochs=0", "progress=none"]
 # ... and one epoch of each ticket search (the settings of the methods that have one)
-SEARCH_SMOKE = ["method.max_search_epochs=1", "method.search_milestones=[]"]
+SEARCH_SMOKE = ["method.max_search_epochs=1", "method.min_search_epochs=0", "method.search_milestones=[]"]
 FINDER_SMOKE = ["method.finder_epochs=1", "method.search_milestones=[]"]
 SMOKE_ROLE: dict[str, list[str]] = {"robust_bird": SEARCH_SMOKE, "robust_bird_channel": SEARCH_SMOKE,
                                     "boosting_ticket": FINDER_SMOKE, "boosting_control": FINDER_SMOKE}
