@@ -7,7 +7,7 @@ evaluated with AutoAttack and PGD-20 on the same test images, and one report is 
 claims of ``sparta.claims`` with their verdicts.
 
 * ``cpu-mini``: a scaled-down CIFAR-10 protocol (``CPU_MINI`` below, with the reasons for each
-  number): about 40 minutes a seed on 2 CPU cores with bf16, two runs side by side (``--jobs 2``).
+  number): about 70 minutes a seed on 2 CPU cores with bf16, two runs side by side (``--jobs 2``).
 * ``paper``: the papers' protocols unchanged (200 epochs, preact_resnet18, density 0.2, PGD-10
   training, PGD-20 and AutoAttack on the full test set), for GPUs.
 
@@ -50,7 +50,7 @@ ROLES = {"dense": "pgd", "robust_bird": "robust_bird", "robust_bird_channel": "r
 # from a fresh random initialisation (the same finder, so the same mask on a deterministic device)
 ROLE_OVERRIDES: dict[str, list[str]] = {"boosting_control": ["method.reinit=random"]}
 
-# cpu-mini: one protocol for every run, about 40 minutes a seed on 2 CPU cores with bf16 and --jobs 2
+# cpu-mini: one protocol for every run, about 70 minutes a seed on 2 CPU cores with bf16 and --jobs 2
 # (docs/reproduce.md gives the reasons and the measured cost)
 CPU_MINI_EPOCHS = 160
 CPU_MINI: list[str] = [
@@ -541,8 +541,10 @@ def _preamble(profile: str, dataset: str, planned: list[PlannedRun], found: list
              "in its summary.json)",
              f"- Verdicts: {counts} (rules fixed in `sparta/claims.py` before the runs; "
              + ("one seed per run, so a claim that holds is *evidence*, never *reproduced*" if seeds == 1 else
-                f"{seeds} seeds per run, each run's value their mean with the seed spread in its error")
-             + f"; per-epoch RA on {n_test} test images)", "",
+                f"{seeds} seeds per run, differences paired image by image within a seed, then judged over the "
+                f"seeds with Student's t at {seeds - 1} degrees of freedom")
+             + f"; per-epoch RA on {n_test} test images; docs/reproduce.md gives each rule's verdict rates on "
+             "simulated reproductions)", "",
              "## Claims", ""]
     for c in found:
         lines += [f"### {c.claim}: **{c.shown}**", ""] + [f"- {e}" for e in c.evidence] + ["", f"Rule: {c.why}.", ""]
