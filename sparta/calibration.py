@@ -22,7 +22,7 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 
 from .claims import Scores
-from .outcomes import Outcomes
+from .outcomes import Outcomes, pack
 
 CLASSES = 8
 TAU = 1.2
@@ -96,9 +96,7 @@ def _vectors(counts: np.ndarray, bits: int) -> list[int]:
     ``bits - 1 - b`` of pattern j is vector b's outcome (images of one pattern are exchangeable, so
     their order does not matter)."""
     ids = np.repeat(np.arange(len(counts)), counts)  # (n,) the pattern of each image
-    shifts = np.arange(bits - 1, -1, -1)
-    packed = np.packbits((ids[:, None] >> shifts) & 1, axis=0, bitorder="little")  # (ceil(n / 8), bits)
-    return [int.from_bytes(packed[:, b].tobytes(), "little") for b in range(bits)]
+    return [pack((ids >> (bits - 1 - b)) & 1) for b in range(bits)]
 
 
 def simulate(truths: Mapping[str, Truth], design: Design, sims: int, seed: int = 0) -> Iterator[dict[str, list[Scores]]]:

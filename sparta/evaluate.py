@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from .data.base import ImageSet
 from .data.loader import DeviceLoader
 from .distributed import SINGLE, Distributed
-from .outcomes import Outcomes
+from .outcomes import Outcomes, pack
 from .precision import autocast
 
 Attack = Callable[[nn.Module, Tensor, Tensor], Tensor]
@@ -76,11 +76,6 @@ def evaluate(model: nn.Module, data: ImageSet, attack: Attack, *, batch_size: in
     return result
 
 
-def pack_bits(bits: np.ndarray) -> int:
-    """``outcomes.pack`` of a (n,) bool array, in C: bit i of the result is ``bits[i]``."""
-    return int.from_bytes(np.packbits(bits, bitorder="little").tobytes(), "little")
-
-
 def gather_outcomes(hits: list[torch.Tensor], dist: Distributed) -> Outcomes:
     """The ``Outcomes`` of the whole evaluated set from each rank's per-batch (2, B) bool ``hits``.
 
@@ -88,6 +83,6 @@ def gather_outcomes(hits: list[torch.Tensor], dist: Distributed) -> Outcomes:
     past the images of ranks 0..r-1, so every rank returns the vector of a one-process evaluation."""
     bits = torch.cat(hits, 1).cpu().numpy() if hits else np.zeros((2, 0), dtype=bool)  # (2, n_local)
     n = clean = robust = 0
-    for count, c, r in dist.all_gather((bits.shape[1], pack_bits(bits[0]), pack_bits(bits[1]))):  # rank order
+    for count, c, r in dist.all_gather((bits.shape[1], pack(bits[0]), pack(bits[1]))):  # rank order
         clean, robust, n = clean | c << n, robust | r << n, n + count
     return Outcomes(n, clean, robust)

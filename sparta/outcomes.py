@@ -4,30 +4,27 @@ Runs scored on the same images are paired: the difference of two accuracies is b
 by image (``sparta.claims``), which needs each image's outcome, not only the accuracy. An outcome
 vector over ``n`` images is stored as a Python int whose bit ``i`` is image ``i`` (the order of the
 evaluated ``ImageSet``), written to JSON as base64 of its ``ceil(n / 8)`` little-endian bytes:
-10,000 images take 1,668 characters. Pure Python (no torch), so readers of results need none.
+10,000 images take 1,668 characters. No torch, so readers of results need none.
 
 A run folder's ``outcomes.jsonl`` holds one record per evaluation (``record``): the stage, the
 epoch, the split (``test``, ``val``, ``gap``: the first ``eval.gap_subset`` training images) and the
-clean and robust outcome vectors.
+clean and robust outcome vectors; ``sparta.rundir.RunDir`` appends, reads and (on resume) cuts it.
 """
 from __future__ import annotations
 
 import base64
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterable, Mapping
+
+import numpy as np
 
 FILE = "outcomes.jsonl"
 
 
-def pack(bits: Iterable[bool | int]) -> int:
-    """Bit ``i`` of the result is ``bits[i]``."""
-    value = 0
-    for i, b in enumerate(bits):
-        if b:
-            value |= 1 << i
-    return value
+def pack(bits: Iterable[bool | int] | np.ndarray) -> int:
+    """Bit ``i`` of the result is ``bits[i]`` (a sequence or a (n,) array of bools or 0/1)."""
+    array = np.asarray(bits if isinstance(bits, np.ndarray) else list(bits), dtype=bool)
+    return int.from_bytes(np.packbits(array, bitorder="little").tobytes(), "little")
 
 
 def encode(value: int, n: int) -> str:
@@ -64,19 +61,6 @@ class Outcomes:
 def record(outcomes: Outcomes, *, stage: str, epoch: int, split: str) -> dict[str, Any]:
     """One line of ``outcomes.jsonl``."""
     return {"stage": stage, "epoch": int(epoch), "split": split, **outcomes.to_json()}
-
-
-def append(run_dir: str | Path, line: Mapping[str, Any]) -> None:
-    with open(Path(run_dir) / FILE, "a") as f:
-        f.write(json.dumps(line) + "\n")
-
-
-def read(run_dir: str | Path) -> list[dict[str, Any]]:
-    """Every record of a run folder's ``outcomes.jsonl`` ([] where the run recorded none: runs of older versions)."""
-    path = Path(run_dir) / FILE
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def find(records: Iterable[Mapping[str, Any]], *, split: str, epoch: int, stage: str | None = None) -> Outcomes | None:

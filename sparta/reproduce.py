@@ -391,8 +391,9 @@ def scores(run: Any, n_test: int) -> C.Scores:
     """What the claims read of one run (a ``sparta.report.Run``): its table numbers and the per-image
     outcomes of its best and final test evaluations and of its gap subset (None where it recorded none)."""
     from . import outcomes as O
+    from .rundir import RunDir
 
-    s, recorded = run.stats(), O.read(run.path)
+    s, recorded = run.stats(), RunDir(run.path).read_outcomes()
     last = run.records[-1]
     stage, final_epoch = last.get("stage", "train"), last["epoch"]
     return C.Scores(s["ra_best"], s["ra_final"], n_test, s["train_robust_acc"], s["gap_subset"],
@@ -402,9 +403,9 @@ def scores(run: Any, n_test: int) -> C.Scores:
                     train_flops=s["train_flops"], density=s["density"])
 
 
-def check_claims(runs: dict[str, list[Any]], n_test: int, dataset: str = "cifar10") -> list[C.Claim]:
-    """The papers' claims that the present runs allow (``runs``: role -> its ``sparta.report.Run`` per seed)."""
-    seeds = {role: [scores(run, n_test) for run in group] for role, group in runs.items()}
+def check_claims(runs: dict[str, list[Any]], seeds: dict[str, list[C.Scores]], dataset: str = "cifar10") -> list[C.Claim]:
+    """The papers' claims that the present runs allow (``runs``: role -> its ``sparta.report.Run`` per seed;
+    ``seeds``: role -> their ``scores``)."""
     out = []
     if "dense" in seeds:
         for quantity in ("overfitting", "gap"):
@@ -446,12 +447,12 @@ def dense_target(runs: dict[str, list[Any]]) -> float:
     return statistics.fmean(run.stats()["ra_final"] for run in runs["dense"])
 
 
-def sanity_checks(runs: dict[str, list[Any]], evals: dict[str, dict[str, Any]]) -> list[C.Claim]:
-    """Checks of the pipeline, not of the papers: AutoAttack below PGD, FB+'s adaptation at work."""
+def sanity_checks(seeds: dict[str, list[C.Scores]], evals: dict[str, dict[str, Any]]) -> list[C.Claim]:
+    """Checks of the pipeline, not of the papers: AutoAttack below PGD, FB+'s adaptation at work
+    (``seeds``: role -> the ``scores`` of its runs)."""
     out = [C.autoattack_below_pgd(evals)] if evals else []
-    if "flying_bird" in runs and "flying_bird_plus" in runs:
-        out.append(C.fb_plus_sparser_and_cheaper({r: [scores(run, 1) for run in runs[r]]
-                                                  for r in ("flying_bird", "flying_bird_plus")}))
+    if "flying_bird" in seeds and "flying_bird_plus" in seeds:
+        out.append(C.fb_plus_sparser_and_cheaper(seeds))
     return out
 
 
@@ -499,7 +500,8 @@ def reproduce(profile: str, data_root: str | Path, out: str | Path, *, dataset: 
     for run in planned:
         runs.setdefault(run.role, []).append(loaded[run.name])
     n_test = _test_images(loaded[planned[0].name])
-    found, checks = check_claims(runs, n_test, dataset), sanity_checks(runs, evals)
+    scored = {role: [scores(run, n_test) for run in group] for role, group in runs.items()}
+    found, checks = check_claims(runs, scored, dataset), sanity_checks(scored, evals)
     target = dense_target(runs) if "dense" in runs else None
     written = _dt.datetime.now(_dt.timezone.utc)
     preamble = _preamble(profile, dataset, planned, found, checks, evals, final, n_test, command, written, nproc, seeds)
