@@ -1,6 +1,7 @@
 """The ``sparta`` command (train, eval, export, flops, report, reproduce, grid, demo): parse arguments, call the
-library, print. Library modules never print; what they have to say comes back as values (or through a
-``log`` callback) and is printed here.
+library or the command layer (``sparta.commands``), print. Library modules never print and never parse
+flags; what they have to say comes back as values (or through a ``log`` callback) and is printed here or
+in ``sparta.commands``.
 
 Bad input (a ``SpartaError``) is one line on stderr and exit code 2, never a traceback.
 """
@@ -14,6 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from .commands.console import table
 from .errors import Interrupted, SpartaError
 
 
@@ -42,14 +44,6 @@ def epoch_line(record: dict[str, Any]) -> str:
     return (f"epoch {record['epoch']:>3}  loss {record['train_loss']:.3f}  train_ra {pct('train_robust_acc')}  "
             f"val sa/ra {pct('val_clean_acc')}/{pct('val_robust_acc')}  test sa/ra {pct('test_clean_acc')}/"
             f"{pct('test_robust_acc')}  density {record.get('density', 1.0):.3f}  {record['epoch_time_s']:.1f}s")
-
-
-def table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
-    """A plain-text table; ``columns`` is [(key, header)]; floats get one decimal, a missing value "-"."""
-    from tabulate import tabulate
-
-    cells = [[f"{v:.1f}" if isinstance(v, float) else v for v in (r.get(k) for k, _ in columns)] for r in rows]
-    return tabulate(cells, headers=[h for _, h in columns], missingval="-", disable_numparse=True)
 
 
 def launch_torchrun(nproc: int, child: list[str]) -> int:
@@ -130,8 +124,7 @@ SUMMARY_COLUMNS = [("name", "run"), ("method", "method"), ("density_final", "den
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .experiment import evaluate_checkpoint
-    from .fmt import eps as format_eps
+    from .commands.evaluate import evaluate_checkpoint, print_evaluation
 
     if processes(args.nproc) > 1:
         return launch_torchrun(args.nproc, [
@@ -140,46 +133,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             *(["--eps-list", args.eps_list] if args.eps_list is not None else [])])
     result = evaluate_checkpoint(args.checkpoint, attack=args.attack, overrides=args.overrides,
                                  n_examples=args.n_examples, eps_list=args.eps_list)
-    if rank() != 0:  # every rank holds the merged result; rank 0 prints it
-        return 0
-    if args.attack == "fmn":
-        print_min_norm(result)
-        return 0
-    rows = [{**r, "eps": format_eps(r["eps"]), **{k: "-" for k in ("steps", "restarts") if r.get(k) is None}}
-            for r in result["rows"]]
-    print(table(rows, [("kind", "row"), ("attack", "attack"), ("norm", "norm"), ("eps", "eps"), ("steps", "steps"),
-                       ("restarts", "restarts"), ("n", "n"), ("clean_acc", "clean %"), ("robust_acc", "robust %")]))
-    for check in result["checks"]:
-        print(f"check {check['name']}: {'ok' if check['passed'] else 'FAILED'}  ({check['detail']})")
-    for message in result["warnings"]:
-        print(f"warning: {message}", file=sys.stderr)
-    print(f"written: {result['written']}", file=sys.stderr)
+    if rank() == 0:  # every rank holds the merged result; rank 0 prints it
+        print_evaluation(result, args.attack)
     return 0
-
-
-def print_min_norm(result: dict[str, Any]) -> None:
-    """``sparta eval --attack fmn``: robust accuracy at a few eps, the tuned setting, the checks, the files."""
-    from .fmt import eps as format_eps
-
-    eps_rows = [{"eps": eps, "robust_acc": acc} for eps, acc in result["robust_acc_at"].items()]
-    print(table(eps_rows, [("eps", "eps (L∞)"), ("robust_acc", "FMN robust %")]))
-    median = result["median_distance"]
-    print(f"n {result['n']}  clean {result['clean_acc']:.1f}%  median distance "
-          f"{'inf' if median is None else f'{255 * median:.2f}/255'}  not found {result['not_found']}")
-    aa = result["autoattack"]
-    if aa is not None:
-        print(f"at eps {format_eps(result['eps'])}: FMN {result['robust_acc']:.1f}%  AutoAttack {aa['robust_acc']:.1f}% "
-              f"(same {aa['n']} images)")
-    best = result["best_setting"]
-    print("best setting (" + (f"{len(result['trials'])} trials): " if result["trials"] else "default, no tuning): ") +
-          "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.items()))
-    for check in result["checks"]:
-        print(f"check {check['name']}: {'ok' if check['passed'] else 'FAILED'}  ({check['detail']})")
-    for message in result["warnings"] + result["notes"]:
-        print(f"warning: {message}", file=sys.stderr)
-    for key in ("written", "distances_file", "plot"):
-        if result[key]:
-            print(f"written: {result[key]}", file=sys.stderr)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -221,9 +177,9 @@ def add_flops_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cmd_flops(args: argparse.Namespace) -> int:
     """``sparta flops``: print the per-layer table, inference and training FLOPs; returns 0."""
-    from .flops import flops_report, format_report
+    from .commands.flops import print_flops
 
-    print(format_report(flops_report(args.source, list(getattr(args, "overrides", []) or []))))
+    print_flops(args.source, list(getattr(args, "overrides", []) or []))
     return 0
 
 

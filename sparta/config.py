@@ -20,7 +20,7 @@ from typing import Any, Literal, Optional, Sequence, Union
 import yaml
 
 from .errors import ConfigError
-from .method_config import MethodConfig, drop_unused_settings, method_class, unknown_setting
+from .method_config import FORMERLY_NULL, MethodConfig, derived, drop_unused_settings, method_class, unknown_setting
 
 
 @dataclass
@@ -193,6 +193,16 @@ def from_saved(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = ())
     return from_dict(with_overrides(drop_unused_settings(raw), overrides))
 
 
+def smoke_settings(paths: Sequence[str | Path]) -> list[str]:
+    """The overrides that make each stage of the method set by these config files one short epoch
+    (its class's ``SMOKE``), for ``--smoke`` runs planned from presets."""
+    raw: dict[str, Any] = {}
+    for one in paths:
+        raw = _merge(raw, read_yaml(one))
+    method = raw.get("method")
+    return list(method_class(method if isinstance(method, dict) else {}).SMOKE)
+
+
 def with_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
     """A copy of the raw config mapping with each ``key=value`` override set."""
     raw = copy.deepcopy(raw)
@@ -260,6 +270,7 @@ def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
 
 def from_dict(raw: dict[str, Any]) -> Config:
     cfg = _build(Config, raw, prefix="")
+    cfg.method.resolve(cfg)  # the method's defaults that depend on other settings
     validate(cfg)
     return cfg
 
@@ -275,6 +286,9 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     for key, value in raw.items():
         if key not in names and issubclass(cls, MethodConfig):
             raise unknown_setting(cls, str(key))
+        if value is None and issubclass(cls, MethodConfig) and (derived(cls, key) or key in FORMERLY_NULL):
+            continue  # null (older configs): not given; the method's default (or rule) sets it
+
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(names)}"

@@ -14,9 +14,8 @@ import torch
 from torch import nn
 
 from . import checkpoint
-from .config import Config, dump_yaml, from_saved, load_config
-from .data import load_dataset
-from .data.base import DatasetSplits, ImageSet
+from .config import Config, dump_yaml, load_config
+from .data import DatasetSplits, first_images, load_dataset
 from .data.loader import DeviceLoader
 from .distributed import Distributed, resolve_device, setup
 from .epoch import StageRun, end_epoch, end_step, save_checkpoint
@@ -26,8 +25,8 @@ from .methods import build_recipe
 from .netspec import build_model, model_spec
 from .objectives import build_objective
 from .precision import StepPrecision, resolve_precision
-from .protocol import eval_attack, eval_protocol
-from .rundir import RunDir, TensorBoardLog, dumps, write_text_atomic
+from .protocol import eval_attack
+from .rundir import RunDir, TensorBoardLog
 from .schedules import LrSchedule
 from .signals import StopRequests
 from .sparse.controllers import SparsityController
@@ -49,10 +48,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Modul
         for name, mask in state.masks.items():
             params[name].mul_(mask.to(params[name].dtype))
     return model.to(device).eval()
-
-
-def _first(data: ImageSet | None, n: int | None) -> ImageSet | None:
-    return data if data is None or n is None or n >= len(data) else data.subset(0, n)
 
 
 def prepare_resume(run_dir: str | Path, overrides: list[str], *, force: bool) -> Config:
@@ -177,7 +172,7 @@ def _run_stage(stages: list[Stage], index: int, run: RunContext, data: DatasetSp
                             sync_batchnorm=cfg.distributed.sync_batchnorm)
 
     s = StageRun(stages, index, run, optimizer, controller, precision, state, rd, dist, stop, eval_attack(cfg),
-                 _first(data.val, cfg.eval.val_subset), _first(data.test, cfg.eval.test_subset))
+                 first_images(data.val, cfg.eval.val_subset), first_images(data.test, cfg.eval.test_subset))
     if not controller.done:  # a resumed stage may have met its stop condition already
         # (a stage resumed after its last epoch trains no further, unless its epochs were raised)
         fit(train_model, optimizer, dist.watch(controller), loader, schedule, objective, attack_bn_mode=cfg.attack.bn_mode,
@@ -198,104 +193,3 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
                                nesterov=o.nesterov)
     make = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
     return make(model.parameters(), lr=o.lr, betas=(o.momentum, 0.999), weight_decay=o.weight_decay)
-
-
-def evaluate_checkpoint(path: str | Path, *, attack: str = "pgd", overrides: list[str] | tuple[str, ...] = (),
-                        n_examples: int | None = None, eps_list: str | list[float] | None = None) -> dict[str, Any]:
-    """Test-set robustness of a checkpoint: ``attack`` is ``pgd`` (CE loss), ``cw`` (CW-L∞: PGD on the
-    CW margin), ``autoattack`` (standard, needs ``pyautoattack``) or ``sweep`` (PGD over ``eps_list``
-    and over steps), each with the sanity checks of :func:`sparta.robustness.evaluate_robustness`;
-    or ``fmn``: per-image minimal L∞ distances (:func:`sparta.attacks.fmn.evaluate_min_norm`, settings
-    ``eval.fmn.*``, tuned on the validation split, else on the test images after the evaluated ones),
-    also written as ``<name>.fmn-distances.pickle`` with a security curve ``<name>.fmn-security-curve.png``.
-
-    Settings come from the checkpoint's config ``eval.*`` and ``seed`` (overridable); the result
-    (with ``rows``, ``checks`` and ``warnings``) is also written as JSON beside the checkpoint
-    (``<name>.eval-<attack>.json``). Under torchrun the test set is sharded in whole chunks of
-    ``eval.batch_size`` images over the ranks (see :mod:`sparta.robustness`), every rank returns the
-    merged result and rank 0 writes it.
-    """
-    from .robustness import ATTACKS, evaluate_robustness, require_autoattack
-
-    if attack not in (*ATTACKS, "fmn"):
-        raise ConfigError(f"unknown evaluation attack {attack!r}; valid: {', '.join((*ATTACKS, 'fmn'))}")
-    if eps_list is not None and attack != "sweep":
-        raise ConfigError("--eps-list applies only to --attack sweep")
-    if attack == "autoattack":
-        require_autoattack()  # before any work
-    if attack == "fmn":
-        from .attacks.fmn import require_secmlt
-
-        require_secmlt()
-    path = Path(path)
-    state = checkpoint.load(path)
-    cfg = from_saved(state.config, overrides)
-    if n_examples is not None:
-        if n_examples < 1:
-            raise ConfigError(f"--n-examples must be >= 1, got {n_examples}")
-        cfg.eval.test_subset = n_examples
-    data = load_dataset(cfg.data.name, cfg.data.root, val_size=cfg.data.val_size, train_subset=cfg.data.train_subset)
-    spec = state.model_spec
-    for what, have, want in (("classes", data.num_classes, spec["num_classes"]),
-                             ("input channels", data.in_channels, spec["in_channels"]),
-                             ("pixels a side", data.image_size, spec["image_size"])):
-        if have != want:  # a network with adaptive pooling would run, on the wrong task
-            raise ConfigError(f"{cfg.data.name} has {have} {what} but the checkpoint's model was trained with {want}; "
-                              "evaluate on the dataset it was trained on")
-    # under torchrun (`sparta eval --nproc N`) every rank attacks its share of the chunks; after every check
-    dist = setup(cfg, training=False)
-    device = dist.device
-    model = load_model(path, device)
-    protocol = {**eval_protocol(cfg), "precision": "fp32"}  # evaluate_robustness always runs in float32
-    e = cfg.eval
-    if attack == "fmn":
-        return _evaluate_fmn(path, cfg, model, data, protocol, dist)
-    result = evaluate_robustness(model, _first(data.test, e.test_subset), attack=attack, eps=protocol["eps"],
-                                 alpha=e.alpha, steps=e.steps, restarts=e.restarts, norm=protocol["norm"],
-                                 batch_size=e.batch_size, device=device, seed=cfg.seed, eps_list=eps_list, dist=dist)
-    name = {"pgd": "pgd", "cw": "pgd-cw", "autoattack": "autoattack-standard", "sweep": "pgd-sweep"}[attack]
-    result = {"checkpoint": str(path), **result, "protocol": {**protocol, "attack": name, "seed": cfg.seed},
-              "device": str(device), "torch": str(torch.__version__)}
-    out = path.with_name(f"{path.stem}.eval-{attack}.json")
-    dist.on_main(lambda: write_text_atomic(out, dumps(result)))
-    return {**result, "written": str(out)}
-
-
-def _evaluate_fmn(path: Path, cfg: Config, model: nn.Module, data: DatasetSplits, protocol: dict[str, Any],
-                  dist: Distributed) -> dict[str, Any]:
-    """``evaluate_checkpoint(attack="fmn")``: distances, JSON, pickle and security curve beside the checkpoint."""
-    from .attacks.fmn import evaluate_min_norm, security_curve, write_distances
-    from .plots import PLOTS_SKIPPED, matplotlib_or_none, plot_security_curve
-
-    e, f = cfg.eval, cfg.eval.fmn
-    if protocol["norm"] != "linf":
-        raise ConfigError(f"--attack fmn measures L∞ distances; the checkpoint's eval norm is {protocol['norm']}")
-    test = _first(data.test, e.test_subset)
-    tune = data.val if data.val is not None and len(data.val) else \
-        (data.test.subset(len(test), len(data.test)) if len(test) < len(data.test) else None)
-    result = evaluate_min_norm(model, test, tune_data=tune, trials=f.trials, tune_steps=f.tune_steps,
-                               tune_batch=f.tune_batch, steps=f.steps, batch_size=e.batch_size, device=dist.device,
-                               seed=cfg.seed, dist=dist, compare_autoattack=f.autoattack, eps=protocol["eps"])
-    split = None if tune is None else "validation" if tune is data.val else "test images after the evaluated ones"
-    result = {"checkpoint": str(path), **result, "tuning_split": split,
-              "protocol": {**protocol, "attack": "fmn", "seed": cfg.seed}, "device": str(dist.device),
-              "torch": str(torch.__version__)}
-    out = path.with_name(f"{path.stem}.eval-fmn.json")
-    pickled = path.with_name(f"{path.stem}.fmn-distances.pickle")
-    png = path.with_name(f"{path.stem}.fmn-security-curve.png")
-    mpl = matplotlib_or_none()
-    distances = [float("inf") if d is None else d for d in result["distances"]]
-    finite = sorted({d for d in distances if d != float("inf")})
-    top = max([32 / 255, *(1.1 * d for d in finite[-1:])])
-    written = {"written": str(out), "distances_file": str(pickled), "plot": str(png) if mpl else None,
-               "notes": [] if mpl else [PLOTS_SKIPPED]}
-
-    def write() -> None:
-        write_distances(pickled, distances)
-        if mpl:
-            plot_security_curve({path.stem: security_curve(distances, [0.0, *finite, top])}, png, mpl,
-                                eps=protocol["eps"], title=f"{path.stem}: FMN security curve ({len(distances)} images)")
-        write_text_atomic(out, dumps({**result, **written}))
-
-    dist.on_main(write)
-    return {**result, **written}

@@ -130,15 +130,16 @@ def run_summary(path: Path) -> tuple[dict[str, Any] | None, str]:
 
 def attack_card(path: Path, cfg, *, n_examples: int | None, log: Callable[[str], None]) -> dict[str, Any]:
     """Clean and AutoAttack accuracy at each of ``CARD_EPS`` on the first ``n_examples`` test images."""
-    from .data import load_dataset
+    from .attacks.autoattack import require_autoattack
+    from .data import first_images, load_dataset
     from .distributed import resolve_device
-    from .experiment import _first, load_model
-    from .robustness import evaluate_robustness, require_autoattack
+    from .experiment import load_model
+    from .robustness import EvalSettings, evaluate_robustness
 
     aa = require_autoattack()
     device = resolve_device(cfg.device)
     data = load_dataset(cfg.data.name, cfg.data.root, val_size=cfg.data.val_size, train_subset=cfg.data.train_subset)
-    test = _first(data.test, n_examples)
+    test = first_images(data.test, n_examples)
     model = load_model(path, device)
     e = cfg.eval
     ref_eps = e.eps if e.eps is not None else cfg.attack.eps
@@ -147,8 +148,9 @@ def attack_card(path: Path, cfg, *, n_examples: int | None, log: Callable[[str],
     for eps in CARD_EPS:
         log(f"AutoAttack at eps {format_eps(eps)} on {len(test)} test images")
         alpha = e.alpha * eps / ref_eps if ref_eps > 0 else e.alpha  # the config's step/eps ratio for the PGD reference
-        r = evaluate_robustness(model, test, attack="autoattack", eps=eps, alpha=alpha, steps=e.steps,
-                                restarts=e.restarts, norm="linf", batch_size=e.batch_size, device=device, seed=cfg.seed)
+        settings = EvalSettings(eps=eps, alpha=alpha, steps=e.steps, restarts=e.restarts, norm="linf",
+                                batch_size=e.batch_size, seed=cfg.seed)
+        r = evaluate_robustness(model, test, settings, attack="autoattack", device=device)
         clean = r["clean_acc"]
         results[format_eps(eps)] = {"eps": eps, "robust_acc": r["robust_acc"], "pgd_robust_acc": r["pgd_robust_acc"],
                                     "per_attack": r["autoattack"]["per_attack"],
@@ -166,9 +168,9 @@ def min_norm_result(path: Path, cfg: Any, *, overrides: list[str] | tuple[str, .
     secml-torch's loop runs; kept from an earlier call when its JSON beside the checkpoint has the same
     images and settings ``cfg.eval.fmn``), AutoAttack not rerun: its accuracy on the same images
     (``autoattack``: ``eps``, ``robust_acc``, ``n``) is compared with FMN's at that eps by the eval's
-    own check (:func:`sparta.attacks.fmn.autoattack_check`)."""
-    from .attacks.fmn import autoattack_check, robust_accuracy_at
-    from .experiment import evaluate_checkpoint
+    own check (:func:`sparta.min_norm.autoattack_check`)."""
+    from .min_norm import autoattack_check, robust_accuracy_at
+    from .commands.evaluate import evaluate_checkpoint
 
     wanted = cfg.eval.fmn
     kept_file = path.with_name(f"{path.stem}.eval-fmn.json")

@@ -61,15 +61,13 @@ each step (Flying Bird+'s density changes during training) across every stage of
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from . import fmt
-from .errors import CheckpointError, ConfigError, SpartaError
+from .errors import CheckpointError
 from .sparse.masks import MaskSet
 from .sparse.select import unwrap
 
@@ -80,7 +78,7 @@ __all__ = [
     "LayerFlops", "forward_flops_by_layer", "inference_flops", "step_multiplier", "step_flops_per_image",
     "paper_table_flops", "full_backward_multiplier", "attack_full_backward_flops",
     "TrainingCostMeter", "savings", "dense_training_flops", "attack_steps_of",
-    "mask_densities", "flops_report", "format_report",
+    "mask_densities",
 ]
 
 
@@ -430,177 +428,3 @@ class TrainingCostMeter:
         if state.get("cost_in_force") is not None:
             self._cost = float(state["cost_in_force"])
             self._key = ("resumed",)  # matches no masks: the first step re-reads them after charging
-
-
-# ------------------------------------------------------------------------------------ CLI / report
-
-# Official releases: (in_channels, image_size, num_classes, official training images). Lets
-# `sparta flops CONFIG` work without the data on disk; the default validation sizes are the readers'.
-DATASET_SHAPES: dict[str, tuple[int, int, int, int]] = {
-    "cifar10": (3, 32, 10, 50_000),
-    "cifar100": (3, 32, 100, 50_000),
-    "svhn": (3, 32, 10, 73_257),
-    "tinyimagenet": (3, 64, 200, 100_000),
-    "mnist": (1, 28, 10, 60_000),
-    "digits": (1, 8, 10, 1_297),
-}
-DEFAULT_VAL_SIZE = {"digits": 200}  # every other dataset: 5000
-
-
-def _train_images(cfg: Any, official: int) -> int:
-    """Training images per epoch: official training set minus validation, cut to train_subset."""
-    val = cfg.data.val_size if cfg.data.val_size is not None else DEFAULT_VAL_SIZE.get(cfg.data.name, 5000)
-    if not 0 <= val < official:
-        raise ConfigError(f"data.val_size must be in [0, {official - 1}] for {cfg.data.name}; got {val}")
-    n = official - val
-    if cfg.data.train_subset is not None:
-        if not 1 <= cfg.data.train_subset <= n:
-            raise ConfigError(f"data.train_subset must be in [1, {n}] for {cfg.data.name}; got {cfg.data.train_subset}")
-        n = cfg.data.train_subset
-    return n
-
-
-def _dataset_facts(cfg: Any) -> tuple[int, int, int, int, str]:
-    """(in_channels, image_size, num_classes, training images, how known) of the config's dataset:
-    the official release's facts for the known datasets (no data read), else the dataset itself."""
-    if cfg.data.name in DATASET_SHAPES:
-        c, size, classes, official = DATASET_SHAPES[cfg.data.name]
-        return c, size, classes, _train_images(cfg, official), f"official {cfg.data.name} release sizes"
-    from .data import load_dataset
-
-    data = load_dataset(cfg.data.name, cfg.data.root, val_size=cfg.data.val_size, train_subset=cfg.data.train_subset)
-    return data.in_channels, data.image_size, data.num_classes, len(data.train), f"{cfg.data.name} read from data.root"
-
-
-def _config_densities(cfg: Any, model: nn.Module) -> tuple[dict[str, float] | None, str]:
-    m = cfg.method
-    if m.name == "dense":
-        return None, "dense (method dense)"
-    if m.name == "robust_bird" and m.pruning == "channel":
-        return None, ("dense: a channel ticket is a smaller network only known once drawn; "
-                      "run `sparta flops` on its checkpoint")
-    # a ticket's layer densities are only known once drawn: IGQ's stand in for them
-    distribution = getattr(m, "distribution", "igq")
-    masks = MaskSet.random(model, m.density, distribution, seed=0, exclude=m.exclude)
-    if m.name in ("static", "flying_bird", "flying_bird_plus"):
-        what = f"initial mask of {m.name}: {distribution} layer densities at density {m.density:g}"
-    else:
-        what = (f"estimate for {m.name}: the ticket's layer densities are only known once drawn; "
-                f"shown: {distribution} layer densities at density {m.density:g}")
-    return mask_densities(masks), what
-
-
-def flops_report(source: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
-    """Everything ``sparta flops`` prints, as plain data, for a YAML config or a checkpoint.
-
-    Config: the model is built as ``sparta.experiment`` builds it, with the dataset's shape from the
-    official release facts in ``DATASET_SHAPES`` (no data is read; other datasets are read from
-    ``data.root``); sparse methods show their initial random mask (exact for static / Flying Bird(+),
-    an estimate for ticket methods). Checkpoint: its ``model_spec`` (a slimmed channel ticket is
-    rebuilt small) and its ``masks``; the config (for attack, objective and epochs) is the
-    checkpoint's, with ``overrides`` applied. The run estimates are for the final stage (an
-    after-training config: ``method.finetune_epochs``).
-    """
-    from . import checkpoint
-    from .config import from_saved, load_config
-    from .netspec import build_model
-
-    path = Path(source)
-    if not path.exists():
-        raise SpartaError(f"{path} does not exist; give a YAML config (see configs/) or a checkpoint (.pt)")
-    if path.is_dir():
-        raise SpartaError(f"{path} is a directory; give a YAML config or a checkpoint file (e.g. {path}/checkpoints/last.pt)")
-    if path.suffix in (".yaml", ".yml"):
-        cfg = load_config(path, overrides)
-        c, size, classes, train_images, shapes_from = _dataset_facts(cfg)
-        spec = {"name": cfg.model.name, "kwargs": cfg.model.kwargs(), "num_classes": classes, "in_channels": c,
-                "image_size": size, "mean": [0.5] * c, "std": [0.5] * c}  # statistics do not change FLOPs
-        model = build_model(spec)
-        densities, densities_from = _config_densities(cfg, model)
-        kind = "config"
-    else:
-        state = checkpoint.load(path)
-        if not isinstance(state.config, dict):
-            raise CheckpointError(f"{path} holds no config; cannot tell its attack and schedule")
-        cfg = from_saved(state.config, overrides)
-        spec = state.model_spec
-        model = build_model(spec)
-        c, size = spec["in_channels"], spec["image_size"]
-        masks = state.masks
-        densities = {name: float(m.float().mean()) for name, m in masks.items()} or None
-        densities_from = "checkpoint masks" if masks else "dense (checkpoint has no masks)"
-        if spec.get("channel_plan"):
-            densities_from += "; slimmed channel ticket counted at its physical size"
-        train_images, shapes_from = _dataset_facts(cfg)[3], "checkpoint model_spec"
-        kind = "checkpoint"
-    layer_flops = forward_flops_by_layer(model, (c, size, size))
-    try:
-        inference_flops(layer_flops, densities)
-    except ValueError as e:
-        raise CheckpointError(f"{path}: masks do not fit the model ({e})") from None
-    k, objective = attack_steps_of(cfg), cfg.objective.name
-    dense_f, sparse_f = inference_flops(layer_flops), inference_flops(layer_flops, densities)
-    mult = step_multiplier(k, objective)
-    layers = [{"name": n, "dense": f, "density": (densities or {}).get(n, 1.0),
-               "effective": f * (densities or {}).get(n, 1.0)} for n, f in layer_flops.per_weight.items()]
-    multi_stage = cfg.method.name in ("robust_bird", "boosting_ticket", "magnitude", "hydra")
-    if kind == "config" and hasattr(cfg.method, "finetune_epochs"):  # after training: the final stage's epochs
-        cfg.epochs = cfg.method.finetune_epochs
-
-    return {
-        "source": str(path), "kind": kind, "model": spec["name"], "input_shape": [c, size, size],
-        "num_classes": spec["num_classes"], "shapes_from": shapes_from, "densities_from": densities_from,
-        "layers": layers, "other": layer_flops.other,
-        "inference_flops_dense": dense_f, "inference_flops": sparse_f,
-        "attack": cfg.attack.name, "attack_steps": k, "objective": objective, "step_multiplier": mult,
-        "step_flops_per_image_dense": mult * dense_f, "step_flops_per_image": mult * sparse_f,
-        "epochs": cfg.epochs, "train_images": train_images,
-        "run_flops_dense": cfg.epochs * train_images * mult * dense_f,
-        "run_flops": cfg.epochs * train_images * mult * sparse_f,
-        "paper_table_run_flops_dense": paper_table_flops(cfg.epochs, train_images, dense_f, k, objective),
-        "paper_table_run_flops": paper_table_flops(cfg.epochs, train_images, sparse_f, k, objective),
-        "note": ("the run estimates cover the final (adversarial) stage only; the earlier stages (ticket "
-                 "search / finder, dense pretraining, HYDRA's score learning) are extra" if multi_stage else ""),
-    }
-
-
-def _si(x: float) -> str:
-    return fmt.flops(x, ".3f", unit="FLOPs", unscaled=".0f")  # "1.111 GFLOPs", "500 FLOPs"
-
-
-def format_report(r: dict[str, Any]) -> str:
-    """The text ``sparta flops`` prints for a :func:`flops_report` result."""
-    c, h, w = r["input_shape"]
-    width = max([len("other (no conv/linear weight)")] + [len(l["name"]) for l in r["layers"]])
-    lines = [f"{r['kind']} {r['source']}: {r['model']}, input {c}x{h}x{w}, {r['num_classes']} classes "
-             f"({r['shapes_from']})",
-             f"densities: {r['densities_from']}",
-             "FLOPs per image, 2 FLOPs per multiply-add (torch.utils.flop_counter), sparse = dense x layer density",
-             "",
-             f"{'layer':<{width}}  {'dense MFLOPs':>12}  {'density':>7}  {'effective MFLOPs':>16}"]
-    lines.append("-" * len(lines[-1]))
-    for l in r["layers"]:
-        lines.append(f"{l['name']:<{width}}  {l['dense'] / 1e6:>12.3f}  {l['density']:>7.4f}  {l['effective'] / 1e6:>16.3f}")
-    lines.append(f"{'other (no conv/linear weight)':<{width}}  {r['other'] / 1e6:>12.3f}  {'':>7}  {r['other'] / 1e6:>16.3f}")
-    dense, sparse = r["inference_flops_dense"], r["inference_flops"]
-    lines.append(f"{'total':<{width}}  {dense / 1e6:>12.3f}  {sparse / dense if dense else 1.0:>7.4f}  {sparse / 1e6:>16.3f}")
-    k, obj, mult = r["attack_steps"], r["objective"], r["step_multiplier"]
-    formula = f"2k+3 = {mult}" if obj == "ce" else f"2k+7 = {mult}"
-    lines += [
-        "",
-        f"inference per image:     dense {_si(dense)}   sparse {_si(sparse)}"
-        + (f"   ({fmt.fraction(savings(sparse, dense), '.1f')} saved)" if dense else ""),
-        f"training step per image: dense {_si(mult * dense)}   sparse {_si(mult * sparse)}   "
-        f"(attack {r['attack']}, k={k} steps, objective {obj}: {formula} x F; each attack step = forward + input-only backward)",
-        f"full run, this count:    dense {_si(r['run_flops_dense'])}   sparse {_si(r['run_flops'])}   "
-        f"({r['epochs']} epochs x {r['train_images']} training images x {mult} x F, density held constant)",
-    ]
-    if r["paper_table_run_flops"] is None:
-        lines.append(f"full run, paper table formula (epochs x images x (3k+3) x F): not given for objective {obj} "
-                     "(the formula is for PGD-AT)")
-    else:
-        lines.append(f"full run, paper table formula (epochs x images x (3k+3) = {3 * k + 3} x F of the final network): "
-                     f"dense {_si(r['paper_table_run_flops_dense'])}   sparse {_si(r['paper_table_run_flops'])}")
-    if r.get("note"):
-        lines.append(f"note: {r['note']}")
-    return "\n".join(lines)

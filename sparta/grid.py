@@ -33,6 +33,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
+from .config import smoke_settings
 from .errors import SpartaError
 from .reproduce import PRESETS, SMOKE, SMOKE_EVAL, FinalEval, PlannedRun
 
@@ -46,16 +47,7 @@ MODELS = {"resnet18": "resnet18", "vgg16": "vgg16_bn_hydra", "preact_resnet18": 
 # the FMN distances of each submission, shrunk for --smoke (sparta.attacks.fmn; defaults: the benchmark's)
 FMN_SMOKE = ["eval.fmn.trials=2", "eval.fmn.tune_steps=5", "eval.fmn.tune_batch=8", "eval.fmn.steps=10"]
 BENCHMARK_EPS = 0.031  # the benchmark's AutoAttack budget (8/255 = 0.0314 elsewhere in sparta)
-# dataset -> what its --data-root must hold
-DATASETS = {"cifar10": "cifar-10-batches-py", "svhn": "train_32x32.mat"}
-# the boosting paper's finder lr for VGG (as its VGG presets; the method file has the ResNet's 0.05)
-VGG_SETTINGS = {"boosting_ticket": ["method.search_lr=0.01"]}
-# one short epoch of every stage, for --smoke (with reproduce.SMOKE)
-STAGE_SMOKE = {"magnitude": ["method.pretrain_epochs=1", "method.finetune_epochs=1"],
-               "hydra": ["method.pretrain_epochs=1", "method.score_epochs=1", "method.finetune_epochs=1"],
-               "robust_bird": ["method.max_search_epochs=1", "method.search_milestones=[]"],
-               "robust_bird_channel": ["method.max_search_epochs=1", "method.search_milestones=[]"],
-               "boosting_ticket": ["method.finder_epochs=1", "method.search_milestones=[]"]}
+DATASETS = ("cifar10", "svhn")  # the benchmark's datasets (what a data root must hold: sparta.data)
 
 
 def sparsity_settings(method: str, sparsity: float) -> list[str]:
@@ -91,10 +83,10 @@ def plan_grid(dataset: str, model: str, data_root: str | Path, out: str | Path, 
         for s in levels:
             name = run_name(method, s)
             run_dir = Path(out) / "runs" / name
-            args = [f"data.root={data_root}", f"name={name}", f"out_dir={run_dir}", f"model.name={network}",
-                    *sparsity_settings(method, s), *(VGG_SETTINGS.get(method, []) if model == "vgg16" else []),
-                    *(SMOKE + STAGE_SMOKE.get(method, []) if smoke else [])]
             configs = (PRESETS / f"{dataset}_pgd.yaml", PRESETS / "methods" / f"{method}.yaml")
+            # (the boosting finder's VGG lr, 0.01, is the method's own default for a VGG model)
+            args = [f"data.root={data_root}", f"name={name}", f"out_dir={run_dir}", f"model.name={network}",
+                    *sparsity_settings(method, s), *(SMOKE + smoke_settings(configs) if smoke else [])]
             runs.append(PlannedRun(method, configs, (*args, *overrides), run_dir))
     return runs
 
@@ -107,20 +99,19 @@ def run_grid(dataset: str, model: str, data_root: str | Path, out: str | Path, *
     PGD-20 on the first ``final_n`` test images (None: all), write ``OUT/grid.json`` and the report;
     returns the report's path. ``jobs`` runs train at once; ``launcher``: as in ``reproduce.reproduce``
     (the report of the runs finished so far; None when none has)."""
+    from .attacks.autoattack import require_autoattack
+    from .data import require_release
     from .config import load_config
     from .export import export_checkpoint
     from .fmt import eps as format_eps
     from .report import load_run, write_report
     from .reproduce import check_existing, exclusive, train_and_evaluate
-    from .robustness import require_autoattack
     from .rundir import dumps, write_text_atomic
 
     data_root, out = Path(data_root), Path(out)
     planned = plan_grid(dataset, model, data_root, out, methods=methods, sparsities=sparsities, smoke=smoke,
                         overrides=overrides)
-    if not (data_root / DATASETS[dataset]).exists():
-        raise SpartaError(f"--data-root {data_root} has no {DATASETS[dataset]}; give the folder that holds the "
-                          f"official {dataset} files")
+    require_release(dataset, data_root)
     if out.exists() and not out.is_dir():
         raise SpartaError(f"--out {out} exists and is not a folder")
     require_autoattack()

@@ -1,21 +1,28 @@
 """The ``method:`` section of a config: one dataclass per ``method.name``, each with only its settings.
 
 A setting declares its default and, where it has one, its range (``setting(50, ">= 1")``); the
-checks and their one-line errors are generated from the declaration. Methods that share settings
+checks and their one-line errors are generated from the declaration. A default that depends on other
+settings (Robust Bird's ``eb_threshold`` on ``pruning``) is declared as a rule (``derive=``) and set
+when the config is built, so a built config, and the config.yaml a run saves, hold the value used;
+a ``null`` for such a setting (configs saved by older versions) is read as "not given". Methods that share settings
 share a base class: every sparse method has ``density`` and ``exclude``, the random-mask methods add
 ``distribution``, the ticket methods (a cheap first stage finds the mask) add the search settings, the
 after-training methods (prune a dense adversarially trained net, then fine-tune) the pretrain and
 fine-tune settings.
-``METHOD_CONFIGS`` maps ``method.name`` to its class; a new method adds its class there and its
-recipe to ``sparta.methods.METHODS``.
+Each class is all a method's config-level knowledge: its settings and their defaults, its stages and
+their epochs (``stages``), the overrides that shrink it to one short epoch per stage (``SMOKE``), and
+what its masks are before training (``planned_masks``, for ``sparta flops``). ``METHOD_CONFIGS`` maps
+``method.name`` to its class; a new method adds its class there and its recipe to
+``sparta.methods.METHODS``.
 """
 from __future__ import annotations
 
 import dataclasses
 import re
 import typing
+import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Literal, Optional
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, Optional
 
 from .errors import ConfigError
 
@@ -38,13 +45,36 @@ def _predicate(rule: str) -> Callable[[float], bool]:
     return lambda v: (v >= lo if left == "[" else v > lo) and (v <= hi if right == "]" else v < hi)
 
 
-def setting(default: Any, must: str | None = None) -> Any:
+# (the method's settings, the whole config) -> a setting's default that depends on other settings
+Derive = Callable[[Any, "Config"], Any]
+
+
+def setting(default: Any = None, must: str | None = None, *, derive: Derive | None = None) -> Any:
     """A method setting with its ``default`` and the range its value (each item of a list) ``must``
-    lie in, e.g. ``">= 1"``, ``"in (0, 1]"``; None (for settings that allow it) is always valid."""
-    metadata = {"must": must, "ok": _predicate(must)} if must else {}
+    lie in, e.g. ``">= 1"``, ``"in (0, 1]"``; None (for settings that allow it) is always valid.
+    ``derive``: the default is a rule over the other settings, applied by ``MethodConfig.resolve``."""
+    metadata: dict[str, Any] = {"must": must, "ok": _predicate(must)} if must else {}
+    if derive is not None:
+        metadata["derive"] = derive
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """One stage of a method as its config plans it: ``epochs`` of it (at most, when ``capped``: a
+    search that ends at the early-bird ticket). The last stage trains the network the run produces."""
+
+    name: str  # the `stage` field of metrics.jsonl
+    epochs: int
+    capped: bool = False
+
+
+# what a method's masks are before it trains, for ``sparta flops CONFIG``: none (dense), its initial
+# random masks (exactly those it starts from), an estimate (a ticket, only known once drawn: random
+# masks at its density stand in), or a physically smaller network only known once drawn (channels)
+PlannedMasks = Literal["none", "initial", "estimate", "channels"]
 
 
 @dataclass
@@ -52,6 +82,21 @@ class MethodConfig:
     """Dense adversarial training (``dense``): no settings besides the name."""
 
     name: str = "dense"
+    # overrides that make each stage of the method one short epoch (``--smoke`` of reproduce and grid)
+    SMOKE: ClassVar[tuple[str, ...]] = ()
+
+    def stages(self, cfg: "Config") -> list[StagePlan]:
+        """The method's stages in order, with their epochs (``sparta.methods`` builds them)."""
+        return [StagePlan("train", cfg.epochs)]
+
+    def planned_masks(self) -> PlannedMasks:
+        return "none"
+
+    def resolve(self, cfg: "Config") -> None:
+        """Set each setting declared with ``derive`` and not given (None) to its rule's value."""
+        for f in dataclasses.fields(self):
+            if "derive" in f.metadata and getattr(self, f.name) is None:
+                setattr(self, f.name, f.metadata["derive"](self, cfg))
 
     def check(self, cfg: "Config") -> None:
         """Declared ranges, then the rules that tie settings together (overridden where a method has them)."""
@@ -72,6 +117,9 @@ class SparseConfig(MethodConfig):
     density: float = setting(0.2, "in (0, 1]")  # fraction of prunable (conv + linear) weights kept
     exclude: list[str] = setting([])  # fnmatch patterns of weights that stay dense
 
+    def planned_masks(self) -> PlannedMasks:
+        return "estimate"
+
 
 @dataclass
 class RandomMaskConfig(SparseConfig):
@@ -79,6 +127,9 @@ class RandomMaskConfig(SparseConfig):
 
     name: str = "static"
     distribution: Literal["igq", "erk", "er", "uniform"] = "igq"  # per-layer densities of the initial mask
+
+    def planned_masks(self) -> PlannedMasks:
+        return "initial"
 
 
 @dataclass
@@ -113,7 +164,8 @@ class FlyingBirdPlusConfig(FlyingBirdConfig):
     """Flying Bird+ (``flying_bird_plus``): Flying Bird whose density reacts to robust overfitting."""
 
     name: str = "flying_bird_plus"
-    adapt_from_epoch: Optional[int] = setting(None, ">= 0")  # null = half of the epochs (paper: 100 of 200)
+    # default: half of the epochs (paper: 100 of 200)
+    adapt_from_epoch: int = setting(must=">= 0", derive=lambda m, cfg: cfg.epochs // 2)
     window: int = setting(5, ">= 2")  # the last epochs looked at (window - 1 differences), every epoch
     # whatever eval.every is. Each epoch's window entry needs the validation robust accuracy and loss:
     # the first N validation images are evaluated with the evaluation attack after every epoch for it,
@@ -136,13 +188,19 @@ class FlyingBirdPlusConfig(FlyingBirdConfig):
 class TicketConfig(SparseConfig):
     """Settings of the ticket methods: a cheap first stage finds the ticket, the second trains it."""
 
-    search_attack: Optional[Literal["none", "fgsm", "pgd"]] = None  # null: none (robust_bird), fgsm (boosting)
-    search_lr: Optional[float] = setting(None, "> 0")  # lr of the first stage; null: 0.1 (robust_bird),
-    #                                    0.01 for VGG and 0.05 otherwise (boosting_ticket, Li et al.)
+    search_attack: Literal["none", "fgsm", "pgd"] = "none"  # the first stage's attack
+    search_lr: float = setting(0.1, "> 0")  # lr of the first stage
     # first-stage lr x optim.gamma at these epochs of that stage; [] = constant search_lr. The authors'
     # Robust Bird: max_search_epochs=200 search_milestones=[50]; the boosting paper's finder:
     # finder_epochs=100 search_milestones=[50, 75]
     search_milestones: list[float] = setting([], ">= 0")
+
+
+# lambda of the L1 penalty on BN gammas during Robust Bird's search, by method.pruning: network
+# slimming's 1e-4 (Liu et al. 2017, You et al. 2020) where gammas score the channels, none where weight
+# magnitudes score the ticket
+DEFAULT_BN_L1 = {"unstructured": 0.0, "channel": 1e-4}
+DEFAULT_EB_THRESHOLD = {"unstructured": 0.08, "channel": 0.1}  # You et al.'s early-bird thresholds, by kind
 
 
 @dataclass
@@ -157,16 +215,26 @@ class RobustBirdConfig(TicketConfig):
     # images at batch 128); null = after every epoch. The search still stops at an epoch's end
     eb_every_steps: Optional[int] = setting(None, ">= 1")
     # L1 penalty lambda * sum |gamma| on BatchNorm weights during the search (network slimming);
-    # null: 1e-4 for pruning=channel, 0 for unstructured
-    bn_l1: Optional[float] = setting(None, ">= 0")
+    # default: 1e-4 for pruning=channel, 0 for unstructured
+    bn_l1: float = setting(must=">= 0", derive=lambda m, cfg: DEFAULT_BN_L1[m.pruning])
     eb_window: int = setting(5, ">= 2")  # masks compared (the newest against the window - 1 older ones)
-    eb_threshold: Optional[float] = setting(None, "in [0, 1]")  # max normalised Hamming distance; null: 0.08 unstructured, 0.1 channel
-    channel_density: Optional[float] = setting(None, "in (0, 1]")  # fraction of BN channels kept; null: sqrt(density)
+    # max normalised Hamming distance between masks; default: 0.08 unstructured, 0.1 channel
+    eb_threshold: float = setting(must="in [0, 1]", derive=lambda m, cfg: DEFAULT_EB_THRESHOLD[m.pruning])
+    # fraction of BN channels kept; default: sqrt(density)
+    channel_density: float = setting(must="in (0, 1]", derive=lambda m, cfg: math.sqrt(m.density))
     # what the channel ticket's size is set by: channels (channel_density of the BN channels) or weights
     # (as many channels as keep the share `density` of the conv + linear weights, the adversarial pruning
     # benchmark's structured sparsity); the search compares masks at channel_density either way
     channel_budget: Literal["channels", "weights"] = "channels"
     rewind: Literal["none", "init"] = "none"  # train the ticket from the early-bird weights or the initial ones
+
+    SMOKE = ("method.max_search_epochs=1", "method.min_search_epochs=0", "method.search_milestones=[]")
+
+    def stages(self, cfg: "Config") -> list[StagePlan]:
+        return [StagePlan("search", self.max_search_epochs, capped=True), StagePlan("train", cfg.epochs)]
+
+    def planned_masks(self) -> PlannedMasks:
+        return "channels" if self.pruning == "channel" else "estimate"
 
     def check(self, cfg: "Config") -> None:
         super().check(cfg)
@@ -180,9 +248,18 @@ class BoostingTicketConfig(TicketConfig):
     """Boosting tickets (``boosting_ticket``): a short finder, prune, rewind, retrain adversarially."""
 
     name: str = "boosting_ticket"
+    search_attack: Literal["none", "fgsm", "pgd"] = "fgsm"
+    # default: Li et al.'s finder lr, 0.01 for VGG and 0.05 otherwise
+    search_lr: float = setting(must="> 0", derive=lambda m, cfg: 0.01 if cfg.model.name.startswith("vgg") else 0.05)
     finder_epochs: int = setting(20, ">= 1")
     rounds: int = setting(1, ">= 1")  # pruning rounds (iterative pruning when > 1)
     reinit: Literal["none", "random"] = "none"  # random: same mask, fresh random weights (lottery-ticket control)
+    SMOKE = ("method.finder_epochs=1", "method.search_milestones=[]")
+
+    def stages(self, cfg: "Config") -> list[StagePlan]:
+        finders = [StagePlan("finder" if self.rounds == 1 else f"finder{k + 1}", self.finder_epochs)
+                   for k in range(self.rounds)]
+        return [*finders, StagePlan("train", cfg.epochs)]
 
 
 @dataclass
@@ -201,6 +278,11 @@ class AfterTrainingConfig(SparseConfig):
     distribution: Literal["uniform", "igq", "erk", "er"] = "uniform"
     finetune_epochs: int = setting(100, ">= 1")  # the finetune stage: adversarial training of the kept weights
     finetune_lr: float = setting(0.01, "> 0")  # its lr, cosine to 0 over finetune_epochs, fresh optimizer
+    SMOKE = ("method.pretrain_epochs=1", "method.finetune_epochs=1")
+
+    def stages(self, cfg: "Config") -> list[StagePlan]:
+        pretrain = [StagePlan("pretrain", self.pretrain_epochs)] if self.pretrained is None else []
+        return [*pretrain, StagePlan("finetune", self.finetune_epochs)]
 
 
 @dataclass
@@ -227,6 +309,11 @@ class HydraConfig(AfterTrainingConfig):
     name: str = "hydra"
     score_epochs: int = setting(20, ">= 1")  # the score stage (paper: 20)
     score_lr: float = setting(0.1, "> 0")  # its lr, cosine to 0 over score_epochs (paper: 0.1)
+    SMOKE = ("method.pretrain_epochs=1", "method.score_epochs=1", "method.finetune_epochs=1")
+
+    def stages(self, cfg: "Config") -> list[StagePlan]:
+        *pretrain, finetune = super().stages(cfg)
+        return [*pretrain, StagePlan("score", self.score_epochs), finetune]
 
 
 METHOD_CONFIGS: dict[str, type[MethodConfig]] = {
@@ -256,6 +343,15 @@ def unknown_setting(cls: type[MethodConfig], key: str) -> ConfigError:
     others = [n for n, c in METHOD_CONFIGS.items() if key in setting_names(c)]
     where = f"a setting of {', '.join(others)}, not of {method}" if others else f"not a setting of {method}"
     return ConfigError(f"method.{key} is {where}; {method}'s settings: {', '.join(own)}")
+
+
+# settings that older versions saved as null for "the method's default", which is now a plain value
+FORMERLY_NULL = ("search_attack", "search_lr")
+
+
+def derived(cls: type[MethodConfig], key: str) -> bool:
+    """Whether ``cls``'s setting ``key`` has a default derived from the other settings."""
+    return any(f.name == key and "derive" in f.metadata for f in dataclasses.fields(cls))
 
 
 def drop_unused_settings(raw: dict[str, Any]) -> dict[str, Any]:

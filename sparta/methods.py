@@ -9,7 +9,6 @@ hold all of it.
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any, Callable, Sequence, cast
 
 import torch
@@ -73,7 +72,7 @@ def _flying_bird(cfg: Config, run: RunContext, optimizer: torch.optim.Optimizer,
 def _flying_bird_plus(cfg: Config, run: RunContext, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> SparsityController:
     m = cast(FlyingBirdPlusConfig, cfg.method)
     return AdaptiveDensity(run.model, optimizer, _random_masks(cfg, run), steps_per_epoch=steps_per_epoch,
-                           adapt_from_epoch=cfg.epochs // 2 if m.adapt_from_epoch is None else m.adapt_from_epoch,
+                           adapt_from_epoch=m.adapt_from_epoch,
                            window=m.window, threshold=m.threshold, extra_prune_fraction=m.extra_prune_fraction,
                            extra_grow_fraction=m.extra_grow_fraction, window_val_images=m.window_val_subset,
                            **_dynamic_args(cfg, steps_per_epoch))
@@ -146,12 +145,11 @@ def robust_bird(cfg: Config) -> list[Stage]:
     ``eb_step``, ``search_ended_by`` ("early_bird" or "cap": ``max_search_epochs`` ran out) and
     ``ticket_weights``.
     """
-    from .sparse.early_bird import DEFAULT_BN_L1, EarlyBirdSearch
+    from .sparse.early_bird import EarlyBirdSearch
 
     m = cast(RobustBirdConfig, cfg.method)
-    search = search_config(cfg, epochs=m.max_search_epochs, attack=m.search_attack or "none", lr=m.search_lr or 0.1,
+    search = search_config(cfg, epochs=m.max_search_epochs, attack=m.search_attack, lr=m.search_lr,
                            milestones=m.search_milestones)
-    bn_l1 = DEFAULT_BN_L1[m.pruning] if m.bn_l1 is None else m.bn_l1
 
     def searcher(stage_cfg: Config, run: RunContext, optimizer, steps_per_epoch: int) -> SparsityController:
         if m.pruning == "channel" and not any(isinstance(mod, torch.nn.modules.batchnorm._BatchNorm)
@@ -160,7 +158,7 @@ def robust_bird(cfg: Config) -> list[Stage]:
                               "no BatchNorm: use preact_resnet18, resnet18, vgg16_bn or wide_resnet")
         return EarlyBirdSearch(run.model, density=m.density, kind=m.pruning, window=m.eb_window,
                                threshold=m.eb_threshold, channel_density=m.channel_density, exclude=m.exclude,
-                               bn_l1=bn_l1, every_steps=m.eb_every_steps, min_epochs=m.min_search_epochs)
+                               bn_l1=m.bn_l1, every_steps=m.eb_every_steps, min_epochs=m.min_search_epochs)
 
     def draw_ticket(run: RunContext, controller: SparsityController) -> None:
         assert isinstance(controller, EarlyBirdSearch)  # the controller `searcher` built
@@ -171,7 +169,7 @@ def robust_bird(cfg: Config) -> list[Stage]:
                         ticket_weights=f"early-bird epoch {controller.eb_epoch}" if found else
                         f"no early bird within {m.max_search_epochs} search epochs: weights of the last search epoch")
         if m.pruning == "channel":
-            keep = m.channel_density or math.sqrt(m.density)
+            keep = m.channel_density
             if m.channel_budget == "weights":
                 keep = _channels_for_weight_share(run, m.density)
             _slim_to_ticket(run, keep, rewind=m.rewind == "init")
@@ -251,8 +249,7 @@ def boosting_ticket(cfg: Config) -> list[Stage]:
     from .sparse.tickets import iterative_densities, layer_normalized_masks, reinit_, rewind_model_
 
     m = cast(BoostingTicketConfig, cfg.method)
-    lr = m.search_lr or (0.01 if cfg.model.name.startswith("vgg") else 0.05)
-    finder = search_config(cfg, epochs=m.finder_epochs, attack=m.search_attack or "fgsm", lr=lr,
+    finder = search_config(cfg, epochs=m.finder_epochs, attack=m.search_attack, lr=m.search_lr,
                            milestones=m.search_milestones)
     densities = iterative_densities(m.density, m.rounds)
 

@@ -233,7 +233,7 @@ def plot_pareto(points: Sequence[Any], path: Path, mpl) -> Path | None:
 def plot_security_curve(curves: dict[str, list[tuple[float, float]]], path: Path, mpl, *, eps: float | None = None,
                         title: str = "security curve") -> Path:
     """Robust accuracy (%) against the L∞ budget, one step line per model (``{label: [(eps, acc)]}``,
-    from :func:`sparta.attacks.fmn.security_curve`), x in 255ths; a dotted line marks ``eps``."""
+    from :func:`sparta.min_norm.security_curve`), x in 255ths; a dotted line marks ``eps``."""
     Figure, Canvas = mpl
     fig = Figure(figsize=(6.5, 4.2))
     ax = fig.add_subplot()

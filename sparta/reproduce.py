@@ -35,12 +35,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from . import claims as C
+from .config import smoke_settings
 from .errors import SpartaError
 
 PRESETS = Path(__file__).with_name("configs")
 PROFILES = ("cpu-mini", "paper")
-DATASET_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python", "tinyimagenet": "tiny-imagenet-200"}
-DATASETS = tuple(DATASET_FOLDERS)
+DATASETS = ("cifar10", "cifar100", "tinyimagenet")  # the papers' datasets (their facts: sparta.data)
 
 # role -> preset name (``{dataset}_<preset>.yaml``); the order is the order of training
 ROLES = {"dense": "pgd", "robust_bird": "robust_bird", "robust_bird_channel": "robust_bird_channel",
@@ -112,11 +112,7 @@ CPU_MINI_ROLE: dict[str, list[str]] = {
 SMOKE: list[str] = ["epochs=1", "data.val_size=32", "data.train_subset=64", "batch_size=32", "attack.steps=2",
                     "eval.steps=2", "eval.val_subset=32", "eval.test_subset=32", "eval.gap_subset=32",
                     "optim.milestones=[1]", "optim.warmup_epochs=0", "progress=none"]
-# ... and one epoch of each ticket search (the settings of the methods that have one)
-SEARCH_SMOKE = ["method.max_search_epochs=1", "method.min_search_epochs=0", "method.search_milestones=[]"]
-FINDER_SMOKE = ["method.finder_epochs=1", "method.search_milestones=[]"]
-SMOKE_ROLE: dict[str, list[str]] = {"robust_bird": SEARCH_SMOKE, "robust_bird_channel": SEARCH_SMOKE,
-                                    "boosting_ticket": FINDER_SMOKE, "boosting_control": FINDER_SMOKE}
+# (plus the method's own SMOKE: one epoch of each of its stages; sparta.method_config)
 
 
 @dataclass(frozen=True)
@@ -194,9 +190,10 @@ def plan(profile: str, dataset: str, data_root: str | Path, out: str | Path, *, 
                 args += CPU_MINI + CPU_MINI_ROLE.get(role, [])
             else:
                 args += PAPER_ROLE.get(role, [])
+            configs = (PRESETS / f"{dataset}_{ROLES[role]}.yaml",)
             if smoke:
-                args += SMOKE + SMOKE_ROLE.get(role, [])
-            runs.append(PlannedRun(role, (PRESETS / f"{dataset}_{ROLES[role]}.yaml",), (*args, *overrides), run_dir, seed))
+                args += SMOKE + smoke_settings(configs)
+            runs.append(PlannedRun(role, configs, (*args, *overrides), run_dir, seed))
     return runs
 
 
@@ -340,7 +337,7 @@ def kept_final_eval(run_dir: Path, final: FinalEval) -> dict[str, Any] | None:
 def evaluate_final(run_dir: Path, final: FinalEval, data_root: Path, log: Callable[[str], None]) -> dict[str, Any]:
     """AutoAttack and PGD-``final.steps`` of the run's final model on the same test images (cached in
     ``final-eval.json``)."""
-    from .experiment import evaluate_checkpoint
+    from .commands.evaluate import evaluate_checkpoint
     from .outcomes import encode, pack
     from .rundir import dumps, write_text_atomic
 
@@ -375,7 +372,7 @@ def _images(n: int | None) -> str:
 
 def evaluate_in_child(run: PlannedRun, final: FinalEval, data_root: Path, log: Callable[[str], None],
                       threads: int | None) -> None:
-    """``evaluate_final`` of a trained run in a child process (``python -m sparta.reproduce``): the
+    """``evaluate_final`` of a trained run in a child process (``child_args``): the
     attacks draw from torch's global RNG, re-seeded per evaluation, which evaluations in threads of one
     process would share, so their numbers would depend on the interleaving."""
     if kept_final_eval(run.run_dir, final) is not None:
@@ -471,17 +468,15 @@ def reproduce(profile: str, data_root: str | Path, out: str | Path, *, dataset: 
     """Train, evaluate and report ``profile``; returns the path of the report. ``launcher``: a
     ``sparta.launcher.SlurmLauncher`` (None: train here); the report then holds the runs finished so
     far (None: no run has finished)."""
+    from .attacks.autoattack import require_autoattack
+    from .data import require_release
     from .config import load_config
     from .report import load_run, write_report
-    from .robustness import require_autoattack
     from .rundir import dumps, write_text_atomic
 
     data_root, out = Path(data_root), Path(out)
     check_jobs(jobs, nproc)
-    folder = DATASET_FOLDERS.get(dataset)
-    if folder and not (data_root / folder).is_dir():
-        raise SpartaError(f"--data-root {data_root} has no {folder}/ folder; give the folder that holds the "
-                          f"official {dataset} files")
+    require_release(dataset, data_root)
     if out.exists() and not out.is_dir():
         raise SpartaError(f"--out {out} exists and is not a folder")
     planned = plan(profile, dataset, data_root, out, seeds=seeds, smoke=smoke, only=only, overrides=overrides)
@@ -575,18 +570,7 @@ def _preamble(profile: str, dataset: str, planned: list[PlannedRun], found: list
 
 
 def child_args(run_dir: Path, final: FinalEval, data_root: Path) -> list[str]:
-    """The ``python -m sparta.reproduce`` command that runs ``evaluate_final`` in a child process."""
-    return [sys.executable, "-m", "sparta.reproduce", str(run_dir), str(data_root), str(final.n), str(final.steps),
-            str(final.eps), str(final.n_pgd)]
-
-
-if __name__ == "__main__":  # evaluate_in_child's child: RUN_DIR DATA_ROOT N|None STEPS EPS|None N_PGD|None
-    _run_dir, _data_root, _n, _steps, _eps, _n_pgd = sys.argv[1:]
-    try:
-        evaluate_final(Path(_run_dir), FinalEval(n=None if _n == "None" else int(_n), steps=int(_steps),
-                                                 eps=None if _eps == "None" else float(_eps),
-                                                 n_pgd=None if _n_pgd == "None" else int(_n_pgd)),
-                       Path(_data_root), lambda line: print(line, flush=True))
-    except SpartaError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    """The ``python -m sparta.commands.final_eval`` command that runs ``evaluate_final`` in a child process
+    (its arguments: RUN_DIR DATA_ROOT N|None STEPS EPS|None N_PGD|None, read back there)."""
+    return [sys.executable, "-m", "sparta.commands.final_eval", str(run_dir), str(data_root), str(final.n),
+            str(final.steps), str(final.eps), str(final.n_pgd)]

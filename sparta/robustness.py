@@ -1,16 +1,16 @@
 """Robustness evaluation beyond the training-time PGD: PGD-k with restarts, CW-L∞, AutoAttack and
 sweeps over eps and steps, each reported with sanity checks that catch gradient masking.
 
-``evaluate_robustness(model, data, attack=...)`` returns a dict (never prints): the headline clean
-and robust accuracy (percent), ``rows`` (every attack setting measured, for a table), ``checks``
-(``[{name, passed, detail}]``) and ``warnings`` (one string per failed check, naming the suspected
-cause). :func:`sparta.evaluate.evaluate` stays the per-batch engine; every PGD evaluation starts
-from a fixed torch seed (the caller's RNG state is restored afterwards), so two settings differ
-only by the setting, not by the random start.
+``evaluate_robustness(model, data, EvalSettings(eps=..., alpha=..., steps=...), attack=...)`` returns
+a dict (never prints): the headline clean and robust accuracy (percent), ``rows`` (every attack
+setting measured, for a table), ``checks`` (``[{name, passed, detail}]``) and ``warnings`` (one
+string per failed check, naming the suspected cause). :func:`sparta.evaluate.evaluate` stays the
+per-batch engine; every PGD evaluation starts from a fixed torch seed (the caller's RNG state is
+restored afterwards), so two settings differ only by the setting, not by the random start.
 
 Sanity checks (Athalye et al. 2018, "Obfuscated Gradients Give a False Sense of Security"; Carlini
 et al. 2019, "On Evaluating Adversarial Robustness"), counted in examples with a tolerance of
-``tolerance`` examples (PGD's random start makes single examples flip):
+``tolerance`` examples (an ``EvalSettings`` field; PGD's random start makes single examples flip):
 
 * ``eps0_equals_clean`` (sweep): robust accuracy at eps = 0 equals clean accuracy exactly;
   ``robust_le_clean`` (the other attacks): robust <= clean.
@@ -24,8 +24,9 @@ et al. 2019, "On Evaluating Adversarial Robustness"), counted in examples with a
   ``autoattack_flags`` (the package's own checks: randomized/dynamic defense, probabilities instead
   of logits, zero gradients, Square beating the gradient attacks).
 
-Chunks. Every attack runs chunk by chunk: chunk k is images [k*B, (k+1)*B) (B = ``batch_size``), and
-its randomness starts from the seed ``chunk_seed(seed, k)`` (``seed`` itself for chunk 0). AutoAttack
+Chunks. Every attack runs chunk by chunk (one function per attack kind over the shared loop
+``_chunked``): chunk k is images [k*B, (k+1)*B) (B = ``EvalSettings.batch_size``), and its randomness
+starts from the seed ``chunk_seed(seed, k)`` (``seed`` itself for chunk 0). AutoAttack
 runs once per chunk (``run_standard_evaluation`` on the chunk alone: the package re-seeds every batch
 with the same seed anyway, and runs each later attack on the chunk's survivors, not on survivors
 regrouped over the whole set). A chunk's result thus depends on its images and k only, so under
@@ -34,24 +35,22 @@ torchrun (``sparta eval --nproc N``) each rank takes a contiguous run of whole c
 arithmetic (CPU: the same thread count; GPU kernels may differ run to run).
 
 AutoAttack (Croce & Hein 2020) comes from the optional ``pyautoattack`` package (``pip install
-'sparta[autoattack]'``), imported only when asked for.
+'sparta[autoattack]'``), run through the adapter :mod:`sparta.attacks.autoattack`, which imports it
+only when asked for.
 """
 from __future__ import annotations
 
 import contextlib
-import io
-import logging
+import functools
 import math
-import re
-import sys
-import warnings
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .attacks import build_attack
+from .attacks import autoattack, build_attack  # the adapter's functions are looked up on the module at call time
+from .attacks.autoattack import seeded
 from .data.base import ImageSet
 from .data.loader import DeviceLoader
 from .distributed import SINGLE, Distributed
@@ -59,13 +58,12 @@ from .errors import ConfigError, SpartaError
 from .evaluate import evaluate
 from .fmt import eps as format_eps  # "8/255", "0.1"
 
-__all__ = ["ATTACKS", "DEFAULT_EPS_LIST", "evaluate_robustness", "sanity_checks", "run_autoattack",
-           "require_autoattack", "parse_eps_list", "format_eps", "large_eps"]
+__all__ = ["ATTACKS", "DEFAULT_EPS_LIST", "EvalSettings", "evaluate_robustness", "sanity_checks", "parse_eps_list",
+           "format_eps", "large_eps"]
 
 ATTACKS = ("pgd", "cw", "autoattack", "sweep")
 DEFAULT_EPS_LIST = "0,2/255,4/255,8/255,16/255"
 LARGE_EPS_STEPS = 20  # PGD steps of the large-eps check (step = eps/4: 4 steps cross the whole box)
-AUTOATTACK_MISSING = "AutoAttack needs the pyautoattack package: pip install 'sparta[autoattack]'"
 _MASKING = "suspected gradient masking (obfuscated gradients, Athalye et al. 2018)"
 
 
@@ -99,19 +97,6 @@ def large_eps(norm: str, image_shape: Sequence[int]) -> float:
 
 
 @contextlib.contextmanager
-def _seeded(seed: int, device: torch.device) -> Iterator[None]:
-    """Run the block from ``torch.manual_seed(seed)`` and restore the caller's RNG state after."""
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        fork = torch.random.fork_rng(devices=[index], device_type="cuda")
-    else:
-        fork = torch.random.fork_rng(devices=[])
-    with fork:
-        torch.manual_seed(seed)
-        yield
-
-
-@contextlib.contextmanager
 def _no_input_path() -> Iterator[None]:
     """Turn autograd's "not used in the graph" (logits detached from the input) into one line."""
     try:
@@ -121,21 +106,12 @@ def _no_input_path() -> Iterator[None]:
             raise
         raise SpartaError("the model's logits do not depend on its input through autograd (a detach, no_grad or "
                           "non-tensor step inside forward), so gradient attacks cannot run: this is gradient "
-                          "masking (obfuscated gradients, Athalye et al. 2018); evaluate the model without it") from None
+                          "masking (obfuscated gradients, Athalye et al. 2018); evaluate the model without "
+                          "it") from None
 
 
 def _count(acc: float, n: int) -> int:
     return int(round(acc * n / 100.0))
-
-
-def require_autoattack() -> Any:
-    """The ``pyautoattack`` module, or a one-line ``SpartaError`` saying how to install it."""
-    try:
-        import pyautoattack
-        pyautoattack.AutoAttack  # noqa: B018  (a stub module without it is as good as missing)
-    except (ImportError, AttributeError):
-        raise SpartaError(AUTOATTACK_MISSING) from None
-    return pyautoattack
 
 
 # --------------------------------------------------------------------------------- sanity checks
@@ -172,22 +148,8 @@ def sanity_checks(rows: list[dict[str, Any]], *, n: int, clean_correct: int, tol
             f"{r['attack']} robust {pct(got)} <= clean {pct(clean_correct)} (+{tolerance})",
             f"{r['attack']} robust accuracy ({pct(got)}) is above clean accuracy ({pct(clean_correct)}): the attack "
             f"makes predictions correct instead of maximising the loss; {_MASKING}; {confirm}")
-    if len(eps_rows) > 1:
-        bad = [(a, b) for a, b in zip(eps_rows, eps_rows[1:]) if b["robust_correct"] > a["robust_correct"] + tolerance]
-        detail = ", ".join(f"{format_eps(r['eps'])}: {pct(r['robust_correct'])}" for r in eps_rows)
-        add("monotone_in_eps", not bad, f"robust accuracy by eps: {detail} (tolerance {tolerance})",
-            "robust accuracy rises with eps (" + "; ".join(
-                f"{pct(a['robust_correct'])} at eps {format_eps(a['eps'])} -> {pct(b['robust_correct'])} at "
-                f"{format_eps(b['eps'])}" for a, b in bad) + f"): {_MASKING}; {confirm}")
-    steps_rows = sorted(by_kind("steps"), key=lambda r: r["steps"])
-    if len(steps_rows) > 1:
-        bad = [(a, b) for a, b in zip(steps_rows, steps_rows[1:])
-               if b["robust_correct"] > a["robust_correct"] + tolerance]
-        detail = ", ".join(f"PGD-{r['steps']}: {pct(r['robust_correct'])}" for r in steps_rows)
-        add("monotone_in_steps", not bad, f"robust accuracy by steps: {detail} (tolerance {tolerance})",
-            "robust accuracy rises with more PGD steps (" + "; ".join(
-                f"{pct(a['robust_correct'])} at PGD-{a['steps']} -> {pct(b['robust_correct'])} at PGD-{b['steps']}"
-                for a, b in bad) + f"): {_MASKING}; {confirm}")
+    _monotone_checks(eps_rows, sorted(by_kind("steps"), key=lambda r: r["steps"]), add=add, pct=pct,
+                     tolerance=tolerance, confirm=confirm)
     aa, ref = by_kind("autoattack"), by_kind("pgd-reference")
     if aa and ref:
         a, p = aa[0]["robust_correct"], ref[0]["robust_correct"]
@@ -206,126 +168,77 @@ def sanity_checks(rows: list[dict[str, Any]], *, n: int, clean_correct: int, tol
     return checks, warns
 
 
-# ------------------------------------------------------------------------------------ AutoAttack
+def _monotone_checks(eps_rows: list[dict[str, Any]], steps_rows: list[dict[str, Any]], *,
+                     add: Callable[[str, bool, str, str], None], pct: Callable[[int], str], tolerance: int,
+                     confirm: str) -> None:
+    """``sanity_checks``' ``monotone_in_eps`` and ``monotone_in_steps`` (each only with more than one row):
+    robust accuracy does not rise by more than ``tolerance`` examples from one row to the next of
+    ``eps_rows`` (sorted by eps) nor of ``steps_rows`` (sorted by steps). ``add(name, passed, detail,
+    warning)`` records a check; ``pct`` formats a count of examples."""
+    if len(eps_rows) > 1:
+        bad = [(a, b) for a, b in zip(eps_rows, eps_rows[1:]) if b["robust_correct"] > a["robust_correct"] + tolerance]
+        detail = ", ".join(f"{format_eps(r['eps'])}: {pct(r['robust_correct'])}" for r in eps_rows)
+        add("monotone_in_eps", not bad, f"robust accuracy by eps: {detail} (tolerance {tolerance})",
+            "robust accuracy rises with eps (" + "; ".join(
+                f"{pct(a['robust_correct'])} at eps {format_eps(a['eps'])} -> {pct(b['robust_correct'])} at "
+                f"{format_eps(b['eps'])}" for a, b in bad) + f"): {_MASKING}; {confirm}")
+    if len(steps_rows) > 1:
+        bad = [(a, b) for a, b in zip(steps_rows, steps_rows[1:])
+               if b["robust_correct"] > a["robust_correct"] + tolerance]
+        detail = ", ".join(f"PGD-{r['steps']}: {pct(r['robust_correct'])}" for r in steps_rows)
+        add("monotone_in_steps", not bad, f"robust accuracy by steps: {detail} (tolerance {tolerance})",
+            "robust accuracy rises with more PGD steps (" + "; ".join(
+                f"{pct(a['robust_correct'])} at PGD-{a['steps']} -> {pct(b['robust_correct'])} at PGD-{b['steps']}"
+                for a, b in bad) + f"): {_MASKING}; {confirm}")
 
-class _Capture(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
 
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
+# -------------------------------------------------------------------------------------- settings
 
+@dataclass(frozen=True)
+class EvalSettings:
+    """The settings of one :func:`evaluate_robustness` call.
 
-_AFTER = re.compile(r"robust accuracy after (\S+): ([0-9.]+)%")
-
-
-def run_autoattack(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: str = "linf",
-                   batch_size: int = 256, device: torch.device | str = "cpu", seed: int = 0,
-                   version: str = "standard") -> tuple[Tensor, dict[str, Any]]:
-    """AutoAttack (``pyautoattack``) on ``x`` (N, C, H, W) in [0, 1] and labels ``y`` -> (x_adv, info).
-
-    The model is put in eval mode (and restored). ``info``: ``flags`` (the package's own warnings,
-    which it only logs: randomized/dynamic defense, probability outputs, zero gradients, Square
-    beating the gradient attacks, too many target classes), ``per_attack`` (robust accuracy in
-    percent after each of its attacks, from its log), ``max_perturbation`` (in ``norm``),
-    ``in_ball``, ``in_range`` and ``finite`` (x_adv checked here), ``attacks`` and
-    ``target_classes``. Nothing is printed; the caller's RNG state is restored.
+    ``eps``, ``alpha`` (the step), ``steps``, ``restarts`` (random starts) and ``norm`` (``linf`` or
+    ``l2``) set PGD, and ``eps`` and ``norm`` AutoAttack; ``batch_size`` is the chunk size (images per
+    chunk and per batch); ``seed`` is chunk 0's seed; ``eps_list`` holds the budgets of ``sweep`` (the
+    only attack that takes it; None: ``DEFAULT_EPS_LIST``); ``tolerance`` is the checks' slack in
+    examples; ``check_eps`` the budget of the large-eps check (None: :func:`large_eps`). Checked when
+    the evaluation starts, not here.
     """
-    aa_module = require_autoattack()
-    if norm not in ("linf", "l2"):
-        raise ConfigError(f"AutoAttack norm must be linf or l2, got {norm!r}")
-    device = torch.device(device)
-    was_training = model.training
-    model.eval()
-    x, y = x.to(device), y.to(device)
-    with torch.no_grad():
-        num_classes = model(x[:1]).shape[1]
-    logger = logging.getLogger("auto-attack")
-    handler = _Capture()
-    saved = (logger.level, logger.propagate)
-    checks_module = getattr(aa_module, "checks", None)
-    if checks_module is not None and isinstance(getattr(checks_module, "funcs", None), dict):
-        for key in checks_module.funcs:  # its dynamic-defense counters are global and never reset
-            checks_module.funcs[key] = 0
-    trace = sys.gettrace()  # its dynamic-defense check clears any tracer (debugger, coverage)
-    stdout = io.StringIO()
-    try:
-        logger.addHandler(handler)
-        logger.setLevel(logging.DEBUG)
-        logger.propagate = False
-        with _seeded(seed, device), warnings.catch_warnings(record=True) as caught, \
-                contextlib.redirect_stdout(stdout), torch.autocast(device.type, enabled=False):
-            warnings.simplefilter("always")
-            adversary = aa_module.AutoAttack(model, eps=float(eps), norm={"linf": "Linf", "l2": "L2"}[norm],
-                                             version=version, device=device, seed=seed)
-            targets = min(9, num_classes - 1)
-            if version == "standard" and targets >= 1:  # the package fixes 9: too many below 10 classes
-                adversary.apgd_targeted.n_target_classes = targets
-                adversary.fab.n_target_classes = targets
-            result = adversary.run_standard_evaluation(x, y, batch_size=batch_size)
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(saved[0])
-        logger.propagate = saved[1]
-        sys.settrace(trace)
-        model.train(was_training)
-    x_adv = (result[0] if isinstance(result, tuple) else result).detach().to(device)
-
-    package_dir = str(Path(aa_module.__file__).parent)
-    ours = [w for w in caught if str(w.filename).startswith(package_dir)]
-    flags, seen = [], set()
-    for message in [r.getMessage() for r in handler.records if r.levelno >= logging.WARNING] + \
-            [str(w.message) for w in ours]:
-        key = re.sub(r"[0-9.]+", "#", message)  # "there are 15 points with zero gradient", once per batch
-        if key not in seen:
-            seen.add(key)
-            flags.append(message)
-    per_attack = {}
-    for record in handler.records:
-        match = _AFTER.search(record.getMessage())
-        if match:
-            per_attack[match.group(1).lower()] = float(match.group(2))
-    delta = (x_adv - x).flatten(1)
-    size = delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)  # (N,)
-    slack = 1e-6 if norm == "linf" else 1e-5 * max(1.0, float(eps))  # float rounding of the projection
-    finite = bool(torch.isfinite(x_adv).all())
-    info = {
-        "package": f"pyautoattack {getattr(aa_module, '__version__', '?')}", "version": version,
-        "attacks": list(adversary.attacks_to_run), "target_classes": targets, "seed": seed, "flags": flags, "per_attack": per_attack,
-        "max_perturbation": float(size.max()) if len(size) else 0.0,
-        "in_ball": finite and bool((size <= eps + slack).all()),
-        "in_range": finite and bool(((x_adv >= 0) & (x_adv <= 1)).all()),
-        "finite": finite,
-        "output": stdout.getvalue().strip().splitlines(),  # anything it printed
-        "other_warnings": sorted({f"{w.category.__name__}: {w.message}" for w in caught if w not in ours}),
-    }
-    return x_adv, info
+    eps: float
+    alpha: float
+    steps: int
+    restarts: int = 1
+    norm: str = "linf"
+    batch_size: int = 256
+    seed: int = 0
+    eps_list: str | Sequence[float | str] | None = None
+    tolerance: int = 1
+    check_eps: float | None = None
 
 
-def _replay(x_all: Tensor, x_adv_all: Tensor) -> Callable[[nn.Module, Tensor, Tensor], Tensor]:
-    """An 'attack' handing back precomputed x_adv for the unshuffled batches of ``evaluate``."""
-    offset = 0
-
-    def attack(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-        nonlocal offset
-        stop = offset + len(x)
-        if stop > len(x_all) or not torch.equal(x_all[offset:stop], x):
-            raise RuntimeError("precomputed adversarial examples do not match the evaluation batches")
-        out, offset = x_adv_all[offset:stop], stop
-        return out
-
-    return attack
+@dataclass
+class _Evaluation:
+    """One evaluation: what every attack kind reads, and the PGD results measured so far (``measured``,
+    keyed by (loss, eps, alpha, steps, restarts), so a setting asked for twice runs once)."""
+    model: nn.Module
+    data: ImageSet
+    settings: EvalSettings
+    device: torch.device
+    dist: Distributed
+    sweep_eps: list[float]  # the parsed eps_list (sweep only; empty otherwise)
+    measured: dict[tuple, dict[str, Any]] = field(default_factory=dict)
 
 
-def _stack(data: ImageSet, batch_size: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """The whole set as float pixels in [0, 1] on ``device``, exactly as ``evaluate`` batches it."""
+# -------------------------------------------------------------------------------------- chunks
+
+def stack_images(data: ImageSet, batch_size: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The whole set as float pixels in [0, 1] on ``device`` (N, C, H, W) and its labels (N,), exactly
+    as ``evaluate`` batches it."""
     loader = DeviceLoader(data, min(batch_size, len(data)), device=device, shuffle=False, augment=False)
     xs, ys = zip(*loader.epoch(0))
     return torch.cat(xs), torch.cat(ys)
 
-
-# -------------------------------------------------------------------------------------- chunks
 
 CHUNK_SEED_STRIDE = 1_000_003  # chunk k's seed: seed + k * stride (a prime, so chunk seeds of nearby runs differ)
 
@@ -354,18 +267,18 @@ class _Flags:
         return x_adv
 
 
-def _chunked(model: nn.Module, data: ImageSet, attack_of: Callable[[int, ImageSet], Callable], *, batch_size: int,
-             device: torch.device, seed: int, dist: Distributed) -> dict[str, Any]:
-    """``evaluate``'s numbers over ``data``, chunk by chunk (``attack_of(k, chunk)`` is called under chunk
-    k's seed and returns the chunk's attack), merged over ranks; plus ``flags``: '1' per image still
-    correct under attack, '0' otherwise, in image order."""
+def _chunked(ev: _Evaluation, attack_of: Callable[[int, ImageSet], Callable]) -> dict[str, Any]:
+    """``evaluate``'s numbers over ``ev.data``, chunk by chunk (``attack_of(k, chunk)`` is called under
+    chunk k's seed and returns the chunk's attack), merged over ranks; plus ``flags``: '1' per image
+    still correct under attack, '0' otherwise, in image order."""
+    batch_size, device, dist = ev.settings.batch_size, ev.device, ev.dist
     sums = torch.zeros(5, dtype=torch.float64)  # clean correct, robust correct, clean loss, robust loss, count
     flags = []
-    for k, start, stop in chunks(len(data), batch_size, dist):
-        part = data.subset(start, stop)
-        with _seeded(chunk_seed(seed, k), device):
+    for k, start, stop in chunks(len(ev.data), batch_size, dist):
+        part = ev.data.subset(start, stop)
+        with seeded(chunk_seed(ev.settings.seed, k), device):
             recorder = _Flags(attack_of(k, part))
-            res = evaluate(model, part, recorder, batch_size=batch_size, device=device)
+            res = evaluate(ev.model, part, recorder, batch_size=batch_size, device=device)
         m = res["n"]
         sums += torch.tensor([round(res["clean_acc"] * m / 100), round(res["robust_acc"] * m / 100),
                               res["clean_loss"] * m, res["robust_loss"] * m, m], dtype=torch.float64)
@@ -376,145 +289,166 @@ def _chunked(model: nn.Module, data: ImageSet, attack_of: Callable[[int, ImageSe
             "robust_loss": robust_loss / n, "n": int(n), "flags": "".join(dist.all_gather("".join(flags)))}
 
 
-def _merge_autoattack(infos: list[dict[str, Any]], sizes: list[int]) -> dict[str, Any]:
-    """One ``run_autoattack`` info from the chunks' (``sizes``: images per chunk): flags and warnings
-    united, ``per_attack`` robust accuracy recounted over all images, perturbation checks over all."""
-    total = sum(sizes)
-    per_attack: dict[str, float] = {}
-    for name in [a for a in infos[0]["attacks"] if any(a in i["per_attack"] for i in infos)]:
-        # the package logs each chunk's accuracy with 2 decimals of a percent: exact counts up to 10,000 images
-        count = sum(round(i["per_attack"].get(name, 0.0) * m / 100) for i, m in zip(infos, sizes))
-        per_attack[name] = 100.0 * count / total
-    united = lambda key: list(dict.fromkeys(x for i in infos for x in i[key]))  # noqa: E731  (order kept)
-    return {**infos[0], "flags": united("flags"), "per_attack": per_attack, "chunks": len(infos),
-            "max_perturbation": max(i["max_perturbation"] for i in infos),
-            **{key: all(i[key] for i in infos) for key in ("in_ball", "in_range", "finite")},
-            "output": united("output"), "other_warnings": sorted(set(united("other_warnings")))}
+# ------------------------------------------------------------------------------- the attack kinds
+
+_Measured = tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any]]  # (rows, headline row, extra result keys)
+
+
+def _row(res: dict[str, Any], **setting: Any) -> dict[str, Any]:
+    """A row: ``setting`` (``kind``, ``attack``, ``loss``, ``norm``, ``eps``, ``alpha``, ``steps``,
+    ``restarts``, in that order) and the numbers of ``res`` (a ``_chunked`` result)."""
+    return {**setting, "n": res["n"], "clean_acc": res["clean_acc"], "robust_acc": res["robust_acc"],
+            "robust_correct": _count(res["robust_acc"], res["n"]), "clean_loss": res["clean_loss"],
+            "robust_loss": res["robust_loss"], "flags": res["flags"]}
+
+
+def _pgd_row(ev: _Evaluation, kind: str, eps: float, alpha: float, steps: int, restarts: int,
+             loss: str) -> dict[str, Any]:
+    """PGD-``steps`` on ``loss`` (``ce`` or ``cw``) at ``eps`` as a row of ``kind``; measured once per setting."""
+    key = (loss, eps, alpha, steps, restarts)
+    if key not in ev.measured:
+        run = build_attack("pgd", eps=eps, alpha=alpha, steps=steps, norm=ev.settings.norm, loss=loss,
+                           random_start=True, restarts=restarts)
+        with torch.autocast(ev.device.type, enabled=False), _no_input_path():
+            ev.measured[key] = _chunked(ev, lambda k, part: run)
+    return _row(ev.measured[key], kind=kind, attack="pgd-cw" if loss == "cw" else "pgd", loss=loss,
+                norm=ev.settings.norm, eps=eps, alpha=alpha, steps=steps, restarts=restarts)
+
+
+def _pgd(ev: _Evaluation, loss: str) -> _Measured:
+    """``pgd`` (``loss`` ``ce``) and ``cw`` (``loss`` ``cw``): one row at the settings, the headline."""
+    s = ev.settings
+    main = _pgd_row(ev, "eval", s.eps, s.alpha, s.steps, s.restarts, loss)
+    return [main], main, {}
+
+
+def _sweep(ev: _Evaluation) -> _Measured:
+    """``sweep``: PGD (cross-entropy) at every eps of ``ev.sweep_eps``, 0 and ``eps`` (alpha scaled to
+    keep alpha/eps), then at ``eps`` with 1, 10, ``steps`` and 2x``steps`` steps; the headline is PGD at
+    ``eps`` and ``steps`` (the eps row when ``steps`` is 0)."""
+    s = ev.settings
+    values: list[float] = []
+    for e in sorted({0.0, float(s.eps), *ev.sweep_eps}):
+        if not values or e - values[-1] > 1e-9:  # 0.0313725 and 8/255 are one budget
+            values.append(e)
+    rows = []
+    for e in values:
+        scaled = s.alpha * e / s.eps if s.eps > 0 else s.alpha  # keep the step/eps ratio of the config
+        rows.append(_pgd_row(ev, "eps", e, scaled if e > 0 else s.alpha, s.steps, s.restarts, "ce"))
+    for k in sorted({1, 10, s.steps, 2 * s.steps} - {0}):
+        rows.append(_pgd_row(ev, "steps", s.eps, s.alpha, k, s.restarts, "ce"))
+    main = next(r for r in rows if r["kind"] == "steps" and r["steps"] == s.steps) if s.steps > 0 else \
+        next(r for r in rows if r["kind"] == "eps" and r["eps"] == s.eps)
+    return rows, main, {}
+
+
+def _autoattack(ev: _Evaluation) -> _Measured:
+    """``autoattack``: AutoAttack standard once per chunk (robust accuracy re-measured here on its x_adv),
+    then PGD (cross-entropy) at the settings on the same examples; extra keys ``autoattack`` (its info
+    merged over chunks and ranks) and ``pgd_robust_acc``."""
+    s = ev.settings
+    infos: list[tuple[dict[str, Any], int]] = []  # (info, images) per chunk of this rank
+
+    def chunk_attack(k: int, part: ImageSet) -> Callable:
+        x, y = stack_images(part, s.batch_size, ev.device)  # (m, C, H, W), (m,)
+        x_adv, info = autoattack.run_autoattack(ev.model, x, y, eps=s.eps, norm=s.norm, batch_size=s.batch_size,
+                                                device=ev.device, seed=chunk_seed(s.seed, k))
+        infos.append((info, len(part)))
+        return autoattack.replay(x, x_adv)
+
+    with torch.autocast(ev.device.type, enabled=False):
+        res = _chunked(ev, chunk_attack)
+    gathered = [item for rank_infos in ev.dist.all_gather(infos) for item in rank_infos]  # in chunk order
+    info = autoattack.merge_autoattack([i for i, _ in gathered], [m for _, m in gathered])
+    main = _row(res, kind="autoattack", attack="autoattack", loss="-", norm=s.norm, eps=s.eps, alpha=None,
+                steps=None, restarts=None)
+    reference = _pgd_row(ev, "pgd-reference", s.eps, s.alpha, s.steps, s.restarts, "ce")
+    return [main, reference], main, {"autoattack": info, "pgd_robust_acc": reference["robust_acc"]}
+
+
+_KINDS: dict[str, Callable[[_Evaluation], _Measured]] = {  # one per name of ATTACKS
+    "pgd": functools.partial(_pgd, loss="ce"), "cw": functools.partial(_pgd, loss="cw"),
+    "autoattack": _autoattack, "sweep": _sweep}
+
+
+def _autoattack_checks(info: dict[str, Any], norm: str, eps: float) -> tuple[list[dict[str, Any]], list[str]]:
+    """``autoattack_x_adv_valid`` and ``autoattack_flags`` over the merged AutoAttack ``info`` -> (checks, warnings)."""
+    valid = info["in_ball"] and info["in_range"] and info["finite"]
+    checks = [{"name": "autoattack_x_adv_valid", "passed": valid,
+               "detail": f"max {norm} perturbation {info['max_perturbation']:.6g} <= eps {eps:.6g}: "
+                         f"{info['in_ball']}; in [0, 1]: {info['in_range']}; finite: {info['finite']}"},
+              {"name": "autoattack_flags", "passed": not info["flags"],
+               "detail": "; ".join(info["flags"]) or "no flags raised by AutoAttack's own checks"}]
+    warns = [] if valid else ["AutoAttack's x_adv leaves the eps-ball or [0, 1] (or is not finite): its robust "
+                              "accuracy is not a valid bound; check the model and the pyautoattack version"]
+    return checks, warns + [f"AutoAttack flag: {flag}" for flag in info["flags"]]
 
 
 # ---------------------------------------------------------------------------------- the evaluator
 
-def evaluate_robustness(model: nn.Module, data: ImageSet, *, attack: str = "pgd", eps: float, alpha: float,
-                        steps: int, restarts: int = 1, norm: str = "linf", batch_size: int = 256,
-                        device: torch.device | str = "cpu", seed: int = 0,
-                        eps_list: str | Sequence[float | str] | None = None, tolerance: int = 1,
-                        check_eps: float | None = None, dist: Distributed = SINGLE) -> dict[str, Any]:
+def _validate(attack: str, s: EvalSettings, data: ImageSet) -> None:
+    """One-line ``ConfigError`` (or the missing-package ``SpartaError``) before any work."""
+    if attack not in ATTACKS:
+        raise ConfigError(f"unknown evaluation attack {attack!r}; valid: {', '.join(ATTACKS)}")
+    if s.eps_list is not None and attack != "sweep":
+        raise ConfigError("--eps-list applies only to --attack sweep")
+    if s.norm not in ("linf", "l2"):
+        raise ConfigError(f"norm must be linf or l2, got {s.norm!r}")
+    if len(data) == 0:
+        raise ConfigError("nothing to evaluate: the evaluation set is empty")
+    if isinstance(s.tolerance, bool) or not isinstance(s.tolerance, int) or s.tolerance < 0:
+        raise ConfigError(f"tolerance must be an integer >= 0 (examples), got {s.tolerance!r}")
+    if attack == "autoattack":
+        autoattack.require_autoattack()  # fail before any work
+
+
+def evaluate_robustness(model: nn.Module, data: ImageSet, settings: EvalSettings, *, attack: str = "pgd",
+                        device: torch.device | str = "cpu", dist: Distributed = SINGLE) -> dict[str, Any]:
     """Clean and robust accuracy of ``model`` on ``data`` under ``attack``, with sanity checks.
 
     ``attack``: ``pgd`` (PGD-``steps`` on cross-entropy, ``restarts`` random starts), ``cw`` (the same
     on the CW margin loss), ``autoattack`` (AutoAttack standard; PGD with these settings is run on
     the same examples for comparison) or ``sweep`` (PGD at every eps of ``eps_list`` (default
     ``DEFAULT_EPS_LIST``; 0 and ``eps`` are always added; ``alpha`` scales with eps, keeping
-    alpha/eps), and at ``eps`` with 1, 10, ``steps`` and 2x``steps`` steps). The large-eps check uses
-    ``check_eps`` (default :func:`large_eps`) with PGD-``LARGE_EPS_STEPS`` (20), step check_eps/4, one start.
-    Every attack runs chunk by chunk (see the module docstring); under torchrun pass ``dist`` and each
-    rank attacks its share of the chunks, every rank returning the merged result.
+    alpha/eps), and at ``eps`` with 1, 10, ``steps`` and 2x``steps`` steps); the names are
+    ``settings``' fields. The large-eps check uses ``check_eps`` (default :func:`large_eps`) with
+    PGD-``LARGE_EPS_STEPS`` (20), step check_eps/4, one start. Every attack runs chunk by chunk (see
+    the module docstring); under torchrun pass ``dist`` and each rank attacks its share of the chunks,
+    every rank returning the merged result.
 
     Runs in eval mode and float32 (``model.float()`` converts the model in place) without autocast.
     Returns a dict: ``attack``, ``norm``, ``eps``, ``alpha``, ``steps``, ``restarts``, ``seed``, ``n``,
     ``clean_acc``, ``robust_acc`` (for ``sweep``: PGD at ``eps`` and ``steps``), ``clean_loss``,
-    ``robust_loss``, ``rows`` (one per setting measured: ``kind``, ``attack``, ``loss``, ``eps``,
-    ``alpha``, ``steps``, ``restarts``, ``n``, ``clean_acc``, ``robust_acc``, ``robust_correct``,
-    ``robust_loss``), ``checks``, ``warnings``, and for ``autoattack`` also ``autoattack`` (see
-    :func:`run_autoattack`, merged over chunks) and ``pgd_robust_acc``; ``robust_flags``: one character
-    per image of the headline row, '1' if still correct under attack.
+    ``robust_loss``, ``rows`` (one per setting measured: ``kind``, ``attack``, ``loss``, ``norm``,
+    ``eps``, ``alpha``, ``steps``, ``restarts``, ``n``, ``clean_acc``, ``robust_acc``,
+    ``robust_correct``, ``clean_loss``, ``robust_loss``), ``checks``, ``warnings``, ``tolerance``,
+    ``chunk_size``, ``world_size``, and for ``autoattack`` also ``autoattack`` (see
+    :func:`sparta.attacks.autoattack.run_autoattack`, merged over chunks) and ``pgd_robust_acc``;
+    ``robust_flags``: one character per image of the headline row, '1' if still correct under attack.
     """
-    if attack not in ATTACKS:
-        raise ConfigError(f"unknown evaluation attack {attack!r}; valid: {', '.join(ATTACKS)}")
-    if eps_list is not None and attack != "sweep":
-        raise ConfigError("--eps-list applies only to --attack sweep")
-    if norm not in ("linf", "l2"):
-        raise ConfigError(f"norm must be linf or l2, got {norm!r}")
-    if len(data) == 0:
-        raise ConfigError("nothing to evaluate: the evaluation set is empty")
-    if isinstance(tolerance, bool) or not isinstance(tolerance, int) or tolerance < 0:
-        raise ConfigError(f"tolerance must be an integer >= 0 (examples), got {tolerance!r}")
-    if attack == "autoattack":
-        require_autoattack()  # fail before any work
+    s = settings
+    _validate(attack, s, data)
     device = torch.device(device)
-    build_attack("pgd", eps=eps, alpha=alpha, steps=steps, norm=norm, restarts=restarts)  # ConfigError on bad settings
-    eps_values = parse_eps_list(DEFAULT_EPS_LIST if eps_list is None else eps_list) if attack == "sweep" else []
+    build_attack("pgd", eps=s.eps, alpha=s.alpha, steps=s.steps, norm=s.norm, restarts=s.restarts)  # ConfigError
+    sweep_eps = parse_eps_list(DEFAULT_EPS_LIST if s.eps_list is None else s.eps_list) if attack == "sweep" else []
     model.float()
+    ev = _Evaluation(model, data, s, device, dist, sweep_eps)
+    rows, main, extra = _KINDS[attack](ev)
+    big = large_eps(s.norm, data.images.shape[1:]) if s.check_eps is None else float(s.check_eps)
+    rows.append(_pgd_row(ev, "large-eps", big, big / 4, LARGE_EPS_STEPS, 1, "cw" if attack == "cw" else "ce"))
+
     n = len(data)
-    loss = "cw" if attack == "cw" else "ce"
-    measured: dict[tuple, dict[str, float]] = {}
-
-    def pgd_row(kind: str, e: float, a: float, k: int, r: int, lossname: str = loss) -> dict[str, Any]:
-        key = (lossname, e, a, k, r)
-        if key not in measured:
-            run = build_attack("pgd", eps=e, alpha=a, steps=k, norm=norm, loss=lossname, random_start=True, restarts=r)
-            with torch.autocast(device.type, enabled=False), _no_input_path():
-                measured[key] = _chunked(model, data, lambda k, part: run, batch_size=batch_size, device=device,
-                                         seed=seed, dist=dist)
-        res = measured[key]
-        return {"kind": kind, "attack": "pgd-cw" if lossname == "cw" else "pgd", "loss": lossname, "norm": norm,
-                "eps": e, "alpha": a, "steps": k, "restarts": r, "n": res["n"], "clean_acc": res["clean_acc"],
-                "robust_acc": res["robust_acc"], "robust_correct": _count(res["robust_acc"], res["n"]),
-                "clean_loss": res["clean_loss"], "robust_loss": res["robust_loss"], "flags": res["flags"]}
-
-    rows: list[dict[str, Any]] = []
-    extra: dict[str, Any] = {}
-    if attack in ("pgd", "cw"):
-        main = pgd_row("eval", eps, alpha, steps, restarts)
-        rows.append(main)
-    elif attack == "sweep":
-        values: list[float] = []
-        for e in sorted({0.0, float(eps), *eps_values}):
-            if not values or e - values[-1] > 1e-9:  # 0.0313725 and 8/255 are one budget
-                values.append(e)
-        for e in values:
-            scaled = alpha * e / eps if eps > 0 else alpha  # keep the step/eps ratio of the config
-            rows.append(pgd_row("eps", e, scaled if e > 0 else alpha, steps, restarts))
-        for k in sorted({1, 10, steps, 2 * steps} - {0}):
-            rows.append(pgd_row("steps", eps, alpha, k, restarts))
-        main = next(r for r in rows if r["kind"] == "steps" and r["steps"] == steps) if steps > 0 else \
-            next(r for r in rows if r["kind"] == "eps" and r["eps"] == eps)
-    else:  # autoattack
-        infos: list[tuple[dict[str, Any], int]] = []
-
-        def autoattack_chunk(k: int, part: ImageSet) -> Callable:
-            x, y = _stack(part, batch_size, device)
-            x_adv, info = run_autoattack(model, x, y, eps=eps, norm=norm, batch_size=batch_size, device=device,
-                                         seed=chunk_seed(seed, k))
-            infos.append((info, len(part)))
-            return _replay(x, x_adv)
-
-        with torch.autocast(device.type, enabled=False):
-            res = _chunked(model, data, autoattack_chunk, batch_size=batch_size, device=device, seed=seed, dist=dist)
-        gathered = [item for rank_infos in dist.all_gather(infos) for item in rank_infos]  # in chunk order
-        info = _merge_autoattack([i for i, _ in gathered], [m for _, m in gathered])
-        main = {"kind": "autoattack", "attack": "autoattack", "loss": "-", "norm": norm, "eps": eps, "alpha": None,
-                "steps": None, "restarts": None, "n": res["n"], "clean_acc": res["clean_acc"],
-                "robust_acc": res["robust_acc"], "robust_correct": _count(res["robust_acc"], res["n"]),
-                "clean_loss": res["clean_loss"], "robust_loss": res["robust_loss"], "flags": res["flags"]}
-        rows.append(main)
-        reference = pgd_row("pgd-reference", eps, alpha, steps, restarts, "ce")
-        rows.append(reference)
-        extra = {"autoattack": info, "pgd_robust_acc": reference["robust_acc"]}
-    big = large_eps(norm, data.images.shape[1:]) if check_eps is None else float(check_eps)
-    rows.append(pgd_row("large-eps", big, big / 4, LARGE_EPS_STEPS, 1, "cw" if attack == "cw" else "ce"))
-
-    clean_correct = _count(main["clean_acc"], n)
-    checks, warns = sanity_checks(rows, n=n, clean_correct=clean_correct, tolerance=tolerance,
-                                  confirm="see AutoAttack's flags" if attack == "autoattack" else "confirm with AutoAttack")
+    confirm = "see AutoAttack's flags" if attack == "autoattack" else "confirm with AutoAttack"
+    checks, warns = sanity_checks(rows, n=n, clean_correct=_count(main["clean_acc"], n), tolerance=s.tolerance,
+                                  confirm=confirm)
     if attack == "autoattack":
-        info = extra["autoattack"]
-        valid = info["in_ball"] and info["in_range"] and info["finite"]
-        checks.append({"name": "autoattack_x_adv_valid", "passed": valid,
-                       "detail": f"max {norm} perturbation {info['max_perturbation']:.6g} <= eps {eps:.6g}: "
-                                 f"{info['in_ball']}; in [0, 1]: {info['in_range']}; finite: {info['finite']}"})
-        if not valid:
-            warns.append("AutoAttack's x_adv leaves the eps-ball or [0, 1] (or is not finite): its robust accuracy "
-                         "is not a valid bound; check the model and the pyautoattack version")
-        checks.append({"name": "autoattack_flags", "passed": not info["flags"],
-                       "detail": "; ".join(info["flags"]) or "no flags raised by AutoAttack's own checks"})
-        warns += [f"AutoAttack flag: {flag}" for flag in info["flags"]]
-    flags = main["flags"]
+        aa_checks, aa_warns = _autoattack_checks(extra["autoattack"], s.norm, s.eps)
+        checks, warns = checks + aa_checks, warns + aa_warns
     return {
-        "attack": attack, "norm": norm, "eps": eps, "alpha": alpha, "steps": steps, "restarts": restarts,
-        "seed": seed, "n": n, "clean_acc": main["clean_acc"], "robust_acc": main["robust_acc"],
-        "clean_loss": main["clean_loss"],
-        "robust_loss": main["robust_loss"], **extra, "rows": [{k: v for k, v in r.items() if k != "flags"} for r in rows],
-        "checks": checks, "warnings": warns, "tolerance": tolerance, "chunk_size": batch_size, "world_size": dist.world_size,
-        "robust_flags": flags,
+        "attack": attack, "norm": s.norm, "eps": s.eps, "alpha": s.alpha, "steps": s.steps, "restarts": s.restarts,
+        "seed": s.seed, "n": n, "clean_acc": main["clean_acc"], "robust_acc": main["robust_acc"],
+        "clean_loss": main["clean_loss"], "robust_loss": main["robust_loss"], **extra,
+        "rows": [{k: v for k, v in r.items() if k != "flags"} for r in rows],
+        "checks": checks, "warnings": warns, "tolerance": s.tolerance, "chunk_size": s.batch_size,
+        "world_size": dist.world_size, "robust_flags": main["flags"],
     }

@@ -204,7 +204,7 @@ def test_robust_bird_presets_and_the_authors_search_schedule():
         channel = load_config(ROOT / "configs" / f"{dataset}_robust_bird_channel.yaml")
         m = unstructured.method
         assert (m.max_search_epochs, m.min_search_epochs, m.search_milestones, m.eb_every_steps, m.bn_l1) == \
-            (50, 0, [], None, None)
+            (50, 0, [], None, 0.0)  # no L1 on the gammas for an unstructured ticket (the method's default)
         assert (channel.method.pruning, channel.method.bn_l1) == ("channel", 1e-4)
     # the authors' code: up to 200 search epochs, lr 0.1 then x0.1 from search epoch 50 (352 steps an epoch)
     cfg = load_config(ROOT / "configs" / "cifar10_robust_bird.yaml",

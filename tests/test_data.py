@@ -15,7 +15,7 @@ import scipy.io
 import torch
 from PIL import Image
 
-from sparta.data import DATASETS, load_dataset
+from sparta.data import DATASET_FACTS, DATASETS, load_dataset
 from sparta.errors import ConfigError, DataError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -229,6 +229,21 @@ def test_unknown_dataset():
     with pytest.raises(ConfigError, match="valid: cifar10, cifar100, digits, mnist, svhn, tinyimagenet"):
         load_dataset("imagenet", "/data")
     assert DATASETS.names() == ["cifar10", "cifar100", "digits", "mnist", "svhn", "tinyimagenet"]
+
+
+def test_every_reader_declares_its_facts_once(tmp_path):
+    """DATASET_FACTS holds each reader's facts under the reader's name; digits (always present) agrees with
+    them, and a data root without ``root_holds`` is refused by naming it."""
+    assert DATASET_FACTS.names() == DATASETS.names()
+    assert all(DATASET_FACTS.get(name).name == name for name in DATASET_FACTS)
+    f, s = DATASET_FACTS.get("digits"), load_dataset("digits", None)
+    assert (s.in_channels, s.image_size, s.num_classes, len(s.train) + len(s.val), len(s.val)) == \
+        (f.in_channels, f.image_size, f.num_classes, f.train_images, f.default_val_size)
+    for name in DATASET_FACTS:
+        holds = DATASET_FACTS.get(name).root_holds
+        if holds is not None:
+            with pytest.raises(DataError, match=holds.replace(".", r"\.")):
+                load_dataset(name, str(tmp_path))
 
 
 # ---------------------------------------------------------------- SVHN

@@ -224,7 +224,7 @@ def test_bn_l1_adds_lambda_sign_gamma_to_the_grad_by_hand():
 
 
 def test_bn_l1_zero_default_for_unstructured_leaves_grads_alone():
-    from sparta.sparse.early_bird import DEFAULT_BN_L1
+    from sparta.method_config import DEFAULT_BN_L1
 
     assert DEFAULT_BN_L1 == {"unstructured": 0.0, "channel": 1e-4}
     net = model()

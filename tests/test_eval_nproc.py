@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 
 import sparta
+from sparta.attacks.autoattack import merge_autoattack
 from sparta.distributed import Distributed
 from sparta.experiment import train
-from sparta.robustness import _merge_autoattack, chunk_seed, chunks
+from sparta.robustness import chunk_seed, chunks
 
 from conftest import tiny_cfg
 
@@ -97,7 +98,7 @@ def test_autoattack_infos_merge_by_counts():
             "in_range": True, "finite": True, "output": [], "other_warnings": []}
     a = {**base, "per_attack": {"apgd-ce": 50.0, "apgd-t": 37.5}, "flags": ["x"], "max_perturbation": 0.2}
     b = {**base, "per_attack": {"apgd-ce": 25.0}, "flags": ["y", "x"], "in_range": False}
-    merged = _merge_autoattack([a, b], [8, 4])
+    merged = merge_autoattack([a, b], [8, 4])
     assert merged["per_attack"] == {"apgd-ce": pytest.approx(500 / 12), "apgd-t": 25.0}
     assert merged["flags"] == ["x", "y"] and merged["max_perturbation"] == 0.2
     assert merged["in_range"] is False and merged["in_ball"] is True and merged["chunks"] == 2

@@ -16,6 +16,7 @@ import sparta.flops as flops
 from sparta import cli
 from sparta.attacks.pgd import pgd
 from sparta.attacks.trades import trades_attack, trades_loss
+from sparta.commands import flops as flops_command
 from sparta.config import load_config
 from sparta.errors import CheckpointError, SpartaError
 from sparta.flops import (LayerFlops, TrainingCostMeter, attack_full_backward_flops, dense_training_flops,
@@ -337,18 +338,18 @@ def test_cli_on_config(capsys):
     assert cli.cmd_flops(_args(str(ROOT / "configs" / "demo.yaml"))) == 0
     out = capsys.readouterr().out
     assert "body.layer4.1.conv2.weight" in out and "total" in out and "paper table formula" in out
-    r = flops.flops_report(ROOT / "configs" / "demo.yaml", ["attack.steps=3"])
+    r = flops_command.flops_report(ROOT / "configs" / "demo.yaml", ["attack.steps=3"])
     assert r["input_shape"] == [1, 8, 8] and r["attack_steps"] == 3 and r["step_multiplier"] == 9
     assert r["train_images"] == 1297 - 200  # digits, default val_size
     assert r["inference_flops"] == r["inference_flops_dense"]
     assert r["paper_table_run_flops"] == paper_table_flops(15, 1097, r["inference_flops"], 3)
-    trades = flops.flops_report(ROOT / "configs" / "demo.yaml", ["objective.name=trades"])
+    trades = flops_command.flops_report(ROOT / "configs" / "demo.yaml", ["objective.name=trades"])
     assert trades["paper_table_run_flops"] is None and trades["step_multiplier"] == 2 * 7 + 7
-    assert "not given for objective trades" in flops.format_report(trades)
+    assert "not given for objective trades" in flops_command.format_report(trades)
 
 
 def test_cli_on_sparse_config():
-    r = flops.flops_report(ROOT / "configs" / "cifar10_flying_bird.yaml", ["method.density=0.1"])
+    r = flops_command.flops_report(ROOT / "configs" / "cifar10_flying_bird.yaml", ["method.density=0.1"])
     assert r["inference_flops_dense"] == pytest.approx(1.11e9, rel=0.03)
     assert r["inference_flops"] < 0.5 * r["inference_flops_dense"]
     assert r["train_images"] == 45_000 and r["step_multiplier"] == 23
@@ -359,12 +360,13 @@ def test_dataset_table_matches_readers():
 
     cfg = load_config(None, ["data.name=digits"])
     data = load_dataset("digits", None)
-    c, size, classes, n, _ = flops._dataset_facts(cfg)
+    c, size, classes, n, _ = flops_command.dataset_facts(cfg)
     assert (c, size, classes, n) == (data.in_channels, data.image_size, data.num_classes, len(data.train))
     if (SHARED / "mnist").is_dir():
         cfg = load_config(None, ["data.name=mnist", f"data.root={SHARED / 'mnist'}", "data.val_size=1000"])
         data = load_dataset("mnist", cfg.data.root, val_size=1000)
-        assert flops._dataset_facts(cfg)[:4] == (data.in_channels, data.image_size, data.num_classes, len(data.train))
+        assert flops_command.dataset_facts(cfg)[:4] == (data.in_channels, data.image_size, data.num_classes,
+                                                        len(data.train))
 
 
 def test_cli_on_checkpoint(tmp_path, capsys):
@@ -378,7 +380,7 @@ def test_cli_on_checkpoint(tmp_path, capsys):
     torch.save({"model": model.state_dict(), "model_spec": spec, "masks": masks.state_dict(),
                 "config": cfg.to_dict(), "epoch": 1, "step": 10}, path)
     lf = forward_flops_by_layer(model, (1, 8, 8))
-    r = flops.flops_report(path)
+    r = flops_command.flops_report(path)
     assert r["kind"] == "checkpoint"
     assert r["inference_flops"] == inference_flops(lf, {"body.features.2.weight": 0.5})
     assert r["inference_flops"] == lf.total - lf.per_weight["body.features.2.weight"] / 2

@@ -11,12 +11,12 @@ import torch
 from torch import nn
 
 from sparta.attacks import fmn
-from sparta.attacks.fmn import (DEFAULT_SETTING, evaluate_min_norm, min_norm_distances, robust_accuracy_at,
-                                search_space, security_curve, tune_min_norm, write_distances)
+from sparta.attacks.fmn import DEFAULT_SETTING, min_norm_distances, search_space, tune_min_norm
+from sparta.min_norm import evaluate_min_norm, robust_accuracy_at, security_curve, write_distances
 from sparta.cli import main
 from sparta.errors import SpartaError
 from sparta.experiment import train
-from sparta.robustness import _stack, evaluate_robustness
+from sparta.robustness import EvalSettings, evaluate_robustness, stack_images
 
 from conftest import one_line_error, tiny_cfg, trained_digits_cnn
 from test_eval_nproc import sparta_eval
@@ -32,7 +32,7 @@ def model(digits):
 
 @pytest.fixture(scope="module")
 def batch(digits):
-    return _stack(digits.test.subset(0, 64), 64, torch.device("cpu"))
+    return stack_images(digits.test.subset(0, 64), 64, torch.device("cpu"))
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +114,7 @@ def test_outputs_that_fail_the_checks_are_dropped(model, batch, monkeypatch):
 
     monkeypatch.setattr(fmn, "_build_attack", lambda setting, steps: Noise())
     torch.manual_seed(0)
-    d, rejected = fmn._distances(model, x, y, setting=DEFAULT_SETTING, steps=5, batch_size=64, device="cpu")
+    d, rejected = fmn.distances_of(model, x, y, setting=DEFAULT_SETTING, steps=5, batch_size=64, device="cpu")
     assert rejected > 30 and int(torch.isinf(d).sum()) >= rejected
 
 
@@ -155,7 +155,7 @@ def test_linear_model_distance_matches_closed_form():
 
 
 def test_tuner_returns_a_searched_setting_deterministically(model, digits):
-    tx, ty = _stack(digits.val, 64, torch.device("cpu"))
+    tx, ty = stack_images(digits.val, 64, torch.device("cpu"))
     best, trials = tune_min_norm(model, tx, ty, trials=5, steps=20, batch_size=16, seed=4)
     space = search_space(5, 4)
     assert [t["setting"] for t in trials] == space and space[0] == DEFAULT_SETTING
@@ -229,8 +229,9 @@ def test_pgd_agrees_with_secml_torch_pgd(model, digits):
     from torch.utils.data import DataLoader, TensorDataset
 
     data = digits.test.subset(0, 300)
-    ours = evaluate_robustness(model, data, attack="pgd", eps=0.1, alpha=0.025, steps=10, seed=0)["robust_acc"]
-    x, y = _stack(data, 300, torch.device("cpu"))
+    ours = evaluate_robustness(model, data, EvalSettings(eps=0.1, alpha=0.025, steps=10, seed=0),
+                               attack="pgd")["robust_acc"]
+    x, y = stack_images(data, 300, torch.device("cpu"))
 
     def theirs(eps):
         torch.manual_seed(0)

@@ -4,6 +4,10 @@ of this version ends.
 ``tests/data/boosting_run_v1`` is a boosting-ticket run (finder, prune and rewind, then the ticket's
 training) killed after the first epoch of its second stage: its checkpoint holds the stage-to-stage
 state (initial weights, the ticket's masks) in the format of that version.
+``tests/data/robust_bird_run_887528d`` is a Robust Bird run written by commit 887528d (the version
+before each method's class held its defaults), stopped after the first epoch of its train stage: its
+config.yaml saves the method defaults that depend on other settings as null (``bn_l1``,
+``eb_threshold``, ``channel_density``, ``search_attack``, ``search_lr``), read now as their rules' values.
 """
 import shutil
 from pathlib import Path
@@ -49,3 +53,25 @@ def test_the_checkpoint_schema_reads_old_and_refuses_newer_formats(tmp_path):
     current = checkpoint.RunCheckpoint(model={}, model_spec={})
     assert current.format == checkpoint.FORMAT and set(current.to_dict()) == set(torch.load(
         V1 / "checkpoints" / "last.pt", weights_only=True)) | {"format"}
+
+
+RB_887528D = Path(__file__).resolve().parent / "data" / "robust_bird_run_887528d"
+RB_SETTINGS = ["method.name=robust_bird", "method.density=0.2", "method.max_search_epochs=1", "data.train_subset=128",
+               "data.val_size=64", "model.base_width=4", "eval.test_subset=64", "attack.steps=2", "eval.steps=2",
+               "eval.gap_subset=64"]
+
+
+def test_a_robust_bird_run_saved_with_null_defaults_resumes_to_the_same_end(tmp_path):
+    shutil.copytree(RB_887528D, tmp_path / "old")
+    cfg = prepare_resume(tmp_path / "old", [], force=False)
+    assert (cfg.method.bn_l1, cfg.method.eb_threshold, cfg.method.search_attack, cfg.method.search_lr) == \
+        (0.0, 0.08, "none", 0.1)
+    resumed = train(cfg, resume=True)
+    fresh_cfg = tiny_cfg(tmp_path / "fresh", *RB_SETTINGS, epochs=2)
+    fresh = train(fresh_cfg)
+    assert [s["name"] for s in resumed["stages"]] == ["search", "train"]
+    for key in ("ra_final", "sa_final", "ra_best", "density_final", "train_flops", "steps"):
+        assert resumed[key] == fresh[key], key
+    old, new = RunDir(tmp_path / "old"), RunDir(fresh_cfg.run_dir)
+    assert untimed(old.read_metrics()) == untimed(new.read_metrics())
+    assert old.read_outcomes() == new.read_outcomes()

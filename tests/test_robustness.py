@@ -7,10 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from sparta import robustness
+from sparta.attacks import autoattack
+from sparta.attacks.autoattack import run_autoattack
 from sparta.cli import main
 from sparta.errors import ConfigError, SpartaError
-from sparta.robustness import evaluate_robustness, format_eps, parse_eps_list, run_autoattack, sanity_checks
+from sparta.robustness import EvalSettings, evaluate_robustness, format_eps, parse_eps_list, sanity_checks
 from sparta.rundir import dumps
 
 from conftest import one_line_error, trained_digits_cnn
@@ -45,8 +46,8 @@ class Detached(Quantised):
 
 
 def evaluate(net, data, attack, **kw):
-    settings = dict(eps=EPS, alpha=ALPHA, steps=STEPS, restarts=1, batch_size=64, device="cpu", seed=0)
-    return evaluate_robustness(net, data, attack=attack, **{**settings, **kw})
+    settings = EvalSettings(**{**dict(eps=EPS, alpha=ALPHA, steps=STEPS, restarts=1, batch_size=64, seed=0), **kw})
+    return evaluate_robustness(net, data, settings, attack=attack, device="cpu")
 
 
 def by_name(result):
@@ -65,7 +66,7 @@ def test_autoattack_adapter(model, digits, monkeypatch):
         seen.update(x=args[1], x_adv=x_adv)
         return x_adv, info
 
-    monkeypatch.setattr(robustness, "run_autoattack", spy)
+    monkeypatch.setattr(autoattack, "run_autoattack", spy)
     state = torch.get_rng_state()
     result = evaluate(model, data, "autoattack")
     assert torch.equal(torch.get_rng_state(), state)  # its seeding does not leak into the caller's RNG

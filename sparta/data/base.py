@@ -1,4 +1,4 @@
-"""Dataset containers, the dataset registry and the train/val/test split.
+"""Dataset containers, the dataset registries (each reader and its dataset's facts) and the train/val/test split.
 
 Every reader turns an official on-disk release into uint8 tensors held in memory (the largest,
 Tiny-ImageNet, is 1.2 GB), so the training loader can keep them on the accelerator and never touch
@@ -83,8 +83,39 @@ class DatasetSplits:
         return self.train.images.shape[2]  # all datasets here are square
 
 
-# name -> reader(root: str | None) -> RawDataset; readers register themselves in their modules.
-DATASETS: Registry[Callable[[str | None], RawDataset]] = Registry("dataset")
+@dataclass(frozen=True)
+class DatasetFacts:
+    """What is known of a dataset's official release without reading it, declared once by its reader
+    (:func:`register_reader`). The reader builds its ``RawDataset`` from these numbers; commands that
+    must work without the data on disk (``sparta flops CONFIG``) or check a data root before any work
+    read them from ``DATASET_FACTS``."""
+
+    name: str
+    in_channels: int
+    image_size: int  # pixels a side: every dataset here is square
+    num_classes: int
+    train_images: int  # the official training set, before the validation split
+    default_val_size: int  # validation: the last this many official training images, unless data.val_size says
+    # what data.root must hold (a folder or file the reader looks for); None where no single entry tells:
+    # digits reads no root, MNIST takes plain or gzipped files, in the root or in MNIST/raw
+    root_holds: str | None
+
+
+Reader = Callable[[str | None], RawDataset]
+
+# name -> reader(root: str | None) -> RawDataset, and name -> its facts; readers register in their modules.
+DATASETS: Registry[Reader] = Registry("dataset")
+DATASET_FACTS: Registry[DatasetFacts] = Registry("dataset")
+
+
+def register_reader(facts: DatasetFacts) -> Callable[[Reader], Reader]:
+    """Decorator: register a reader under ``facts.name`` in ``DATASETS`` and its facts in ``DATASET_FACTS``."""
+
+    def add(reader: Reader) -> Reader:
+        DATASET_FACTS.register(facts.name)(facts)
+        return DATASETS.register(facts.name)(reader)
+
+    return add
 
 
 def load_dataset(name: str, root: str | os.PathLike | None, *, val_size: int | None = None,
@@ -111,6 +142,20 @@ def load_dataset(name: str, root: str | os.PathLike | None, *, val_size: int | N
                               f"with val_size={val_size}; got {train_subset!r}")
         train = train.subset(0, train_subset)
     return DatasetSplits(name, train, val, raw.test, raw.num_classes, tuple(raw.mean), tuple(raw.std))
+
+
+def require_release(name: str, root: str | os.PathLike) -> None:
+    """Refuse a data root without the folder or file ``name``'s reader looks for, before any work
+    (a command's ``--data-root``; datasets whose facts name no single entry pass)."""
+    holds = DATASET_FACTS.get(name).root_holds
+    if holds is not None and not (Path(root) / holds).exists():
+        what = holds if Path(holds).suffix else f"{holds}/ folder"
+        raise DataError(f"--data-root {root} has no {what}; give the folder that holds the official {name} files")
+
+
+def first_images(data: ImageSet | None, n: int | None) -> ImageSet | None:
+    """The first ``n`` images of ``data`` (all of them when ``n`` is None or not smaller; None stays None)."""
+    return data if data is None or n is None or n >= len(data) else data.subset(0, n)
 
 
 def _is_int(v: object) -> bool:

@@ -14,8 +14,13 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
-from .base import (DATASETS, ImageSet, RawDataset, require_files, require_root, require_subdir,
+from .base import (DatasetFacts, ImageSet, RawDataset, register_reader, require_files, require_root, require_subdir,
                    warn_on_md5_mismatch)
+
+CIFAR10 = DatasetFacts("cifar10", in_channels=3, image_size=32, num_classes=10, train_images=50_000,
+                       default_val_size=5000, root_holds="cifar-10-batches-py")
+CIFAR100 = DatasetFacts("cifar100", in_channels=3, image_size=32, num_classes=100, train_images=50_000,
+                        default_val_size=5000, root_holds="cifar-100-python")
 
 CIFAR10_MD5 = {
     "data_batch_1": "c99cafc152244af753f735de768cd75f",
@@ -59,10 +64,10 @@ def _load_batch(name: str, path: Path, label_key: str, layout: str) -> tuple[np.
     return data.reshape(-1, 3, 32, 32), labels  # rows are the R plane, then G, then B
 
 
-def _read(name: str, root: str | None, folder: str, train_files: list[str], test_file: str,
-          md5: dict[str, str], label_key: str, layout: str, num_classes: int,
-          mean: tuple[float, ...], std: tuple[float, ...]) -> RawDataset:
-    base = require_subdir(name, require_root(name, root, layout), folder, layout)
+def _read(facts: DatasetFacts, root: str | None, train_files: list[str], test_file: str, md5: dict[str, str],
+          label_key: str, layout: str, mean: tuple[float, ...], std: tuple[float, ...]) -> RawDataset:
+    name, num_classes = facts.name, facts.num_classes
+    base = require_subdir(name, require_root(name, root, layout), facts.root_holds, layout)
     paths = require_files(name, base, train_files + [test_file], layout)
     warn_on_md5_mismatch(name, {p: md5[p.name] for p in paths})
     parts = [_load_batch(name, p, label_key, layout) for p in paths]
@@ -72,21 +77,20 @@ def _read(name: str, root: str | None, folder: str, train_files: list[str], test
         if y.size and (y.min() < 0 or y.max() >= num_classes):
             raise DataError(f"{name}: {p} has labels outside 0..{num_classes - 1} ({layout})")
     return RawDataset(ImageSet.from_numpy(train_x, train_y), ImageSet.from_numpy(*parts[-1]),
-                      num_classes, mean, std, default_val_size=5000)
+                      num_classes, mean, std, default_val_size=facts.default_val_size)
 
 
-@DATASETS.register("cifar10")
+@register_reader(CIFAR10)
 def read_cifar10(root: str | None) -> RawDataset:
     """50,000 train + 10,000 test 32x32 RGB images, 10 classes."""
     layout = "<root>/cifar-10-batches-py/data_batch_1..5 and test_batch (the official python version)"
-    return _read("cifar10", root, "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)],
-                 "test_batch", CIFAR10_MD5, "labels", layout, 10,
-                 mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
+    return _read(CIFAR10, root, [f"data_batch_{i}" for i in range(1, 6)], "test_batch", CIFAR10_MD5, "labels",
+                 layout, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
 
 
-@DATASETS.register("cifar100")
+@register_reader(CIFAR100)
 def read_cifar100(root: str | None) -> RawDataset:
     """50,000 train + 10,000 test 32x32 RGB images, 100 fine classes."""
     layout = "<root>/cifar-100-python/train and test (the official python version)"
-    return _read("cifar100", root, "cifar-100-python", ["train"], "test", CIFAR100_MD5, "fine_labels",
-                 layout, 100, mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762))
+    return _read(CIFAR100, root, ["train"], "test", CIFAR100_MD5, "fine_labels", layout,
+                 mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762))

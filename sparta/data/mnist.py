@@ -7,7 +7,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
-from .base import DATASETS, ImageSet, RawDataset, require_root
+from .base import DatasetFacts, ImageSet, RawDataset, register_reader, require_root
+
+MNIST = DatasetFacts("mnist", in_channels=1, image_size=28, num_classes=10, train_images=60_000, default_val_size=5000,
+                     root_holds=None)  # plain or gzipped files, in the root or in MNIST/raw: no single entry
 
 FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
          "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
@@ -52,14 +55,14 @@ def _read_split(root: Path, split: str) -> ImageSet:
     if len(images) != len(labels):
         raise DataError(f"mnist: {paths[0].name} has {len(images)} images but {paths[1].name} has "
                         f"{len(labels)} labels ({LAYOUT})")
-    if labels.size and labels.max() > 9:
-        raise DataError(f"mnist: {paths[1]} has labels above 9 ({LAYOUT})")
+    if labels.size and labels.max() > MNIST.num_classes - 1:
+        raise DataError(f"mnist: {paths[1]} has labels above {MNIST.num_classes - 1} ({LAYOUT})")
     return ImageSet.from_numpy(images[:, None], labels)  # (N, 28, 28) -> (N, 1, 28, 28)
 
 
-@DATASETS.register("mnist")
+@register_reader(MNIST)
 def read_mnist(root: str | None) -> RawDataset:
     """60,000 train + 10,000 test 28x28 grayscale digits, 10 classes."""
     path = require_root("mnist", root, LAYOUT)
-    return RawDataset(_read_split(path, "train"), _read_split(path, "test"), 10,
-                      mean=(0.1307,), std=(0.3081,), default_val_size=5000)
+    return RawDataset(_read_split(path, "train"), _read_split(path, "test"), MNIST.num_classes,
+                      mean=(0.1307,), std=(0.3081,), default_val_size=MNIST.default_val_size)

@@ -7,7 +7,10 @@ import numpy as np
 import scipy.io
 
 from ..errors import DataError
-from .base import DATASETS, ImageSet, RawDataset, require_files, require_root
+from .base import DatasetFacts, ImageSet, RawDataset, register_reader, require_files, require_root
+
+SVHN = DatasetFacts("svhn", in_channels=3, image_size=32, num_classes=10, train_images=73_257, default_val_size=5000,
+                    root_holds="train_32x32.mat")  # the 'extra' set is not used
 
 LAYOUT = "<root>/train_32x32.mat and test_32x32.mat (the official cropped-digits format 2)"
 
@@ -29,10 +32,10 @@ def _load_mat(path: Path) -> ImageSet:
     return ImageSet.from_numpy(x.transpose(3, 2, 0, 1), y)  # (32, 32, 3, N) -> (N, 3, 32, 32)
 
 
-@DATASETS.register("svhn")
+@register_reader(SVHN)
 def read_svhn(root: str | None) -> RawDataset:
     """73,257 train + 26,032 test 32x32 RGB house-number digits, 10 classes ('extra' is not used)."""
     train, test = require_files("svhn", require_root("svhn", root, LAYOUT),
-                                ["train_32x32.mat", "test_32x32.mat"], LAYOUT)
-    return RawDataset(_load_mat(train), _load_mat(test), 10, mean=(0.4377, 0.4438, 0.4728),
-                      std=(0.1980, 0.2010, 0.1970), default_val_size=5000)
+                                [SVHN.root_holds, "test_32x32.mat"], LAYOUT)
+    return RawDataset(_load_mat(train), _load_mat(test), SVHN.num_classes, mean=(0.4377, 0.4438, 0.4728),
+                      std=(0.1980, 0.2010, 0.1970), default_val_size=SVHN.default_val_size)

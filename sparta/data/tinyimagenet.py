@@ -15,11 +15,16 @@ import numpy as np
 from PIL import Image
 
 from ..errors import DataError
-from .base import DATASETS, ImageSet, RawDataset, channel_stats, require_root, require_subdir
+from .base import DatasetFacts, ImageSet, RawDataset, channel_stats, register_reader, require_root, require_subdir
+
+# num_classes is the official release's 200; the reader counts the wnids a release lists instead, so a
+# smaller folder in the same layout (a test's) reads as what it holds
+TINYIMAGENET = DatasetFacts("tinyimagenet", in_channels=3, image_size=64, num_classes=200, train_images=100_000,
+                            default_val_size=5000, root_holds="tiny-imagenet-200")
 
 LAYOUT = ("<root>/tiny-imagenet-200/ with wnids.txt, train/<wnid>/images/*.JPEG and "
           "val/images/*.JPEG + val/val_annotations.txt (the official release)")
-SIZE = 64
+SIZE = TINYIMAGENET.image_size
 
 
 def _decode(paths: list[Path]) -> np.ndarray:
@@ -42,10 +47,10 @@ def _decode(paths: list[Path]) -> np.ndarray:
     return out
 
 
-@DATASETS.register("tinyimagenet")
+@register_reader(TINYIMAGENET)
 def read_tinyimagenet(root: str | None) -> RawDataset:
     """100,000 train + 10,000 test 64x64 RGB images, 200 classes."""
-    base = require_subdir("tinyimagenet", require_root("tinyimagenet", root, LAYOUT), "tiny-imagenet-200", LAYOUT)
+    base = require_subdir("tinyimagenet", require_root("tinyimagenet", root, LAYOUT), TINYIMAGENET.root_holds, LAYOUT)
     wnids_file, ann_file = base / "wnids.txt", base / "val" / "val_annotations.txt"
     for f in (wnids_file, ann_file):
         if not f.is_file():
@@ -86,4 +91,4 @@ def read_tinyimagenet(root: str | None) -> RawDataset:
     train = ImageSet.from_numpy(_decode(train_paths), train_labels)
     test = ImageSet.from_numpy(_decode(test_paths), test_labels)
     mean, std = channel_stats(train.images)
-    return RawDataset(train, test, len(wnids), mean, std, default_val_size=5000)
+    return RawDataset(train, test, len(wnids), mean, std, default_val_size=TINYIMAGENET.default_val_size)

@@ -31,16 +31,13 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import CheckpointError, ConfigError
+from ..method_config import DEFAULT_EB_THRESHOLD  # the early-bird thresholds, declared with the settings
 from .channels import bn_channel_masks
 from .masks import hamming_distance
 from .select import prunable_parameters, unwrap
 from .tickets import global_magnitude_masks
 
 KINDS = ("unstructured", "channel")
-DEFAULT_THRESHOLDS = {"unstructured": 0.08, "channel": 0.1}
-# lambda of the L1 penalty on BN gammas during the search: network slimming's 1e-4 (Liu et al. 2017,
-# You et al. 2020) where gammas score the channels, none where weight magnitudes score the ticket
-DEFAULT_BN_L1 = {"unstructured": 0.0, "channel": 1e-4}
 
 
 def _flatten(mask: Tensor | Mapping[str, Tensor]) -> Tensor:
@@ -84,7 +81,7 @@ class EarlyBirdDetector:
             raise ConfigError(f"density must be a number in (0, 1], got {density!r}")
         if isinstance(window, bool) or not isinstance(window, int) or window < 2:
             raise ConfigError(f"early-bird window must be an integer >= 2, got {window!r}")
-        threshold = DEFAULT_THRESHOLDS[kind] if threshold is None else threshold
+        threshold = DEFAULT_EB_THRESHOLD[kind] if threshold is None else threshold
         if not 0.0 <= threshold <= 1.0:
             raise ConfigError(f"early-bird threshold must be in [0, 1], got {threshold}")
         channel_density = math.sqrt(density) if channel_density is None else channel_density
