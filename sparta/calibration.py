@@ -15,9 +15,9 @@ calibration tests and docs/reproduce.md's table of operating characteristics use
 """
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
-from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 

@@ -11,14 +11,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO
 
 import torch
 
 from .errors import CheckpointError
-
 
 # The schema's version. 1: checkpoints written before the field existed (the same keys; ``precision``,
 # ``epoch_sums``, ``world_size`` and ``torch_version`` may be missing in the oldest). 2: ``format`` added.
@@ -63,7 +63,7 @@ class RunCheckpoint:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     @classmethod
-    def from_dict(cls, state: dict[str, Any], path: str | Path) -> "RunCheckpoint":
+    def from_dict(cls, state: dict[str, Any], path: str | Path) -> RunCheckpoint:
         """A checkpoint read from ``path``: any version up to ``FORMAT``; missing keys take their defaults."""
         if not isinstance(state, dict) or "model" not in state or "model_spec" not in state:
             raise CheckpointError(f"{path} is not a sparta checkpoint (no model/model_spec entries)")

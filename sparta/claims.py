@@ -24,8 +24,9 @@ of several comparisons, except "highest final RA", which is such a conjunction b
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from .fmt import flops as _flops  # a bare number: "1.23e+15"
 from .fmt import percent as _pct  # "44.50%"

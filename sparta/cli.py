@@ -12,8 +12,9 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from .commands.console import table
 from .errors import Interrupted, SpartaError

@@ -13,9 +13,10 @@ import difflib
 import types
 import typing
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence, Union
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -26,18 +27,18 @@ from .method_config import FORMERLY_NULL, MethodConfig, derived, drop_unused_set
 @dataclass
 class DataConfig:
     name: str = "digits"
-    root: Optional[str] = None  # folder holding the official files; None only for embedded data
-    val_size: Optional[int] = None  # last N training images; None = the dataset's default
-    train_subset: Optional[int] = None  # keep only the first N remaining training images
+    root: str | None = None  # folder holding the official files; None only for embedded data
+    val_size: int | None = None  # last N training images; None = the dataset's default
+    train_subset: int | None = None  # keep only the first N remaining training images
     augment: bool = True  # random crop (padding 4) + horizontal flip on training batches
 
 
 @dataclass
 class ModelConfig:
     name: str = "small_cnn"
-    base_width: Optional[int] = None  # channels of the first stage; None = the model's default
-    depth: Optional[int] = None  # wide_resnet only
-    widen_factor: Optional[int] = None  # wide_resnet only
+    base_width: int | None = None  # channels of the first stage; None = the model's default
+    depth: int | None = None  # wide_resnet only
+    widen_factor: int | None = None  # wide_resnet only
 
     def kwargs(self) -> dict[str, Any]:
         """Constructor arguments that were set (None means: the model's default)."""
@@ -108,17 +109,17 @@ class FmnConfig:
 class EvalConfig:
     every: int = 1  # evaluate every N epochs (the last epoch is always evaluated)
     attack: Literal["pgd", "fgsm", "none"] = "pgd"
-    norm: Optional[Literal["linf", "l2"]] = None  # None = attack.norm
-    eps: Optional[float] = None  # None = attack.eps
+    norm: Literal["linf", "l2"] | None = None  # None = attack.norm
+    eps: float | None = None  # None = attack.eps
     alpha: float = 2 / 255
     steps: int = 20
     restarts: int = 1
-    val_subset: Optional[int] = None  # evaluate on the first N validation images (None = all)
-    test_subset: Optional[int] = None  # ... and the first N test images
+    val_subset: int | None = None  # evaluate on the first N validation images (None = all)
+    test_subset: int | None = None  # ... and the first N test images
     batch_size: int = 256
     # robust generalization gap at the end: accuracy on the first N training images (eval mode, no
     # augmentation) minus test accuracy; null skips it
-    gap_subset: Optional[int] = 1000
+    gap_subset: int | None = 1000
     # arithmetic of validation/test/gap evaluation (attack and forwards); fp32 keeps robustness
     # numbers free of precision effects, bf16 autocast is faster where supported
     precision: Literal["fp32", "bf16"] = "fp32"
@@ -128,7 +129,7 @@ class EvalConfig:
 @dataclass
 class CheckpointConfig:
     every_epochs: int = 1  # write checkpoints/last.pt every N epochs (and at the end)
-    every_steps: Optional[int] = None  # also every N optimizer steps, mid-epoch (resume continues there)
+    every_steps: int | None = None  # also every N optimizer steps, mid-epoch (resume continues there)
 
 
 @dataclass

@@ -5,8 +5,9 @@ config is ``DEMO`` below (the same as ``configs/demo.yaml``); nothing is downloa
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from . import fmt
 from .config import from_dict, with_overrides

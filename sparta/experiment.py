@@ -7,8 +7,9 @@ pieces, resuming from ``checkpoints/last.pt``, evaluating each epoch, keeping th
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn

@@ -29,8 +29,9 @@ import json
 import math
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -169,8 +170,8 @@ def min_norm_result(path: Path, cfg: Any, *, overrides: list[str] | tuple[str, .
     images and settings ``cfg.eval.fmn``), AutoAttack not rerun: its accuracy on the same images
     (``autoattack``: ``eps``, ``robust_acc``, ``n``) is compared with FMN's at that eps by the eval's
     own check (:func:`sparta.min_norm.autoattack_check`)."""
-    from .min_norm import autoattack_check, robust_accuracy_at
     from .commands.evaluate import evaluate_checkpoint
+    from .min_norm import autoattack_check, robust_accuracy_at
 
     wanted = cfg.eval.fmn
     kept_file = path.with_name(f"{path.stem}.eval-fmn.json")

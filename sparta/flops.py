@@ -60,8 +60,9 @@ each step (Flying Bird+'s density changes during training) across every stage of
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import torch
 from torch import nn

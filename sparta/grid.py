@@ -29,9 +29,10 @@ measured share beside the level.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .config import smoke_settings
 from .errors import SpartaError
@@ -100,8 +101,8 @@ def run_grid(dataset: str, model: str, data_root: str | Path, out: str | Path, *
     returns the report's path. ``jobs`` runs train at once; ``launcher``: as in ``reproduce.reproduce``
     (the report of the runs finished so far; None when none has)."""
     from .attacks.autoattack import require_autoattack
-    from .data import require_release
     from .config import load_config
+    from .data import require_release
     from .export import export_checkpoint
     from .fmt import eps as format_eps
     from .report import load_run, write_report

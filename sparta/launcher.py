@@ -31,9 +31,10 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .errors import SpartaError
 from .reproduce import FinalEval, PlannedRun, child_args, kept_final_eval, train_args

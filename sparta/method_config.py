@@ -18,11 +18,12 @@ what its masks are before training (``planned_masks``, for ``sparta flops``). ``
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import typing
-import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, Optional
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from .errors import ConfigError
 
@@ -85,20 +86,20 @@ class MethodConfig:
     # overrides that make each stage of the method one short epoch (``--smoke`` of reproduce and grid)
     SMOKE: ClassVar[tuple[str, ...]] = ()
 
-    def stages(self, cfg: "Config") -> list[StagePlan]:
+    def stages(self, cfg: Config) -> list[StagePlan]:
         """The method's stages in order, with their epochs (``sparta.methods`` builds them)."""
         return [StagePlan("train", cfg.epochs)]
 
     def planned_masks(self) -> PlannedMasks:
         return "none"
 
-    def resolve(self, cfg: "Config") -> None:
+    def resolve(self, cfg: Config) -> None:
         """Set each setting declared with ``derive`` and not given (None) to its rule's value."""
         for f in dataclasses.fields(self):
             if "derive" in f.metadata and getattr(self, f.name) is None:
                 setattr(self, f.name, f.metadata["derive"](self, cfg))
 
-    def check(self, cfg: "Config") -> None:
+    def check(self, cfg: Config) -> None:
         """Declared ranges, then the rules that tie settings together (overridden where a method has them)."""
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
@@ -138,12 +139,12 @@ class FlyingBirdConfig(RandomMaskConfig):
 
     name: str = "flying_bird"
     # topology update cadence, in iterations or in epochs (not both)
-    update_every: Optional[int] = setting(900, "> 0")
-    update_every_late: Optional[int] = setting(1200, "> 0")  # in the second half of training; null = update_every
+    update_every: int | None = setting(900, "> 0")
+    update_every_late: int | None = setting(1200, "> 0")  # in the second half of training; null = update_every
     # in epochs instead (e.g. 2.5 = every 2.5 epochs' worth of iterations); when set, the two
     # iteration settings above are ignored, and a null late cadence keeps update_every_epochs
-    update_every_epochs: Optional[float] = setting(None, "> 0")
-    update_every_late_epochs: Optional[float] = setting(None, "> 0")
+    update_every_epochs: float | None = setting(None, "> 0")
+    update_every_late_epochs: float | None = setting(None, "> 0")
     growth: Literal["random", "gradient"] = "random"  # SET-style random or RigL-style dense-gradient growth
     # where growth may land: exclusive = only positions inactive before the drop (RigL: a just-dropped
     # weight is never regrown in the same update; every dropped and grown weight restarts at 0);
@@ -153,7 +154,7 @@ class FlyingBirdConfig(RandomMaskConfig):
     drop_fraction: float = setting(0.5, "in (0, 1]")  # cosine-decayed fraction of active weights replaced per update...
     drop_fraction_final: float = setting(0.005, "in [0, 1]")  # ...down to this at the end of training
 
-    def check(self, cfg: "Config") -> None:
+    def check(self, cfg: Config) -> None:
         super().check(cfg)
         if self.update_every is None and self.update_every_epochs is None:
             raise ConfigError("set method.update_every (iterations) or method.update_every_epochs")
@@ -172,12 +173,12 @@ class FlyingBirdPlusConfig(FlyingBirdConfig):
     # the same images every epoch. null = all of eval.val_subset's images (reused on evaluated epochs,
     # but a full validation after every epoch); fewer are cheaper and noisier (binomial standard error
     # sqrt(p(1-p)/N): 3 points at N=250, p=0.3)
-    window_val_subset: Optional[int] = setting(None, ">= 1")
+    window_val_subset: int | None = setting(None, ">= 1")
     threshold: float = setting(0.5, "in (0, 1]")  # fraction of the differences that must show the trend
     extra_prune_fraction: float = setting(0.4, "in [0, 1]")  # prune-more: extra ceil(0.4 * r * nnz) per layer
     extra_grow_fraction: float = setting(0.05, ">= 0")  # grow-more: regrow 5% more than dropped
 
-    def check(self, cfg: "Config") -> None:
+    def check(self, cfg: Config) -> None:
         super().check(cfg)
         if cfg.data.val_size == 0 or cfg.eval.attack == "none":
             raise ConfigError("method.name=flying_bird_plus needs a validation split evaluated under attack "
@@ -213,7 +214,7 @@ class RobustBirdConfig(TicketConfig):
     min_search_epochs: int = setting(0, ">= 0")  # the ticket may not be drawn before the end of this search epoch
     # compare the masks every N optimizer steps of the search (e.g. 352 = a CIFAR epoch of 45,000
     # images at batch 128); null = after every epoch. The search still stops at an epoch's end
-    eb_every_steps: Optional[int] = setting(None, ">= 1")
+    eb_every_steps: int | None = setting(None, ">= 1")
     # L1 penalty lambda * sum |gamma| on BatchNorm weights during the search (network slimming);
     # default: 1e-4 for pruning=channel, 0 for unstructured
     bn_l1: float = setting(must=">= 0", derive=lambda m, cfg: DEFAULT_BN_L1[m.pruning])
@@ -230,13 +231,13 @@ class RobustBirdConfig(TicketConfig):
 
     SMOKE = ("method.max_search_epochs=1", "method.min_search_epochs=0", "method.search_milestones=[]")
 
-    def stages(self, cfg: "Config") -> list[StagePlan]:
+    def stages(self, cfg: Config) -> list[StagePlan]:
         return [StagePlan("search", self.max_search_epochs, capped=True), StagePlan("train", cfg.epochs)]
 
     def planned_masks(self) -> PlannedMasks:
         return "channels" if self.pruning == "channel" else "estimate"
 
-    def check(self, cfg: "Config") -> None:
+    def check(self, cfg: Config) -> None:
         super().check(cfg)
         if self.min_search_epochs > self.max_search_epochs:
             raise ConfigError(f"method.min_search_epochs must be in [0, max_search_epochs={self.max_search_epochs}], "
@@ -256,7 +257,7 @@ class BoostingTicketConfig(TicketConfig):
     reinit: Literal["none", "random"] = "none"  # random: same mask, fresh random weights (lottery-ticket control)
     SMOKE = ("method.finder_epochs=1", "method.search_milestones=[]")
 
-    def stages(self, cfg: "Config") -> list[StagePlan]:
+    def stages(self, cfg: Config) -> list[StagePlan]:
         finders = [StagePlan("finder" if self.rounds == 1 else f"finder{k + 1}", self.finder_epochs)
                    for k in range(self.rounds)]
         return [*finders, StagePlan("train", cfg.epochs)]
@@ -273,14 +274,14 @@ class AfterTrainingConfig(SparseConfig):
     # a sparta checkpoint (.pt) of a dense run of the same model: its weights replace the pretrain
     # stage (not trained; summary.json records the path and the checkpoint's own cost, not added
     # to train_flops)
-    pretrained: Optional[str] = None
+    pretrained: str | None = None
     # layer densities of the pruned network (layer-wise pruning); uniform = every layer at density
     distribution: Literal["uniform", "igq", "erk", "er"] = "uniform"
     finetune_epochs: int = setting(100, ">= 1")  # the finetune stage: adversarial training of the kept weights
     finetune_lr: float = setting(0.01, "> 0")  # its lr, cosine to 0 over finetune_epochs, fresh optimizer
     SMOKE = ("method.pretrain_epochs=1", "method.finetune_epochs=1")
 
-    def stages(self, cfg: "Config") -> list[StagePlan]:
+    def stages(self, cfg: Config) -> list[StagePlan]:
         pretrain = [StagePlan("pretrain", self.pretrain_epochs)] if self.pretrained is None else []
         return [*pretrain, StagePlan("finetune", self.finetune_epochs)]
 
@@ -294,7 +295,7 @@ class MagnitudeConfig(AfterTrainingConfig):
     # layer: each layer keeps its largest |w| at the layer densities of `distribution`
     scope: Literal["global", "layer"] = "layer"
 
-    def check(self, cfg: "Config") -> None:
+    def check(self, cfg: Config) -> None:
         super().check(cfg)
         if self.scope == "global" and self.distribution != "uniform":
             raise ConfigError(f"method.distribution={self.distribution} sets layer densities, which scope=global "
@@ -311,7 +312,7 @@ class HydraConfig(AfterTrainingConfig):
     score_lr: float = setting(0.1, "> 0")  # its lr, cosine to 0 over score_epochs (paper: 0.1)
     SMOKE = ("method.pretrain_epochs=1", "method.score_epochs=1", "method.finetune_epochs=1")
 
-    def stages(self, cfg: "Config") -> list[StagePlan]:
+    def stages(self, cfg: Config) -> list[StagePlan]:
         *pretrain, finetune = super().stages(cfg)
         return [*pretrain, StagePlan("score", self.score_epochs), finetune]
 

@@ -9,14 +9,23 @@ hold all of it.
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Sequence, cast
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import torch
 
 from .config import Config
 from .errors import ConfigError
-from .method_config import (AfterTrainingConfig, BoostingTicketConfig, FlyingBirdConfig, FlyingBirdPlusConfig,
-                            HydraConfig, MagnitudeConfig, RandomMaskConfig, RobustBirdConfig)
+from .method_config import (
+    AfterTrainingConfig,
+    BoostingTicketConfig,
+    FlyingBirdConfig,
+    FlyingBirdPlusConfig,
+    HydraConfig,
+    MagnitudeConfig,
+    RandomMaskConfig,
+    RobustBirdConfig,
+)
 from .netspec import build_model, example_input
 from .registry import Registry
 from .sparse.controllers import AdaptiveDensity, Dense, DynamicSparse, SparsityController, Static

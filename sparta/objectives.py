@@ -9,8 +9,8 @@ An objective is built once from the config and gives the loop two functions:
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch.nn.functional as F
 from torch import Tensor, nn

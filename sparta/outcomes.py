@@ -13,8 +13,9 @@ clean and robust outcome vectors; ``sparta.rundir.RunDir`` appends, reads and (o
 from __future__ import annotations
 
 import base64
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -54,7 +55,7 @@ class Outcomes:
         return {"n": self.n, "clean": encode(self.clean, self.n), "robust": encode(self.robust, self.n)}
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> "Outcomes":
+    def from_json(cls, d: Mapping[str, Any]) -> Outcomes:
         return cls(int(d["n"]), decode(d["clean"]), decode(d["robust"]))
 
 

@@ -18,8 +18,8 @@ Pure Python, so readers of results need no torch.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from .pareto import binomial_se
 
@@ -53,11 +53,11 @@ class Paired:
     se: float
     paired: bool = True
 
-    def __add__(self, other: "Paired") -> "Paired":
+    def __add__(self, other: Paired) -> Paired:
         """The sum of differences measured on disjoint image sets (the gap's training and test images)."""
         return Paired(self.diff + other.diff, math.hypot(self.se, other.se), self.paired and other.paired)
 
-    def __neg__(self) -> "Paired":
+    def __neg__(self) -> Paired:
         return Paired(-self.diff, self.se, self.paired)
 
 

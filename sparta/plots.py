@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from .fmt import flops_unit, time_unit
 from .runs import Run, config_key, cumulative, finite, present, stage_axis, stage_segments, time_to_robustness

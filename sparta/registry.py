@@ -5,7 +5,8 @@ valid ones (a ``ConfigError``, which is a ``ValueError``), so the CLI can print 
 """
 from __future__ import annotations
 
-from typing import Callable, Generic, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
 
 from .errors import ConfigError
 

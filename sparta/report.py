@@ -26,18 +26,44 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from . import fmt
 from .errors import SpartaError
 from .pareto import CostPoint, cost_points
-from .plots import (PLOTS_SKIPPED, has_moving_density, matplotlib_or_none, plot_accuracy, plot_cost,
-                    plot_density, plot_pareto)
-from .runs import (GROUP_IGNORED, Run, config_key, cumulative, differences, find_runs, finite, group_label,
-                   group_runs, is_run_dir, load_run, present, run_labels, run_stats, safe_name, stage_axis,
-                   stage_segments, time_to_robustness, unique_labels)
+from .plots import (
+    PLOTS_SKIPPED,
+    has_moving_density,
+    matplotlib_or_none,
+    plot_accuracy,
+    plot_cost,
+    plot_density,
+    plot_pareto,
+)
+from .runs import (
+    GROUP_IGNORED,
+    Run,
+    config_key,
+    cumulative,
+    differences,
+    find_runs,
+    finite,
+    group_label,
+    group_runs,
+    is_run_dir,
+    load_run,
+    present,
+    run_labels,
+    run_stats,
+    safe_name,
+    stage_axis,
+    stage_segments,
+    time_to_robustness,
+    unique_labels,
+)
 
 # importable from here: the public names of sparta.runs and sparta.plots that callers import from sparta.report
 __all__ = ["GROUP_IGNORED", "PLOTS_SKIPPED", "Report", "Run", "config_key", "cumulative", "default_target",

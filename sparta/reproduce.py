@@ -29,10 +29,11 @@ import statistics
 import subprocess
 import sys
 import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from . import claims as C
 from .config import smoke_settings
@@ -469,8 +470,8 @@ def reproduce(profile: str, data_root: str | Path, out: str | Path, *, dataset: 
     ``sparta.launcher.SlurmLauncher`` (None: train here); the report then holds the runs finished so
     far (None: no run has finished)."""
     from .attacks.autoattack import require_autoattack
-    from .data import require_release
     from .config import load_config
+    from .data import require_release
     from .report import load_run, write_report
     from .rundir import dumps, write_text_atomic
 

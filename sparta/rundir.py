@@ -22,9 +22,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .outcomes import FILE as OUTCOMES_FILE
 from .checkpoint import atomic_write
 from .errors import CheckpointError, ConfigError
+from .outcomes import FILE as OUTCOMES_FILE
 
 
 def write_text_atomic(path: Path, text: str) -> None:

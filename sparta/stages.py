@@ -8,8 +8,9 @@ Transitions (draw the ticket, prune, rewind, slim channels) run in ``Stage.after
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,7 +35,7 @@ class Carry:
         return {k: v for k, v in (("initial", self.initial), ("ticket", self.ticket)) if v is not None}
 
     @classmethod
-    def from_state(cls, state: dict[str, Any]) -> "Carry":
+    def from_state(cls, state: dict[str, Any]) -> Carry:
         return cls(initial=state.get("initial"), ticket=state.get("ticket"))
 
 

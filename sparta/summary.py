@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import platform
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 
@@ -12,8 +13,16 @@ from .config import Config
 from .data.base import DatasetSplits
 from .distributed import Distributed
 from .evaluate import evaluate
-from .flops import (attack_full_backward_flops, attack_steps_of, dense_training_flops, forward_flops_by_layer,
-                    inference_flops, mask_densities, paper_table_flops, savings)
+from .flops import (
+    attack_full_backward_flops,
+    attack_steps_of,
+    dense_training_flops,
+    forward_flops_by_layer,
+    inference_flops,
+    mask_densities,
+    paper_table_flops,
+    savings,
+)
 from .netspec import build_model, input_shape
 from .protocol import best_index, eval_attack, eval_protocol
 from .stages import RunContext, Stage

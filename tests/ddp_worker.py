@@ -9,12 +9,11 @@ import os
 import sys
 
 import torch
+from conftest import Crash, crash_after  # this file's folder is first on sys.path
 
 from sparta import distributed
 from sparta.config import load_config
 from sparta.experiment import train
-
-from conftest import Crash, crash_after  # this file's folder is first on sys.path
 
 
 def crash(config: str, epoch: str, *overrides: str) -> None:

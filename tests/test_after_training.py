@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import Crash, checkpoint_of, crash_after, one_line_error, tiny_cfg, tiny_net, untimed
 from torch import nn
 
 from sparta.config import load_config
@@ -15,8 +16,6 @@ from sparta.sparse.controllers import Dense
 from sparta.sparse.hydra import HydraScores, scaled_score_init
 from sparta.sparse.tickets import layer_counts
 from sparta.stages import RunContext
-
-from conftest import Crash, checkpoint_of, crash_after, one_line_error, tiny_cfg, tiny_net, untimed
 
 ROOT = Path(__file__).resolve().parents[1] / "sparta"
 # 128 training images in batches of 32: 4 steps an epoch

@@ -22,12 +22,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_ARGS, write_cifar100
 
 from sparta.cli import main
 from sparta.config import from_dict, with_overrides
 from sparta.experiment import train
-
-from conftest import TINY_ARGS, write_cifar100
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "configs" / "demo.yaml")

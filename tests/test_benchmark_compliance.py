@@ -19,6 +19,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from test_grid import write_svhn
 from torch import nn
 
 from sparta.config import load_config
@@ -26,8 +27,6 @@ from sparta.experiment import load_model, train
 from sparta.export import export_checkpoint, model_key
 from sparta.grid import METHODS, plan_grid
 from sparta.models import create_model
-
-from test_grid import write_svhn
 
 
 class Block(nn.Module):

@@ -2,13 +2,12 @@
 import json
 from pathlib import Path
 
+import conftest
 import pytest
 import yaml
+from conftest import one_line_error
 
 from sparta.cli import main
-
-import conftest
-from conftest import one_line_error
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_ARGS = [*conftest.TINY_ARGS, "data.augment=false"]

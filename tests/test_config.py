@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from sparta.config import Config, from_dict, load_config, parse_override, with_overrides
+from sparta.config import from_dict, load_config, with_overrides
 from sparta.errors import ConfigError
 from sparta.schedules import LrSchedule
 

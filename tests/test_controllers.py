@@ -7,14 +7,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_net
 from torch import nn
 
 from sparta.errors import ConfigError
 from sparta.sparse.controllers import AdaptiveDensity, Dense, DynamicSparse, Static, random_static
 from sparta.sparse.masks import MaskSet
 from sparta.sparse.tickets import select_k_mask
-
-from conftest import tiny_net
 
 OPTIMIZERS = {
     "sgd": lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4),

@@ -15,23 +15,23 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import TINY as BASE
+from conftest import untimed
 
 import sparta
 from sparta import distributed, outcomes
 from sparta.attacks import build_attack
-from sparta.data import load_dataset
-from sparta.evaluate import evaluate
 from sparta.config import load_config, with_overrides
+from sparta.data import load_dataset
 from sparta.distributed import Distributed, mask_checksum, mask_layer_checksums
 from sparta.errors import ConfigError
+from sparta.evaluate import evaluate
 from sparta.experiment import load_model, train
 from sparta.netspec import build_model
 from sparta.outcomes import Outcomes
 from sparta.rundir import RunDir
 from sparta.sparse.distributions import exact_counts, layer_densities
 from sparta.sparse.select import prunable_parameters
-
-from conftest import TINY as BASE, untimed
 
 ROOT = Path(sparta.__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("ddp_worker.py")

@@ -9,9 +9,6 @@ from sparta.errors import ConfigError
 from sparta.models import create_model
 from sparta.sparse.early_bird import EarlyBirdDetector, EarlyBirdSearch, hamming_distance
 
-
-
-
 N = 100  # positions of the hand-made masks: k differing positions = distance k / 100 exactly
 
 

@@ -11,14 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import tiny_cfg
 
 import sparta
 from sparta.attacks.autoattack import merge_autoattack
 from sparta.distributed import Distributed
 from sparta.experiment import train
 from sparta.robustness import chunk_seed, chunks
-
-from conftest import tiny_cfg
 
 ROOT = Path(sparta.__file__).resolve().parents[1]
 ATTACK = ["eval.eps=0.05", "eval.alpha=0.0125"]

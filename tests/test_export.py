@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_cfg
 
 import sparta
 from sparta import checkpoint
@@ -22,8 +23,6 @@ from sparta.experiment import load_model
 from sparta.export import CARD_EPS, benchmark_name, export_checkpoint
 from sparta.netspec import build_model, example_input, model_spec
 from sparta.sparse.select import prunable_parameters
-
-from conftest import tiny_cfg
 
 ROOT = Path(sparta.__file__).resolve().parents[1]
 

@@ -19,9 +19,19 @@ from sparta.attacks.trades import trades_attack, trades_loss
 from sparta.commands import flops as flops_command
 from sparta.config import load_config
 from sparta.errors import CheckpointError, SpartaError
-from sparta.flops import (LayerFlops, TrainingCostMeter, attack_full_backward_flops, dense_training_flops,
-                          forward_flops_by_layer, full_backward_multiplier, inference_flops, paper_table_flops, savings,
-                          step_flops_per_image, step_multiplier)
+from sparta.flops import (
+    LayerFlops,
+    TrainingCostMeter,
+    attack_full_backward_flops,
+    dense_training_flops,
+    forward_flops_by_layer,
+    full_backward_multiplier,
+    inference_flops,
+    paper_table_flops,
+    savings,
+    step_flops_per_image,
+    step_multiplier,
+)
 from sparta.models import create_model
 from sparta.sparse.masks import MaskSet
 
@@ -404,9 +414,9 @@ def test_cli_bad_paths(tmp_path):
 
 
 def _tiny_run(tmp_path, name, *overrides):
-    from sparta.experiment import train
-
     from conftest import tiny_cfg
+
+    from sparta.experiment import train
 
     return train(tiny_cfg(tmp_path / name, *overrides))
 

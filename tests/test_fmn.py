@@ -8,18 +8,17 @@ import sys
 
 import pytest
 import torch
+from conftest import one_line_error, tiny_cfg, trained_digits_cnn
+from test_eval_nproc import sparta_eval
 from torch import nn
 
 from sparta.attacks import fmn
 from sparta.attacks.fmn import DEFAULT_SETTING, min_norm_distances, search_space, tune_min_norm
-from sparta.min_norm import evaluate_min_norm, robust_accuracy_at, security_curve, write_distances
 from sparta.cli import main
 from sparta.errors import SpartaError
 from sparta.experiment import train
+from sparta.min_norm import evaluate_min_norm, robust_accuracy_at, security_curve, write_distances
 from sparta.robustness import EvalSettings, evaluate_robustness, stack_images
-
-from conftest import one_line_error, tiny_cfg, trained_digits_cnn
-from test_eval_nproc import sparta_eval
 
 pytest.importorskip("secmlt")
 

@@ -11,14 +11,13 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import one_line_error
+from test_grid import write_svhn
+from test_reliability import ARGS, DEMO, ROOT, assert_same_run, saved_step
 
 from sparta.cli import table
 from sparta.launcher import STATUS_COLUMNS, SlurmLauncher, SlurmSettings, load_settings, run_status
 from sparta.reproduce import FinalEval, PlannedRun
-
-from conftest import one_line_error
-from test_grid import write_svhn
-from test_reliability import ARGS, DEMO, ROOT, assert_same_run, saved_step
 
 FINAL = FinalEval(n=8, steps=2)
 LOCAL = SlurmSettings(cluster="local", time_min=30)

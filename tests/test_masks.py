@@ -3,13 +3,12 @@ import io
 
 import pytest
 import torch
+from conftest import tiny_net
 from torch import nn
 
 from sparta.errors import CheckpointError
 from sparta.sparse.masks import MaskSet, hamming_distance
 from sparta.sparse.select import prunable_parameters, strip_wrapper_prefixes, unwrap
-
-from conftest import tiny_net
 
 PRUNABLE = ["0.weight", "3.weight", "6.weight"]
 

@@ -3,12 +3,11 @@ import functools
 
 import pytest
 import torch
+from conftest import Crash, checkpoint_of, crash_after, tiny_cfg, untimed
 
 from sparta.experiment import load_model, prepare_resume, train
 from sparta.rundir import RunDir
 from sparta.sparse.masks import MaskSet
-
-from conftest import Crash, checkpoint_of, crash_after, tiny_cfg, untimed
 
 FB = ["method.name=flying_bird", "method.density=0.2", "method.update_every=4", "method.update_every_late=6"]
 FBPLUS = ["method.name=flying_bird_plus", "method.density=0.3", "method.update_every=4", "method.update_every_late=4",

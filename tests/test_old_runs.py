@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 from conftest import tiny_cfg, untimed
+
 from sparta.experiment import prepare_resume, train
 from sparta.rundir import RunDir
 

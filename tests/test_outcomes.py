@@ -2,14 +2,13 @@
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_net
 
 from sparta import outcomes
 from sparta.data.base import ImageSet
 from sparta.distributed import SINGLE
 from sparta.evaluate import evaluate, gather_outcomes
 from sparta.outcomes import Outcomes
-
-from conftest import tiny_net
 
 
 @pytest.mark.parametrize("n", [0, 1, 7, 8, 13, 1000])

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from sparta.config import from_dict
+from sparta.data.base import ImageSet
 from sparta.errors import ConfigError
 from sparta.evaluate import evaluate
-from sparta.data.base import ImageSet
 from sparta.objectives import build_objective
 from sparta.precision import StepPrecision, cpu_flags, cpu_name, fast_bf16, resolve_precision
 from sparta.sparse.controllers import DynamicSparse

@@ -3,15 +3,14 @@ import functools
 
 import pytest
 import torch
+from conftest import Crash, checkpoint_of, crash_after, crash_at_step, tiny_cfg, untimed
 
 from sparta.data import load_dataset
+from sparta.experiment import load_model, prepare_resume, train
 from sparta.methods import build_recipe
 from sparta.netspec import build_model, model_spec
-from sparta.stages import RunContext
-from sparta.experiment import load_model, prepare_resume, train
 from sparta.rundir import RunDir
-
-from conftest import Crash, checkpoint_of, crash_after, crash_at_step, tiny_cfg, untimed
+from sparta.stages import RunContext
 
 RB = ["method.name=robust_bird", "method.density=0.2", "method.max_search_epochs=3", "method.eb_window=2",
       "method.eb_threshold=1.0"]  # threshold 1: the ticket is drawn as soon as two masks exist

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY as BASE
+from conftest import TINY_ARGS, crash_at_step, tiny_cfg, untimed
 
 from sparta import checkpoint
 from sparta.cli import main
@@ -23,8 +25,6 @@ from sparta.errors import DivergedError, Interrupted
 from sparta.experiment import prepare_resume, train
 from sparta.rundir import RunDir
 from sparta.signals import StopRequests
-
-from conftest import TINY as BASE, TINY_ARGS, crash_at_step, tiny_cfg, untimed
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "configs" / "demo.yaml")

@@ -6,10 +6,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sparta.errors import SpartaError
 from sparta.cli import add_report_arguments, cmd_report
-from sparta.report import (PLOTS_SKIPPED, config_key, group_runs, load_run, stage_axis,
-                           time_to_robustness, write_report)
+from sparta.errors import SpartaError
+from sparta.report import PLOTS_SKIPPED, config_key, group_runs, load_run, stage_axis, time_to_robustness, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PROTOCOL = {"attack": "pgd", "norm": "linf", "eps": 8 / 255, "alpha": 2 / 255, "steps": 20, "restarts": 1,

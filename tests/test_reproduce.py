@@ -7,14 +7,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import write_cifar100
 
 from sparta import claims as C
 from sparta import reproduce as R
 from sparta.config import load_config
 from sparta.errors import SpartaError
 from sparta.reproduce import CPU_MINI_EPOCHS, PRESETS, PROFILES, ROLES, plan
-
-from conftest import write_cifar100
 
 ROOT = Path(__file__).resolve().parents[1]
 

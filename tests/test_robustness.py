@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import one_line_error, trained_digits_cnn
 from torch import nn
 
 from sparta.attacks import autoattack
@@ -13,8 +14,6 @@ from sparta.cli import main
 from sparta.errors import ConfigError, SpartaError
 from sparta.robustness import EvalSettings, evaluate_robustness, format_eps, parse_eps_list, sanity_checks
 from sparta.rundir import dumps
-
-from conftest import one_line_error, trained_digits_cnn
 
 ROOT = Path(__file__).resolve().parents[1]
 EPS, ALPHA, STEPS = 0.1, 0.025, 10  # 8x8 digits: eps 0.1 leaves a trained small CNN about half its accuracy

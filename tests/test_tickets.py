@@ -22,8 +22,6 @@ from sparta.sparse.tickets import (
 )
 
 
-
-
 def small_preact(seed=0):
     torch.manual_seed(seed)
     return create_model("preact_resnet18", num_classes=10, in_channels=3, image_size=32,

@@ -4,13 +4,12 @@ import json
 
 import pytest
 import torch
+from conftest import Crash, crash_after, tiny_cfg, untimed
 
 from sparta import checkpoint, outcomes
 from sparta.errors import CheckpointError, ConfigError
 from sparta.experiment import load_model, prepare_resume, train
 from sparta.rundir import RunDir
-
-from conftest import Crash, crash_after, tiny_cfg, untimed
 
 RECORD_KEYS = {"stage", "epoch", "step", "lr", "train_loss", "train_robust_acc", "val_clean_acc", "val_robust_acc",
                "val_robust_loss", "test_clean_acc", "test_robust_acc", "density", "epoch_time_s"}

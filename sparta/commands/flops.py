@@ -13,9 +13,16 @@ from torch import nn
 
 from .. import fmt
 from ..errors import CheckpointError, ConfigError, SpartaError
+from ..flops import (
+    attack_steps_of,
+    forward_flops_by_layer,
+    inference_flops,
+    mask_densities,
+    paper_table_flops,
+    savings,
+    step_multiplier,
+)
 from ..method_config import StagePlan
-from ..flops import (attack_steps_of, forward_flops_by_layer, inference_flops, mask_densities, paper_table_flops,
-                     savings, step_multiplier)
 from ..sparse.masks import MaskSet
 
 __all__ = ["dataset_facts", "flops_report", "format_report", "print_flops"]

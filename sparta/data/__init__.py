@@ -4,9 +4,18 @@
 >>> loader = DeviceLoader(splits.train, 128, device="cuda", shuffle=True, augment=True)
 >>> for x, y in loader.epoch(0): ...                                  # float [0, 1] batches on the device
 """
-from .base import (DATASET_FACTS, DATASETS, DatasetFacts, DatasetSplits, ImageSet, RawDataset, first_images,
-                   load_dataset, require_release)
 from . import cifar, digits, mnist, svhn, tinyimagenet  # noqa: F401  (register the readers)
+from .base import (
+                   DATASET_FACTS,
+                   DATASETS,
+                   DatasetFacts,
+                   DatasetSplits,
+                   ImageSet,
+                   RawDataset,
+                   first_images,
+                   load_dataset,
+                   require_release,
+)
 from .loader import DeviceLoader
 
 __all__ = ["DATASET_FACTS", "DATASETS", "DatasetFacts", "DatasetSplits", "DeviceLoader", "ImageSet", "RawDataset",

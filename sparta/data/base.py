@@ -9,9 +9,9 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -37,12 +37,12 @@ class ImageSet:
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def subset(self, start: int, stop: int) -> "ImageSet":
+    def subset(self, start: int, stop: int) -> ImageSet:
         """Images start..stop-1 (views: slicing dim 0 of a contiguous tensor stays contiguous)."""
         return ImageSet(self.images[start:stop], self.labels[start:stop])
 
     @classmethod
-    def from_numpy(cls, images: np.ndarray, labels: Iterable[int] | np.ndarray) -> "ImageSet":
+    def from_numpy(cls, images: np.ndarray, labels: Iterable[int] | np.ndarray) -> ImageSet:
         """images (N, C, H, W) uint8 array (any strides), labels N ints."""
         x = np.ascontiguousarray(images, dtype=np.uint8)
         x = torch.from_numpy(x if x.flags.writeable else x.copy())  # torch wants writable memory

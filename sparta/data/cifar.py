@@ -14,8 +14,16 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
-from .base import (DatasetFacts, ImageSet, RawDataset, register_reader, require_files, require_root, require_subdir,
-                   warn_on_md5_mismatch)
+from .base import (
+    DatasetFacts,
+    ImageSet,
+    RawDataset,
+    register_reader,
+    require_files,
+    require_root,
+    require_subdir,
+    warn_on_md5_mismatch,
+)
 
 CIFAR10 = DatasetFacts("cifar10", in_channels=3, image_size=32, num_classes=10, train_images=50_000,
                        default_val_size=5000, root_holds="cifar-10-batches-py")

@@ -15,7 +15,7 @@ and the ranks' shares then differ by at most one image.
 """
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F

@@ -31,7 +31,8 @@ channel sets, so removing one group never renumbers another; groups are applied 
 from __future__ import annotations
 
 import copy
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn

@@ -26,8 +26,9 @@ HYDRA's score-stage controller (``HydraScores``) is in ``sparse.hydra``; the ear
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from itertools import pairwise
-from typing import Any, Literal, Protocol, Sequence
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn

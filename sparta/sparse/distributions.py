@@ -16,7 +16,7 @@ RigL's ERK. ``exact_counts`` turns densities into integer kept-weight counts who
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 

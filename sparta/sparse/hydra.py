@@ -31,7 +31,8 @@ loop's FLOPs meter), an upper bound.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn

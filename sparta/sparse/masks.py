@@ -9,7 +9,7 @@ references to them. Build the MaskSet after the model has been moved to its devi
 """
 from __future__ import annotations
 
-from typing import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -73,7 +73,7 @@ class MaskSet:
 
     # -- construction ------------------------------------------------------------------------------
     @classmethod
-    def from_model(cls, model: nn.Module, exclude: Sequence[str] = ()) -> "MaskSet":
+    def from_model(cls, model: nn.Module, exclude: Sequence[str] = ()) -> MaskSet:
         """All-ones masks over ``prunable_parameters(model, exclude)``."""
         params = prunable_parameters(model, exclude)
         return cls(params, {name: torch.ones_like(p, dtype=torch.bool) for name, p in params.items()})
@@ -87,7 +87,7 @@ class MaskSet:
         *,
         seed: int = 0,
         exclude: Sequence[str] = (),
-    ) -> "MaskSet":
+    ) -> MaskSet:
         """Random masks with exact per-layer counts from ``distributions.layer_densities(distribution)``.
 
         The total kept is exactly ``round(density * total)``; positions come from a CPU generator seeded
@@ -178,7 +178,7 @@ class MaskSet:
         total = sum(self.numels().values())
         return sum(self.counts().values()) / total if total else 1.0
 
-    def distance(self, other: "MaskSet | Mapping[str, torch.Tensor]") -> float:
+    def distance(self, other: MaskSet | Mapping[str, torch.Tensor]) -> float:
         """Normalised Hamming distance: fraction of positions (over all masked parameters) that differ."""
         other_masks = other.masks if isinstance(other, MaskSet) else other
         self._check_same_layout(other_masks, ValueError)

@@ -6,8 +6,8 @@ running statistics, the ``Normalize`` mean/std), because buffers are not paramet
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from fnmatch import fnmatchcase
-from typing import Sequence
 
 from torch import nn
 

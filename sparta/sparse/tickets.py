@@ -18,7 +18,7 @@ ticket, so they favour exactness over speed:
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
