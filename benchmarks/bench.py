@@ -31,6 +31,7 @@ import argparse
 import copy
 import json
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -39,6 +40,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
 
 from sparta.config import from_dict
 from sparta.data.base import ImageSet
@@ -96,8 +98,6 @@ class PeakMemory:
         elif self.measure.startswith("cpu peak RSS (VmHWM"):
             peak = self._status_mb("VmHWM")
         else:
-            import resource
-
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
         return {"peak_mb": peak, "increase_mb": peak - self.start_mb, "measure": self.measure}
 
@@ -130,14 +130,13 @@ def timed_alternately(fns: list[Callable[[], object]], *, warmup: int, repeats: 
     results = []
     for t in times:
         q = statistics.quantiles(t, n=4) if len(t) > 1 else [t[0]] * 3
-        results.append({"median_s": statistics.median(t), "p25_s": q[0], "p75_s": q[2], "repeats": repeats, "memory": peak})
+        results.append({"median_s": statistics.median(t), "p25_s": q[0], "p75_s": q[2], "repeats": repeats,
+                        "memory": peak})
     return results
 
 
 def profile_table(fn: Callable[[], object], device: torch.device, rows: int = 15) -> str:
     """torch.profiler's operator table (sorted by self time) of one call of ``fn`` after a warm-up call."""
-    from torch.profiler import ProfilerActivity, profile
-
     fn()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
@@ -156,10 +155,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--batch", type=int, default=None, help="batch size (default 128 on CUDA, 32 on CPU)")
     parser.add_argument("--repeats", type=int, default=None, help="timed iterations per measurement")
-    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench-<device>[-quick].json)")
-    parser.add_argument("--profile", action="store_true", help="add torch.profiler tables of a fp32 and a bf16 dense step")
+    parser.add_argument("--out", default=None,
+                        help="JSON path (default benchmarks/results/bench-<device>[-quick].json)")
+    parser.add_argument("--profile", action="store_true",
+                        help="add torch.profiler tables of a fp32 and a bf16 dense step")
     parser.add_argument("--compile", action="store_true",
-                        help="add B7, the torch.compile'd dense step (its compilation takes about a minute on 2 CPU cores)")
+                        help="add B7, the torch.compile'd dense step "
+                             "(its compilation takes about a minute on 2 CPU cores)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
@@ -178,8 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     x = torch.rand(batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     results: dict[str, object] = {}
+    fp32 = StepPrecision("fp32", device)
 
-    def dense_step(precision: StepPrecision = StepPrecision("fp32", device)) -> None:
+    def dense_step(precision: StepPrecision = fp32) -> None:
         train_step(model, optimizer, Dense(), objective, x, y, step=1, attack_bn_mode="train", precision=precision)
 
     def input_grad_pass() -> None:  # what one attack step costs at least
@@ -199,13 +202,22 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(11):
             full_pass()
 
+    def bf16_step_of(step_model: torch.nn.Module) -> Callable[[], None]:
+        """The dense bf16 step of ``step_model`` with an SGD optimizer of its own; the model and the
+        optimizer live only in the returned step, so dropping it frees them."""
+        step_opt = torch.optim.SGD(step_model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+
+        def step() -> None:
+            train_step(step_model, step_opt, Dense(), objective, x, y, step=1, attack_bn_mode="train",
+                       precision=bf16)
+
+        return step
+
     # B6's channels_last copy: NHWC conv weights as train.channels_last sets them (inputs stay NCHW;
     # the first convolution's output is already NHWC)
     model_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
-    opt_cl = torch.optim.SGD(model_cl.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     bf16 = StepPrecision("bf16", device)
-    bf16_cl_step = lambda: train_step(model_cl, opt_cl, Dense(), objective, x, y, step=1, attack_bn_mode="train",
-                                      precision=bf16)
+    bf16_cl_step = bf16_step_of(model_cl)
 
     model.train()
     model_cl.train()
@@ -219,15 +231,18 @@ def main(argv: list[str] | None = None) -> int:
                                       "ratio_step_over_floor": dense["median_s"] / floor_t["median_s"],
                                       "ratio_step_over_eleven_full": dense["median_s"] / eleven["median_s"],
                                       "target": "<= 1.10", "peak_memory_mb": dense["memory"]["peak_mb"]}
-    del model_cl, opt_cl
+    del model_cl, bf16_cl_step  # frees the channels_last copy and its optimizer before B2
 
     # B2 and B4 time their step alternately with the dense one (the ratio's two sides see the same
     # machine); the sparse model is a copy, so the dense step stays dense
     fb_model = copy.deepcopy(model)
     fb_opt = torch.optim.SGD(fb_model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    controller = DynamicSparse(fb_model, fb_opt, MaskSet.random(fb_model, 0.2, "igq", seed=0), total_steps=200 * 391,
-                               update_every=900)
-    fb_step = lambda: train_step(fb_model, fb_opt, controller, objective, x, y, step=1, attack_bn_mode="train")
+    controller = DynamicSparse(fb_model, fb_opt, MaskSet.random(fb_model, 0.2, "igq", seed=0),
+                               total_steps=200 * 391, update_every=900)
+
+    def fb_step() -> None:
+        train_step(fb_model, fb_opt, controller, objective, x, y, step=1, attack_bn_mode="train")
+
     fb, fb_dense = timed_alternately([fb_step, dense_step], warmup=warmup, repeats=repeats, device=device)
     results["B2_flying_bird_step"] = {"step": fb, "dense_step": fb_dense,
                                       "ratio_sparse_over_dense": fb["median_s"] / fb_dense["median_s"],
@@ -237,9 +252,12 @@ def main(argv: list[str] | None = None) -> int:
     fb_opt.zero_grad(set_to_none=True)
     F.cross_entropy(fb_model(x), y).backward()  # dense gradients for growth
     update_step = controller.update_every  # a step at which after_backward changes the topology
-    update = timed(lambda: controller.after_backward(update_step), warmup=1, repeats=max(3, repeats // 3), device=device)
-    results["B3_topology_update"] = {"update": update, "ratio_update_over_dense_step": update["median_s"] / dense["median_s"],
-                                     "growth": controller.growth, "target": "<= 1.0", "peak_memory_mb": update["memory"]["peak_mb"]}
+    update = timed(lambda: controller.after_backward(update_step), warmup=1, repeats=max(3, repeats // 3),
+                   device=device)
+    results["B3_topology_update"] = {"update": update,
+                                     "ratio_update_over_dense_step": update["median_s"] / dense["median_s"],
+                                     "growth": controller.growth, "target": "<= 1.0",
+                                     "peak_memory_mb": update["memory"]["peak_mb"]}
 
     # B4: a channel ticket keeping ~20% of the weights (sqrt(0.2) of the channels, random |gamma|),
     # physically slimmed, against the dense network: same batch, same attack
@@ -249,22 +267,28 @@ def main(argv: list[str] | None = None) -> int:
             m.weight.data.uniform_(0, 1)
     slim_model, _ = slim(model, bn_channel_masks(model, keep_fraction=0.2 ** 0.5), x[:1])
     slim_opt = torch.optim.SGD(slim_model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    slim_step = lambda: train_step(slim_model, slim_opt, Dense(), objective, x, y, step=1, attack_bn_mode="train")
+
+    def slim_step() -> None:
+        train_step(slim_model, slim_opt, Dense(), objective, x, y, step=1, attack_bn_mode="train")
+
     slim_t, slim_dense = timed_alternately([slim_step, dense_step], warmup=warmup, repeats=repeats, device=device)
-    flops_ratio = forward_flops_by_layer(model, (3, 32, 32)).total / forward_flops_by_layer(slim_model, (3, 32, 32)).total
+    flops_ratio = (forward_flops_by_layer(model, (3, 32, 32)).total
+                   / forward_flops_by_layer(slim_model, (3, 32, 32)).total)
     speedup = slim_dense["median_s"] / slim_t["median_s"]
-    results["B4_channel_ticket"] = {"step": slim_t, "dense_step": slim_dense, "speedup": speedup, "flops_ratio": flops_ratio,
-                                    "speedup_over_flops_ratio": speedup / flops_ratio,
-                                    "params_ratio": sum(p.numel() for p in slim_model.parameters()) / sum(p.numel() for p in model.parameters()),
+    params_ratio = sum(p.numel() for p in slim_model.parameters()) / sum(p.numel() for p in model.parameters())
+    results["B4_channel_ticket"] = {"step": slim_t, "dense_step": slim_dense, "speedup": speedup,
+                                    "flops_ratio": flops_ratio, "speedup_over_flops_ratio": speedup / flops_ratio,
+                                    "params_ratio": params_ratio,
                                     "target": ">= 0.6", "peak_memory_mb": slim_t["memory"]["peak_mb"]}
 
     n_images = 2048 if args.quick else 50_000
-    images = ImageSet(torch.randint(0, 256, (n_images, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (n_images,)))
+    images = ImageSet(torch.randint(0, 256, (n_images, 3, 32, 32), dtype=torch.uint8),
+                      torch.randint(0, 10, (n_images,)))
     loader = DeviceLoader(images, batch, device=device, shuffle=True, augment=True, seed=0)
     batches = min(len(loader), 8 if args.quick else 200)
 
     def drain() -> None:
-        for i, _ in zip(range(batches), loader.epoch(0)):
+        for _ in zip(range(batches), loader.epoch(0)):
             pass
 
     load = timed(drain, warmup=1, repeats=3, device=device)
@@ -283,8 +307,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.compile:  # last, so its compile workers cannot disturb B1-B6; the eager step again, beside it
         compiled = torch.compile(model)
-        compiled_step = lambda: train_step(compiled, optimizer, Dense(), objective, x, y, step=1, attack_bn_mode="train",
-                                           precision=StepPrecision("fp32", device))
+
+        def compiled_step() -> None:
+            train_step(compiled, optimizer, Dense(), objective, x, y, step=1, attack_bn_mode="train",
+                       precision=StepPrecision("fp32", device))
+
         start = time.perf_counter()
         compiled_step()  # traces and compiles the model's forward and backward
         first_s = time.perf_counter() - start
@@ -295,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
                                        "peak_memory_mb": compiled_t["memory"]["peak_mb"]}
         del compiled
 
-    report = {"device": str(device), "device_name": device_name(device), "threads": torch.get_num_threads(), "torch": str(torch.__version__), "python": platform.python_version(),
+    report = {"device": str(device), "device_name": device_name(device), "threads": torch.get_num_threads(),
+              "torch": str(torch.__version__), "python": platform.python_version(),
               "quick": args.quick, "model": f"preact_resnet18(base_width={width})", "batch": batch, "image": "3x32x32",
               "date": time.strftime("%Y-%m-%d"), "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
               "results": results}
@@ -309,11 +337,14 @@ def main(argv: list[str] | None = None) -> int:
     rows = [("B1 dense PGD-10 step / floor", results["B1_dense_pgd10_step"]["ratio_step_over_floor"], "<= 1.10"),
             ("    dense step / 11 full fwd+bwd", results["B1_dense_pgd10_step"]["ratio_step_over_eleven_full"], ""),
             ("B2 FB step (d=0.2) / dense step", results["B2_flying_bird_step"]["ratio_sparse_over_dense"], "<= 1.03"),
-            ("B3 topology update / dense step", results["B3_topology_update"]["ratio_update_over_dense_step"], "<= 1.0"),
-            ("B4 channel ticket speedup / FLOPs ratio", results["B4_channel_ticket"]["speedup_over_flops_ratio"], ">= 0.6"),
+            ("B3 topology update / dense step",
+             results["B3_topology_update"]["ratio_update_over_dense_step"], "<= 1.0"),
+            ("B4 channel ticket speedup / FLOPs ratio",
+             results["B4_channel_ticket"]["speedup_over_flops_ratio"], ">= 0.6"),
             ("B5 loader img/s / step img/s", results["B5_data_path"]["ratio_loader_over_step"], ">= 20"),
             ("B6 bf16 step / fp32 step", results["B6_bf16_step"]["ratio_bf16_over_fp32"], "<= 0.5"),
-            ("    bf16 channels_last step / fp32 step", results["B6_bf16_step"]["ratio_bf16_channels_last_over_fp32"], "")]
+            ("    bf16 channels_last step / fp32 step",
+             results["B6_bf16_step"]["ratio_bf16_channels_last_over_fp32"], "")]
     memory = {"B1": dense, "B2": fb, "B3": update, "B4": slim_t, "B5": load, "B6": bf16_t}
     if "B7_compiled_step" in results:
         b7 = results["B7_compiled_step"]

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from statistics import NormalDist
 
 import numpy as np
+from scipy.special import ndtr
 
-from .claims import Scores
+from .claims import PAPER, VERDICTS, Scores
 from .outcomes import Outcomes, pack
 
 CLASSES = 8
@@ -67,8 +68,6 @@ def _offset(p: np.ndarray) -> np.ndarray:
 
 
 def _phi(x: np.ndarray) -> np.ndarray:
-    from scipy.special import ndtr
-
     return ndtr(x)
 
 
@@ -99,7 +98,8 @@ def _vectors(counts: np.ndarray, bits: int) -> list[int]:
     return [pack((ids >> (bits - 1 - b)) & 1) for b in range(bits)]
 
 
-def simulate(truths: Mapping[str, Truth], design: Design, sims: int, seed: int = 0) -> Iterator[dict[str, list[Scores]]]:
+def simulate(truths: Mapping[str, Truth], design: Design, sims: int,
+             seed: int = 0) -> Iterator[dict[str, list[Scores]]]:
     """``sims`` simulated reproductions of the runs in ``truths``: each a role -> [Scores per seed]."""
     rng = np.random.default_rng(seed)
     roles = list(truths)
@@ -129,14 +129,10 @@ def simulate(truths: Mapping[str, Truth], design: Design, sims: int, seed: int =
 
 def rates(verdicts: Sequence[str]) -> dict[str, float]:
     """The share of each verdict among ``verdicts``."""
-    from .claims import VERDICTS
-
     return {v: sum(x == v for x in verdicts) / max(len(verdicts), 1) for v in VERDICTS}
 
 
 def paper_truths(dataset: str) -> dict[str, Truth]:
     """The paper's table as truths (train RA = final test RA + gap; FLOPs in its units)."""
-    from .claims import PAPER
-
     return {role: Truth(best, final, final + gap, flops) for role, (best, final, gap, flops) in PAPER[dataset].items()}
 

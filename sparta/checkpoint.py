@@ -9,16 +9,14 @@ pickled code is ever executed, and any program can read it without sparta.
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 
 from .errors import CheckpointError
+from .rundir import atomic_write
 
 # The schema's version. 1: checkpoints written before the field existed (the same keys; ``precision``,
 # ``epoch_sums``, ``world_size`` and ``torch_version`` may be missing in the oldest). 2: ``format`` added.
@@ -85,36 +83,6 @@ def save(ckpt: RunCheckpoint, path: str | Path) -> None:
         ) from None
 
 
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write through ``write(file)`` to a temporary file beside ``path``, fsync, rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)  # make the rename itself durable
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> RunCheckpoint:
     """Read a checkpoint safely; a missing, torn, foreign or newer file is one ``CheckpointError`` line."""
     path = Path(path)
@@ -124,5 +92,6 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> RunCheck
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated, corrupted, or holding pickled code
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"checkpoint {path} cannot be read ({first[:200]}); it is corrupted or not a sparta checkpoint") from None
+        raise CheckpointError(f"checkpoint {path} cannot be read ({first[:200]}); it is corrupted or not a sparta "
+                              "checkpoint") from None
     return RunCheckpoint.from_dict(state, path)

@@ -128,7 +128,8 @@ def ra_diff(which: str) -> Callable[[Scores, Scores], Paired | None]:
 
 def overfitting_diff(a: Scores, b: Scores) -> Paired | None:
     """(best - final test RA) of a minus that of b: four outcomes of each test image."""
-    if None not in (a.best, a.final, b.best, b.final) and len({a.best.n, a.final.n, b.best.n, b.final.n}) == 1:
+    if (a.best is not None and a.final is not None and b.best is not None and b.final is not None
+            and len({a.best.n, a.final.n, b.best.n, b.final.n}) == 1):
         return linear([(1, a.best.robust), (-1, a.final.robust), (-1, b.best.robust), (1, b.final.robust)], a.best.n)
     best, final = ra_diff("best")(a, b), ra_diff("final")(a, b)
     return None if best is None or final is None else Paired(best.diff - final.diff, (best + final).se, False)
@@ -140,17 +141,19 @@ def gap_diff(a: Scores, b: Scores) -> Paired | None:
     final = ra_diff("final")(a, b)
     if a.gap is not None and b.gap is not None and a.gap.n == b.gap.n:
         train = linear([(1, a.gap.robust), (-1, b.gap.robust)], a.gap.n)
-    elif None not in (a.train_ra, b.train_ra, a.n_gap, b.n_gap):
+    elif a.train_ra is not None and b.train_ra is not None and a.n_gap is not None and b.n_gap is not None:
         train = unpaired(a.train_ra, b.train_ra, a.n_gap, b.n_gap)
     else:
         return None
     return None if final is None else train + (-final)
 
 
-def compare(a: Sequence[Scores], b: Sequence[Scores], diff: Callable[[Scores, Scores], Paired | None]) -> Interval | None:
+def compare(a: Sequence[Scores], b: Sequence[Scores],
+            diff: Callable[[Scores, Scores], Paired | None]) -> Interval | None:
     """The interval of ``diff`` (a - b) over the seeds both runs have (seed j with seed j)."""
     pairs = [diff(x, y) for x, y in zip(a, b)]
-    return None if not pairs or any(p is None for p in pairs) else over_seeds(pairs)
+    present = [p for p in pairs if p is not None]
+    return None if not pairs or len(present) < len(pairs) else over_seeds(present)
 
 
 # ---------------------------------------------------------------- verdicts
@@ -290,13 +293,14 @@ def boosting_budgeted(ticket: Sequence[Scores], dense: Sequence[Scores], ticket_
     if not cheaper:
         verdict, detail = NOT_REPRODUCED, "no saving"
     evidence = [f"final RA, ticket minus dense: {iv if iv is not None else '-'} points (bound -{bound:g})",
-                f"cost: ticket {ticket_cost.epochs:.3g} epochs + finder {ticket_cost.finder_epochs:.3g} dense-equivalent "
-                f"epochs = {ticket_cost.total:.3g}, dense {dense_cost.total:.3g} ({_share_text(ticket_cost.total / dense_cost.total)})"]
+                f"cost: ticket {ticket_cost.epochs:.3g} epochs + finder {ticket_cost.finder_epochs:.3g} "
+                f"dense-equivalent epochs = {ticket_cost.total:.3g}, dense {dense_cost.total:.3g} "
+                f"({_share_text(ticket_cost.total / dense_cost.total)})"]
     return Claim("the boosting ticket (finder included) reaches the dense final RA on a shorter schedule",
                  verdict, evidence,
-                 f"the 95% interval of the paired final-RA difference above -{bound:g} and a lower dense-equivalent cost "
-                 "-> reproduced (evidence, from one seed); the interval below, or no saving -> not reproduced; "
-                 "else inconclusive", seeds=min(len(ticket), len(dense)), detail=detail)
+                 f"the 95% interval of the paired final-RA difference above -{bound:g} and a lower "
+                 "dense-equivalent cost -> reproduced (evidence, from one seed); the interval below, or no "
+                 "saving -> not reproduced; else inconclusive", seeds=min(len(ticket), len(dense)), detail=detail)
 
 
 def boosting_beats_control(ticket: Sequence[Scores], control: Sequence[Scores]) -> Claim:
@@ -316,10 +320,17 @@ def fb_plus_sparser_and_cheaper(runs: Mapping[str, Sequence[Scores]]) -> Claim:
     """A mechanism check: Flying Bird+'s density adaptation ended below Flying Bird's density."""
     density = {r: _mean(runs[r], "density") for r in ("flying_bird", "flying_bird_plus")}
     flops = {r: _mean(runs[r], "train_flops") for r in ("flying_bird", "flying_bird_plus")}
-    evidence = [f"{LABELS[r]}: final density {density[r]:.4f}, train FLOPs {_flops(flops[r])}" for r in density]
-    sparser = density["flying_bird_plus"] < density["flying_bird"]
-    cheaper = flops["flying_bird_plus"] < flops["flying_bird"]
+    evidence = [f"{LABELS[r]}: final density {'-' if density[r] is None else format(density[r], '.4f')}, "
+                f"train FLOPs {_flops(flops[r])}" for r in density]
     why = "exact counts, so no noise; both lower -> passed, else failed"
+    fb, fb_plus = density["flying_bird"], density["flying_bird_plus"]
+    fb_flops, fb_plus_flops = flops["flying_bird"], flops["flying_bird_plus"]
+    # a seed without either (was a TypeError)
+    if fb is None or fb_plus is None or fb_flops is None or fb_plus_flops is None:
+        return Claim("Flying Bird+ ends sparser and cheaper than Flying Bird", INCONCLUSIVE, evidence, why,
+                     detail="not measured")
+    sparser = fb_plus < fb
+    cheaper = fb_plus_flops < fb_flops
     if not sparser:
         why += "; FB+ did not end sparser: its prune-more trigger (robust gap proxy rising) did not fire often enough"
     return Claim("Flying Bird+ ends sparser and cheaper than Flying Bird", REPRODUCED if sparser and cheaper else
@@ -335,7 +346,8 @@ def autoattack_below_pgd(evals: Mapping[str, Mapping[str, Any]]) -> Claim:
         v = REPRODUCED if aa < pgd else (INCONCLUSIVE if aa == pgd else NOT_REPRODUCED)
         verdicts.append(v)
         evidence.append(f"{label(role)}: AutoAttack {_pct(aa)} vs PGD-{e.get('pgd_steps', 20)} {_pct(pgd)} "
-                        f"on {e.get('n_autoattack', e['n'])} images ({'below' if aa < pgd else 'equal' if aa == pgd else 'ABOVE'})")
+                        f"on {e.get('n_autoattack', e['n'])} images "
+                        f"({'below' if aa < pgd else 'equal' if aa == pgd else 'ABOVE'})")
     verdict = (NOT_REPRODUCED if NOT_REPRODUCED in verdicts else
                REPRODUCED if verdicts and all(v == REPRODUCED for v in verdicts) else INCONCLUSIVE)
     return Claim(f"AutoAttack is below PGD-{'/'.join(map(str, steps))} for every final model", verdict, evidence,
@@ -374,7 +386,8 @@ def _mean_of(seeds: Sequence[Scores], quantity: str) -> str:
             return None if s.ra_best is None or s.ra_final is None else s.ra_best - s.ra_final
         return None if s.train_ra is None or s.ra_final is None else s.train_ra - s.ra_final
     values = [one(s) for s in seeds]
-    return "-" if not values or None in values else f"{statistics.fmean(values):.2f}"
+    present = [v for v in values if v is not None]
+    return "-" if not values or len(present) < len(values) else f"{statistics.fmean(present):.2f}"
 
 
 def _paper_diff(dataset: str, role: str, quantity: str, other: str = "dense") -> float | None:

@@ -8,16 +8,26 @@ Bad input (a ``SpartaError``) is one line on stderr and exit code 2, never a tra
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import shlex
 import sys
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .commands.console import table
+from .config import load_config
 from .errors import Interrupted, SpartaError
+from .grid import DATASETS as GRID_DATASETS
+from .grid import METHODS, MODELS, plan_grid, run_grid
+from .launcher import STATUS_COLUMNS, SlurmLauncher, dry_run_lines, load_settings, run_status
+from .report import write_report
+from .reproduce import DATASETS, PROFILES, ROLES, check_jobs, plan, reproduce
+
+T = TypeVar("T")
 
 
 class ConsoleProgress:
@@ -28,10 +38,10 @@ class ConsoleProgress:
         self.stream = stream
         self.bar = mode == "bar" or (mode == "auto" and stream.isatty())
 
-    def batches(self, it: Iterator, total: int, epoch: int) -> Iterator:
+    def batches(self, it: Iterator[T], total: int, epoch: int) -> Iterable[T]:
         if not self.bar:
             return it
-        from tqdm import tqdm
+        from tqdm import tqdm  # noqa: PLC0415 (CLI start-up: tqdm takes ~60 ms to import, only a bar needs it)
 
         return tqdm(it, total=total, desc=f"epoch {epoch + 1}", unit="batch", file=self.stream, leave=False,
                     dynamic_ncols=True)
@@ -51,10 +61,8 @@ def launch_torchrun(nproc: int, child: list[str]) -> int:
     """``sparta train|eval --nproc N ...``: the ``child`` command (``sparta`` arguments, without --nproc)
     as N local processes under torchrun (``torch.distributed.run --standalone``); returns the workers'
     exit code (2 for bad input)."""
-    import logging
-
-    from torch.distributed import run as torchrun
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed import run as torchrun  # noqa: PLC0415 (CLI start-up: imports torch)
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError  # noqa: PLC0415 (CLI start-up: imports torch)
 
     if "WORLD_SIZE" in os.environ:
         raise SpartaError("--nproc starts torchrun itself; under torchrun (WORLD_SIZE is set) leave it out")
@@ -82,8 +90,7 @@ def rank() -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .experiment import prepare_resume, train
+    from .experiment import prepare_resume, train  # noqa: PLC0415 (CLI start-up: imports torch)
 
     if processes(args.nproc) > 1:
         return launch_torchrun(args.nproc, [
@@ -125,7 +132,7 @@ SUMMARY_COLUMNS = [("name", "run"), ("method", "method"), ("density_final", "den
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .commands.evaluate import evaluate_checkpoint, print_evaluation
+    from .commands.evaluate import evaluate_checkpoint, print_evaluation  # noqa: PLC0415 (CLI start-up: imports torch)
 
     if processes(args.nproc) > 1:
         return launch_torchrun(args.nproc, [
@@ -141,7 +148,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """``sparta export``: the export folder's files on stdout, one per line; the card's headline on stderr."""
-    from .export import export_checkpoint
+    from .export import export_checkpoint  # noqa: PLC0415 (CLI start-up: imports torch)
 
     card = export_checkpoint(args.checkpoint, args.out, fmt=args.format, n_examples=args.n_examples,
                              attack=not args.no_attack, overrides=args.overrides, ap_key=args.ap_key, level=args.level,
@@ -159,7 +166,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import comparison, run_demo
+    from .demo import comparison, run_demo  # noqa: PLC0415 (CLI start-up: imports torch)
 
     rows = run_demo(Path(args.out_dir), epochs=args.epochs, log=lambda line: print(line, flush=True))
     print()
@@ -173,12 +180,13 @@ def add_flops_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``sparta flops CONFIG|CHECKPOINT [overrides]``."""
     parser.add_argument("source", help="a YAML config (configs/...) or a checkpoint (.pt)")
     parser.add_argument("overrides", nargs="*",
-                        help="config overrides, e.g. attack.steps=7 method.density=0.1 (applied to a checkpoint's config too)")
+                        help="config overrides, e.g. attack.steps=7 method.density=0.1 (applied to a checkpoint's "
+                             "config too)")
 
 
 def cmd_flops(args: argparse.Namespace) -> int:
     """``sparta flops``: print the per-layer table, inference and training FLOPs; returns 0."""
-    from .commands.flops import print_flops
+    from .commands.flops import print_flops  # noqa: PLC0415 (CLI start-up: imports torch)
 
     print_flops(args.source, list(getattr(args, "overrides", []) or []))
     return 0
@@ -196,8 +204,6 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """``sparta report``: write the report; its notes (skipped plots, skipped runs) on stderr, its path on stdout."""
-    from .report import write_report
-
     report = write_report(args.run_dirs, args.out, target_ra=args.target_ra)
     for note in report.notes:
         print(note, file=sys.stderr)
@@ -207,8 +213,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def add_reproduce_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``sparta reproduce --profile P --data-root DIR [overrides]``."""
-    from .reproduce import DATASETS, PROFILES, ROLES
-
     parser.add_argument("overrides", nargs="*",
                         help="dotted overrides applied to every run after the profile's, e.g. device=cuda")
     parser.add_argument("--profile", required=True, choices=PROFILES,
@@ -265,8 +269,6 @@ def make_launcher(args: argparse.Namespace, out: str) -> Any:
     slurm_only = {"--launcher-config": args.launcher_config, "--partition": args.partition,
                   "--account": args.account, "--time-min": args.time_min, "--gpus-per-run": args.gpus_per_run,
                   "--cpus-per-task": args.cpus_per_task, "--mem-gb": args.mem_gb, "--wait": args.wait or None}
-    from .reproduce import check_jobs
-
     check_jobs(1 if args.jobs is None else args.jobs, args.nproc if args.launcher == "local" else None)
     if args.launcher == "local":
         given = [flag for flag, value in slurm_only.items() if value is not None]
@@ -276,8 +278,6 @@ def make_launcher(args: argparse.Namespace, out: str) -> Any:
         return None
     if args.nproc is not None:
         raise SpartaError("--nproc is the local launcher's; with --launcher slurm give --gpus-per-run N")
-    from .launcher import SlurmLauncher, load_settings
-
     settings = load_settings(args.launcher_config, partition=args.partition, account=args.account,
                              time_min=args.time_min, gpus_per_run=args.gpus_per_run,
                              cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb)
@@ -292,23 +292,17 @@ def launch(args: argparse.Namespace, out: str, planned: list, run: Any) -> int:
     launcher = make_launcher(args, out)
     nproc = launcher.nproc if launcher else args.nproc
     if args.status:
-        from .launcher import STATUS_COLUMNS, run_status
-
         print(table(run_status(planned, Path(out), cluster=launcher.settings.cluster if launcher else None),
                     STATUS_COLUMNS))
         return 0
     if args.dry_run:
         if launcher:
-            from .launcher import dry_run_lines
-
             print("\n".join(dry_run_lines(launcher.settings, Path(out), len(planned), args.jobs)))
         for run in planned:
             print("sparta " + " ".join(run.command(nproc)))
         return 0
     path = run(launcher, nproc, 1 if launcher else args.jobs or 1)  # a launcher runs its tasks itself
     if launcher:
-        from .launcher import STATUS_COLUMNS
-
         print(table(launcher.rows, STATUS_COLUMNS))
     if path is not None:
         print(path)
@@ -325,10 +319,6 @@ def launch(args: argparse.Namespace, out: str, planned: list, run: Any) -> int:
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
     """``sparta reproduce``: train, evaluate and report; progress lines on stdout, then the report's path."""
-    import shlex
-
-    from .reproduce import plan, reproduce
-
     processes(args.nproc)
     out = args.out or f"results/{args.profile}-{args.dataset}" + ("-smoke" if args.smoke else "")
     only = [r.strip() for r in args.only.split(",") if r.strip()] if args.only else None
@@ -343,10 +333,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``sparta grid --dataset D --model M --data-root DIR [overrides]``."""
-    from .grid import DATASETS, METHODS, MODELS
-
     parser.add_argument("overrides", nargs="*", help="dotted overrides applied to every run, e.g. device=cuda")
-    parser.add_argument("--dataset", required=True, choices=list(DATASETS))
+    parser.add_argument("--dataset", required=True, choices=list(GRID_DATASETS))
     parser.add_argument("--model", default="resnet18", choices=list(MODELS),
                         help="the benchmark's base_resnet18 / base_vgg16 (HYDRA's VGG-16), or the Flying Bird paper's "
                              "PreActResNet-18 (default: resnet18)")
@@ -369,8 +357,6 @@ def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cmd_grid(args: argparse.Namespace) -> int:
     """``sparta grid``: one (dataset, model) cell of the adversarial pruning benchmark's grid."""
-    from .grid import plan_grid, run_grid
-
     def split(text: str | None) -> list[str] | None:
         return [w.strip() for w in text.split(",") if w.strip()] if text else None
 
@@ -385,8 +371,9 @@ def cmd_grid(args: argparse.Namespace) -> int:
     kw = dict(methods=split(args.methods), sparsities=sparsities, smoke=args.smoke, overrides=args.overrides)
     return launch(args, out, plan_grid(args.dataset, args.model, args.data_root, out, **kw),
                   lambda launcher, nproc, jobs: run_grid(args.dataset, args.model, args.data_root, out,
-                                                         final_n=args.final_n, nproc=nproc, jobs=jobs, launcher=launcher,
-                                                         log=lambda line: print(line, flush=True), **kw))
+                                                         final_n=args.final_n, nproc=nproc, jobs=jobs,
+                                                         launcher=launcher, log=lambda line: print(line, flush=True),
+                                                         **kw))
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -415,7 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="clean and robust accuracy of a checkpoint on the test set")
     p.add_argument("checkpoint")
-    p.add_argument("overrides", nargs="*", help="overrides of the checkpoint's config, e.g. eval.steps=50 data.root=DIR")
+    p.add_argument("overrides", nargs="*",
+                   help="overrides of the checkpoint's config, e.g. eval.steps=50 data.root=DIR")
     p.add_argument("--attack", choices=["pgd", "cw", "autoattack", "sweep", "fmn"], default="pgd",
                    help="pgd: PGD-k with restarts (eval.*); cw: PGD on the CW margin; autoattack: AutoAttack standard "
                         "(pip install 'sparta[autoattack]'); sweep: PGD over --eps-list and over steps; fmn: each "
@@ -433,8 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
                                       "architecture and a result card (clean + AutoAttack accuracy, sparsity, cost)")
     p.add_argument("checkpoint")
     p.add_argument("overrides", nargs="*", help="overrides of the checkpoint's config, e.g. data.root=DIR device=cuda")
-    p.add_argument("--out", required=True, metavar="DIR", help="folder for model.pt, architecture.py/.json, card.json/.md, submission.json "
-                                                           "and the FMN distances")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="folder for model.pt, architecture.py/.json, card.json/.md, submission.json "
+                        "and the FMN distances")
     p.add_argument("--format", choices=["benchmark"], default="benchmark",
                    help="benchmark: the adversarial pruning benchmark's base-model names (resnet18, vgg16_bn_hydra), "
                         "the Flying Bird entry's PreActResNet-18, kuangliu's VGG-16 (docs/export.md)")
@@ -445,7 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-fmn", action="store_true",
                    help="leave out the FMN distances (the submission's HO-FMN part; CPU only, slow on full test sets)")
     p.add_argument("--ap-key", default=None, metavar="NAME_REF",
-                   help="the method's taxonomy key in the benchmark, e.g. HYDRA_Sehwag2020Hydra (default: <Method>_sparta)")
+                   help="the method's taxonomy key in the benchmark, e.g. HYDRA_Sehwag2020Hydra "
+                        "(default: <Method>_sparta)")
     p.add_argument("--level", type=int, default=None, metavar="PERCENT",
                    help="the benchmark sparsity level for the model key (default: the measured sparsity, rounded)")
     p.set_defaults(func=cmd_export)
@@ -526,7 +516,7 @@ def await_rank0_report() -> None:
 def leave_process_group(*, clean: bool) -> None:
     """Under torchrun: leave together after a clean end (waiting for the other ranks), at once otherwise."""
     if "torch.distributed" in sys.modules:  # never imports torch for commands that did not
-        from .distributed import shutdown
+        from .distributed import shutdown  # noqa: PLC0415 (CLI start-up: torch only where the command loaded it)
 
         shutdown(clean=clean)
 

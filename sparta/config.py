@@ -21,6 +21,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from .errors import ConfigError
+from .fmt import parse_number
 from .method_config import FORMERLY_NULL, MethodConfig, derived, drop_unused_settings, method_class, unknown_setting
 
 
@@ -295,7 +296,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
             hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(names)}"
             raise ConfigError(f"unknown config key {prefix}{key}{hint}")
         hint = hints[key]
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):  # a section (hints are classes, not instances)
             kwargs[key] = _build(hint, value, prefix=f"{prefix}{key}.")
         else:
             kwargs[key] = _coerce(value, hint, f"{prefix}{key}")
@@ -344,14 +345,7 @@ def _as_float(value: Any) -> float | None:
     if isinstance(value, (int, float)):
         return float(value)
     if isinstance(value, str):
-        text = value.strip()
-        try:
-            if "/" in text:  # "8/255": the field's usual way of writing pixel budgets
-                num, den = text.split("/")
-                return float(num) / float(den)
-            return float(text)
-        except (ValueError, ZeroDivisionError):
-            return None
+        return parse_number(value)  # "8/255": the field's usual way of writing pixel budgets
     return None
 
 
@@ -382,7 +376,8 @@ def validate(cfg: Config) -> None:
         need(a.alpha > 0, f"{prefix}.alpha (step size) must be > 0, got {a.alpha}")
         need(a.steps >= 0, f"{prefix}.steps must be >= 0, got {a.steps}")
     _warn_large_steps(cfg)
-    need(cfg.attack.eps_warmup_epochs >= 0, f"attack.eps_warmup_epochs must be >= 0, got {cfg.attack.eps_warmup_epochs}")
+    need(cfg.attack.eps_warmup_epochs >= 0,
+         f"attack.eps_warmup_epochs must be >= 0, got {cfg.attack.eps_warmup_epochs}")
     need(cfg.eval.restarts >= 1, f"eval.restarts must be >= 1, got {cfg.eval.restarts}")
     need(cfg.eval.every >= 1, f"eval.every must be >= 1, got {cfg.eval.every}")
     need(cfg.eval.batch_size >= 1, f"eval.batch_size must be >= 1, got {cfg.eval.batch_size}")
@@ -400,11 +395,13 @@ def _warn_large_steps(cfg: Config) -> None:
     legal, but usually a typo (alpha=8/255 for eps=2/255). FGSM with a random start is exempt: fast
     AT (Wong et al. 2020) uses alpha = 1.25 * eps on purpose."""
     settings = [("attack", cfg.attack.name, cfg.attack.eps, cfg.attack.alpha, cfg.attack.random_start),
-                ("eval", cfg.eval.attack, cfg.attack.eps if cfg.eval.eps is None else cfg.eval.eps, cfg.eval.alpha, True)]
+                ("eval", cfg.eval.attack, cfg.attack.eps if cfg.eval.eps is None else cfg.eval.eps, cfg.eval.alpha,
+                 True)]
     for prefix, name, eps, alpha, random_start in settings:
         if name != "none" and alpha > eps > 0 and not (name == "fgsm" and random_start):
             warnings.warn(f"{prefix}.alpha {alpha:.4g} is larger than its eps {eps:.4g}: every step overshoots the "
-                          "eps-ball and is projected back (the usual step is eps/4, e.g. 2/255 for 8/255)", stacklevel=3)
+                          "eps-ball and is projected back (the usual step is eps/4, e.g. 2/255 for 8/255)",
+                          stacklevel=3)
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -40,7 +40,8 @@ DEMO_METHODS: dict[str, list[str]] = {
 }
 
 
-def run_demo(out_dir: Path, *, epochs: int | None = None, log: Callable[[str], None] = lambda line: None) -> list[dict[str, Any]]:
+def run_demo(out_dir: Path, *, epochs: int | None = None,
+             log: Callable[[str], None] = lambda line: None) -> list[dict[str, Any]]:
     rows = []
     for method, overrides in DEMO_METHODS.items():
         extra = [f"out_dir={out_dir / method}", f"name=demo-{method}"]

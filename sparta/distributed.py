@@ -56,7 +56,8 @@ def env_world() -> tuple[int, int, int, int]:
         rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     except ValueError:
-        raise ConfigError("RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE must be integers (set by torchrun)") from None
+        raise ConfigError("RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE must be integers "
+                          "(set by torchrun)") from None
     return rank, world, local_rank, local_world
 
 
@@ -129,7 +130,8 @@ class Distributed:
             try:
                 box[0] = ("ok", fn())
             except Exception as e:  # sent on (bad input as itself, a bug as its message), then raised here too
-                box[0] = ("error", e if isinstance(e, SpartaError) else RuntimeError(f"rank 0: {type(e).__name__}: {e}"))
+                box[0] = ("error",
+                          e if isinstance(e, SpartaError) else RuntimeError(f"rank 0: {type(e).__name__}: {e}"))
                 tdist.broadcast_object_list(box, src=0)
                 raise
         tdist.broadcast_object_list(box, src=0)
@@ -178,8 +180,10 @@ class Distributed:
         if state.sums is None or (saved is None and not self.enabled):
             return
         if saved is not None:  # totals over the saving ranks
-            state.sums = torch.stack([s for s, _ in saved]).sum(0).to(self.device)
-            state.sums[2] = min(float(s[2]) for s, _ in saved)
+            parts = [s for s, _ in saved if s is not None]
+            assert len(parts) == len(saved), "saved epoch sums missing on some ranks"  # as this state's are not
+            state.sums = torch.stack(parts).sum(0).to(self.device)
+            state.sums[2] = min(float(s[2]) for s in parts)
             state.examples = sum(n for _, n in saved)
         if not self.is_main:
             state.sums = torch.stack([state.sums.new_zeros(()), state.sums.new_zeros(()), state.sums[2]])
@@ -262,7 +266,7 @@ class Distributed:
         """For the checkpoint: this process's RNG streams, or every rank's when distributed (each
         rank then touches only its own GPU)."""
         if not self.enabled:
-            rng = {"torch": torch.get_rng_state()}
+            rng: dict[str, Any] = {"torch": torch.get_rng_state()}
             if torch.cuda.is_available():
                 rng["cuda"] = torch.cuda.get_rng_state_all()
             return rng
@@ -278,7 +282,7 @@ class Distributed:
         if (ranks is None) != (not self.enabled) or (ranks is not None and len(ranks) != self.world_size):
             warnings.warn(f"resuming a run saved with world size {rng.get('world_size', 1)} on world size "
                           f"{self.world_size}: the global batch is unchanged, but the random streams (attack "
-                          "starts) differ from an uninterrupted run")
+                          "starts) differ from an uninterrupted run", stacklevel=2)
             torch.manual_seed((seed * 1_000_003 + step) * 1_000_003 + self.rank)
             return
         mine = rng if ranks is None else ranks[self.rank]
@@ -352,8 +356,8 @@ def setup(cfg: Any, *, training: bool = True) -> Distributed:
             torch.cuda.set_device(device)
         # device_id binds NCCL to this rank's GPU at once (torch >= 2.3; older builds bind lazily)
         bind = device.type == "cuda" and "device_id" in inspect.signature(tdist.init_process_group).parameters
-        tdist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
-                                 **({"device_id": device} if bind else {}))
+        device_id: dict[str, Any] = {"device_id": device} if bind else {}
+        tdist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world, **device_id)
     return Distributed(rank=rank, world_size=world, local_rank=local_rank, device=device)
 
 

@@ -115,10 +115,11 @@ def end_epoch(s: StageRun, stats: EpochStats, on_epoch: Callable[[dict[str, Any]
     whether the stage is done (its controller says so)."""
     start = time.perf_counter()
     cfg, state, dist, stage = s.cfg, s.state, s.dist, s.stage
+    assert s.run.cost is not None, "RunContext.start_cost runs before a stage trains"
     last = stats.epoch == cfg.epochs
-    record = {"stage": stage.name, "epoch": stats.epoch, "step": state.step, "lr": stats.lr,
-              "train_loss": stats.train_loss, "train_robust_acc": stats.train_robust_acc,
-              "train_flops": s.run.cost.total}
+    record: dict[str, Any] = {"stage": stage.name, "epoch": stats.epoch, "step": state.step, "lr": stats.lr,
+                              "train_loss": stats.train_loss, "train_robust_acc": stats.train_robust_acc,
+                              "train_flops": s.run.cost.total}
     evaluated = stats.epoch % cfg.eval.every == 0 or last
     val = tested = None
     if evaluated:
@@ -142,8 +143,14 @@ def end_epoch(s: StageRun, stats: EpochStats, on_epoch: Callable[[dict[str, Any]
     stopping = s.stop.agree(dist.share_signal)  # a signal any rank got stops all of them here
     dist.agree(f"at the end of epoch {stats.epoch}", best=is_best, stop=done)
     if evaluated:
+        assert tested is not None  # evaluate_epoch gave the test outcomes
         line = outcomes.record(tested, stage=stage.name, epoch=stats.epoch, split="test")
-        dist.on_main(lambda: (s.rd.append_metrics(record), s.rd.append_outcomes(line)))
+
+        def write() -> None:
+            s.rd.append_metrics(record)
+            s.rd.append_outcomes(line)
+
+        dist.on_main(write)
         s.run.records += 1
     if is_best:
         save_checkpoint(s, s.rd.best)

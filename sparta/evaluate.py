@@ -6,21 +6,19 @@ afterwards.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
+from .attacks import Attack
 from .data.base import ImageSet
 from .data.loader import DeviceLoader
 from .distributed import SINGLE, Distributed
 from .outcomes import Outcomes, pack
 from .precision import autocast
-
-Attack = Callable[[nn.Module, Tensor, Tensor], Tensor]
 
 
 def evaluate(model: nn.Module, data: ImageSet, attack: Attack, *, batch_size: int,

@@ -33,7 +33,7 @@ from .signals import StopRequests
 from .sparse.controllers import SparsityController
 from .stages import RunContext, Stage
 from .summary import summarize
-from .train import Progress, Silent, TrainState, fit
+from .train import SILENT, Progress, TrainState, fit
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
@@ -43,7 +43,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Modul
     try:
         model.load_state_dict(state.model)
     except RuntimeError as e:
-        raise CheckpointError(f"checkpoint {path} does not fit its recorded architecture: {str(e).splitlines()[0]}") from None
+        raise CheckpointError(f"checkpoint {path} does not fit its recorded architecture: "
+                              f"{str(e).splitlines()[0]}") from None
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, mask in state.masks.items():
@@ -59,7 +60,8 @@ def prepare_resume(run_dir: str | Path, overrides: list[str], *, force: bool) ->
     cfg = load_config(rd.config, overrides, saved=True)
     changed = changed_keys(saved.to_dict(), cfg.to_dict())
     if changed and not force:
-        raise ConfigError(f"resume would change {', '.join(changed)} of {run_dir}; drop those overrides or pass --force")
+        raise ConfigError(f"resume would change {', '.join(changed)} of {run_dir}; drop those overrides or "
+                          "pass --force")
     cfg.out_dir = str(rd.path)  # the run lives where it is, whatever out_dir says
     return cfg
 
@@ -76,7 +78,7 @@ def changed_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
     return keys
 
 
-def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, progress: Progress = Silent(),
+def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, progress: Progress = SILENT,
           on_epoch: Callable[[dict[str, Any]], None] = lambda record: None) -> dict[str, Any]:
     """Run (or resume) every stage of the configured method; returns the summary also written to
     summary.json. ``on_epoch`` gets each evaluated epoch's metrics record, after it was saved.
@@ -102,14 +104,24 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, progres
         ckpt = checkpoint.load(rd.last, map_location=device)
         run.load_state_dict(ckpt.run, ckpt.model_spec, ckpt.model)
         # records written after this checkpoint will be written again; a write cut by a kill left a temporary file
-        dist.on_main(lambda: (rd.truncate_metrics(run.records), rd.remove_torn_writes()))
+        def clean_up() -> None:
+            rd.truncate_metrics(run.records)
+            rd.remove_torn_writes()
+
+        dist.on_main(clean_up)
     if not (cfg.train.precision == "auto" and "train_precision" in run.info):  # auto is decided once per run
         run.info.update(train_precision=precision, train_precision_rule=rule)
     if data.val is None:
-        warnings.warn("data.val_size is 0: there is no validation set, so the best epoch is the final one")
+        warnings.warn("data.val_size is 0: there is no validation set, so the best epoch is the final one",
+                      stacklevel=2)
     if cfg.logging.tensorboard and dist.is_main:
         board, report = TensorBoardLog(rd.path, rd.read_metrics() if resume else []), on_epoch
-        on_epoch = lambda record: (board.add(record), report(record))
+
+        def logged(record: dict[str, Any]) -> None:
+            board.add(record)
+            report(record)
+
+        on_epoch = logged
     with StopRequests() as stop:  # SIGTERM/SIGINT: save at the next step, then stop
         for index in range(ckpt.stage_index if ckpt else 0, len(stages)):
             resumed = ckpt if ckpt is not None and index == ckpt.stage_index else None
@@ -139,19 +151,22 @@ def _run_stage(stages: list[Stage], index: int, run: RunContext, data: DatasetSp
         if index == 0:  # before the run directory exists: refused like any bad setting
             raise ConfigError(problem)
         # a transition (channel slimming) made the network narrow: this stage trains NCHW rather than crash
-        warnings.warn(f"{problem}; stage {stage.name} trains in the default layout")
+        warnings.warn(f"{problem}; stage {stage.name} trains in the default layout", stacklevel=3)  # train's caller
         channels_last = False
-        model.to(memory_format=torch.contiguous_format)  # in place, as below; a no-op for a freshly built network
+        # in place, as below; a no-op for a freshly built network. The ignore: Module.to takes memory_format
+        # (documented, and it works), but torch's overloads of Module.to leave it out
+        model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
     optimizer = build_optimizer(cfg, model)
     precision = StepPrecision(run.info["train_precision"], device)
-    loader = DeviceLoader(data.train, cfg.batch_size, device=device, shuffle=True, augment=cfg.data.augment, seed=cfg.seed,
-                          rank=dist.rank, world_size=dist.world_size)
+    loader = DeviceLoader(data.train, cfg.batch_size, device=device, shuffle=True, augment=cfg.data.augment,
+                          seed=cfg.seed, rank=dist.rank, world_size=dist.world_size)
     controller = stage.controller(cfg, run, optimizer, len(loader))
     schedule = LrSchedule(cfg.optim, steps_per_epoch=len(loader), epochs=cfg.epochs)
     objective = build_objective(cfg, len(loader))
     if create is not None:
         dist.on_main(create)  # the run directory is written only once the first stage proved buildable
     run.start_cost(cfg, ckpt.run["cost"] if ckpt is not None else None)
+    assert run.cost is not None  # start_cost set it
     state = TrainState()
     if ckpt is not None:
         model.load_state_dict(ckpt.model)  # again: building the controller applied its initial masks
@@ -164,21 +179,25 @@ def _run_stage(stages: list[Stage], index: int, run: RunContext, data: DatasetSp
     if controller.masks is not None:  # initial random masks, tickets, resumes
         dist.sync_masks_(controller.masks, f"the start of stage {stage.name}")
     if channels_last:  # in place (param.data): optimizer, controller and masks keep their tensors
-        model.to(memory_format=torch.channels_last)  # 4-d weights only; evaluation uses the same layout
+        # 4-d weights only; evaluation uses the same layout. The ignore: Module.to takes memory_format
+        # (documented, and it works), but torch's overloads of Module.to leave it out
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     # torch.compile wraps the module without copying it: controller, optimizer and checkpoints keep the
     # plain model (parameter names without an `_orig_mod.` prefix); evaluation runs it uncompiled.
     # DDP (which broadcasts rank 0's weights) goes around the compiled module, so the attack, run on
     # the module inside DDP, is compiled too.
-    train_model = dist.wrap(torch.compile(model) if cfg.train.compile else model,
-                            sync_batchnorm=cfg.distributed.sync_batchnorm)
+    compiled = torch.compile(model) if cfg.train.compile else model
+    assert isinstance(compiled, nn.Module)  # torch.compile of a module is an OptimizedModule around it
+    train_model = dist.wrap(compiled, sync_batchnorm=cfg.distributed.sync_batchnorm)
 
     s = StageRun(stages, index, run, optimizer, controller, precision, state, rd, dist, stop, eval_attack(cfg),
                  first_images(data.val, cfg.eval.val_subset), first_images(data.test, cfg.eval.test_subset))
     if not controller.done:  # a resumed stage may have met its stop condition already
         # (a stage resumed after its last epoch trains no further, unless its epochs were raised)
-        fit(train_model, optimizer, dist.watch(controller), loader, schedule, objective, attack_bn_mode=cfg.attack.bn_mode,
-            epochs=cfg.epochs, state=state, end_epoch=lambda stats: end_epoch(s, stats, on_epoch),
-            end_step=lambda _: end_step(s), cost=run.cost, progress=progress, dist=dist, precision=precision)
+        fit(train_model, optimizer, dist.watch(controller), loader, schedule, objective,
+            attack_bn_mode=cfg.attack.bn_mode, epochs=cfg.epochs, state=state,
+            end_epoch=lambda stats: end_epoch(s, stats, on_epoch), end_step=lambda _: end_step(s), cost=run.cost,
+            progress=progress, dist=dist, precision=precision)
     run.record_stage({"name": stage.name, "epochs": state.epoch, "steps": state.step,
                       "wall_time_s": state.wall_time_s, "train_flops": run.cost.stage_total})
     save_checkpoint(s, rd.last)  # the stage's cost is in; a kill during the transition below repeats it from here

@@ -37,11 +37,19 @@ import torch
 from torch import Tensor, nn
 
 from . import checkpoint
+from .attacks.autoattack import require_autoattack
+from .commands.evaluate import evaluate_checkpoint
 from .config import from_saved
+from .data import first_images, load_dataset
+from .distributed import resolve_device
 from .errors import CheckpointError, ConfigError
+from .experiment import load_model
 from .fmt import eps as format_eps
+from .min_norm import autoattack_check, robust_accuracy_at
+from .models import NormalizedModel
 from .netspec import build_model
-from .rundir import dumps, write_text_atomic
+from .robustness import EvalSettings, evaluate_robustness
+from .rundir import atomic_write, dumps, write_text_atomic
 
 FORMATS = ("benchmark",)
 # sparta model -> (the benchmark's architecture tag in the model key, the network its state_dict loads into)
@@ -52,7 +60,8 @@ SUPPORTED = {"resnet18": ("R18", "base_resnet18 (models/base_resnet18.py)"),
 KEY_DATASETS = {"cifar10": "CIFAR10", "svhn": "SVHN"}
 # the benchmark's sparsity levels (percent of the conv + linear weights removed) per structure
 KEY_LEVELS = {"US": (90, 95, 99), "S": (50, 75, 90)}
-AP_KEY = re.compile(r"^[A-Za-z0-9-]+_[A-Za-z0-9-]+$")  # "<Name>_<AuthorYearWord>": one underscore, as the taxonomy's keys
+# "<Name>_<AuthorYearWord>": one underscore, as the taxonomy's keys
+AP_KEY = re.compile(r"^[A-Za-z0-9-]+_[A-Za-z0-9-]+$")
 CARD_EPS = (8 / 255, 0.031)  # RobustBench's CIFAR budget and the Adversarial Pruning Benchmark's value
 ARCHITECTURE_SOURCE = Path(__file__).with_name("export_arch.py")
 
@@ -73,28 +82,45 @@ def benchmark_state_dict(model_name: str, body: nn.Module) -> dict[str, Tensor]:
     for name, t in body.state_dict().items():
         out[benchmark_name(model_name, name)] = t.detach().clone().cpu()
         owner = modules[name.rsplit(".", 1)[0]]
-        if model_name == "vgg16_bn" and isinstance(owner, nn.Conv2d) and name.endswith(".weight") and owner.bias is None:
+        if (model_name == "vgg16_bn" and isinstance(owner, nn.Conv2d) and name.endswith(".weight")
+                and owner.bias is None):
             out[name[: -len("weight")] + "bias"] = torch.zeros(owner.out_channels)
     return out
+
+
+def _width(module: nn.Module, name: str) -> int:
+    """The output width of the layer ``module.<name>``: a convolution's channels, a linear layer's features."""
+    layer = module.get_submodule(name)
+    if isinstance(layer, nn.Linear):
+        return layer.out_features
+    assert isinstance(layer, nn.Conv2d), f"{name} is a {type(layer).__name__}, not a convolution"
+    return layer.out_channels
+
+
+def _body(model: nn.Module) -> nn.Module:
+    """The network inside the input normalisation of a model ``build_model`` made."""
+    assert isinstance(model, NormalizedModel), f"not a sparta model: {type(model).__name__}"
+    return model.body
 
 
 def architecture_spec(spec: dict[str, Any], body: nn.Module) -> dict[str, Any]:
     """``architecture.json``: what ``architecture.build`` needs, every width read from the (possibly
     slimmed) network itself."""
-    arch: dict[str, Any] = {"name": spec["name"], "num_classes": spec["num_classes"], "in_channels": spec["in_channels"],
-                            "image_size": spec["image_size"], "mean": list(spec["mean"]), "std": list(spec["std"]),
+    arch: dict[str, Any] = {"name": spec["name"], "num_classes": spec["num_classes"],
+                            "in_channels": spec["in_channels"], "image_size": spec["image_size"],
+                            "mean": list(spec["mean"]), "std": list(spec["std"]),
                             "input_range": [0.0, 1.0]}
     if spec["name"] in ("preact_resnet18", "resnet18"):
-        stages = [body.layer1, body.layer2, body.layer3, body.layer4]
-        arch["streams"] = [stage[0].conv2.out_channels for stage in stages]
-        arch["mids"] = [block.conv1.out_channels for stage in stages for block in stage]
+        stages = [list(body.get_submodule(f"layer{i}").children()) for i in (1, 2, 3, 4)]  # each stage's blocks
+        arch["streams"] = [_width(stage[0], "conv2") for stage in stages]
+        arch["mids"] = [_width(block, "conv1") for stage in stages for block in stage]
         for stage, width in zip(stages, arch["streams"]):  # residual sums tie each stage's outputs together
-            assert all(block.conv2.out_channels == width for block in stage), "uncoupled residual widths"
-        assert body.conv1.out_channels == arch["streams"][0]
+            assert all(_width(block, "conv2") == width for block in stage), "uncoupled residual widths"
+        assert _width(body, "conv1") == arch["streams"][0]
     else:
-        arch["widths"] = [m.out_channels for m in body.features if isinstance(m, nn.Conv2d)]
+        arch["widths"] = [m.out_channels for m in body.get_submodule("features").children() if isinstance(m, nn.Conv2d)]
         if spec["name"] == "vgg16_bn_hydra":
-            arch["hidden"] = body.classifier[0].out_features
+            arch["hidden"] = _width(body, "classifier.0")
     arch["channel_ticket"] = bool(spec.get("channel_plan"))
     return arch
 
@@ -103,9 +129,9 @@ def sparsity(spec: dict[str, Any], state: dict[str, Tensor]) -> dict[str, Any]:
     """Sparsity of the exported weights (conv and linear, ``dim >= 2``) against the full network of the
     same spec (for a channel ticket: before slimming), overall and per layer (standard names)."""
     full_spec = {k: v for k, v in spec.items() if k != "channel_plan"}
-    full = {benchmark_name(spec["name"], n): p.numel() for n, p in build_model(full_spec).body.named_parameters()
+    full = {benchmark_name(spec["name"], n): p.numel() for n, p in _body(build_model(full_spec)).named_parameters()
             if p.dim() >= 2}
-    layers = {}
+    layers: dict[str, dict[str, Any]] = {}
     for name, total in full.items():
         w = state[name]
         nonzero = int((w != 0).sum())
@@ -131,12 +157,6 @@ def run_summary(path: Path) -> tuple[dict[str, Any] | None, str]:
 
 def attack_card(path: Path, cfg, *, n_examples: int | None, log: Callable[[str], None]) -> dict[str, Any]:
     """Clean and AutoAttack accuracy at each of ``CARD_EPS`` on the first ``n_examples`` test images."""
-    from .attacks.autoattack import require_autoattack
-    from .data import first_images, load_dataset
-    from .distributed import resolve_device
-    from .experiment import load_model
-    from .robustness import EvalSettings, evaluate_robustness
-
     aa = require_autoattack()
     device = resolve_device(cfg.device)
     data = load_dataset(cfg.data.name, cfg.data.root, val_size=cfg.data.val_size, train_subset=cfg.data.train_subset)
@@ -170,9 +190,6 @@ def min_norm_result(path: Path, cfg: Any, *, overrides: list[str] | tuple[str, .
     images and settings ``cfg.eval.fmn``), AutoAttack not rerun: its accuracy on the same images
     (``autoattack``: ``eps``, ``robust_acc``, ``n``) is compared with FMN's at that eps by the eval's
     own check (:func:`sparta.min_norm.autoattack_check`)."""
-    from .commands.evaluate import evaluate_checkpoint
-    from .min_norm import autoattack_check, robust_accuracy_at
-
     wanted = cfg.eval.fmn
     kept_file = path.with_name(f"{path.stem}.eval-fmn.json")
     kept = json.loads(kept_file.read_text()) if kept_file.is_file() else None
@@ -182,7 +199,8 @@ def min_norm_result(path: Path, cfg: Any, *, overrides: list[str] | tuple[str, .
     else:
         log(f"FMN (minimal L-inf distances, {wanted.trials} tuning trials, {wanted.steps} steps) on "
             f"{'all' if n_examples is None else n_examples} test images")
-        result = evaluate_checkpoint(path, attack="fmn", overrides=[*overrides, "device=cpu", "eval.fmn.autoattack=false"],
+        result = evaluate_checkpoint(path, attack="fmn",
+                                     overrides=[*overrides, "device=cpu", "eval.fmn.autoattack=false"],
                                      n_examples=n_examples)
     out = {"n": result["n"], "robust_acc_at": result["robust_acc_at"], "median_distance": result["median_distance"],
            "best_setting": result["best_setting"], "steps": result["steps"], "tuning": result["tuning"],
@@ -224,14 +242,12 @@ def export_checkpoint(path: str | Path, out_dir: str | Path, *, fmt: str = "benc
     cfg = from_saved(ckpt.config, overrides) if ckpt.config is not None else None
     if cfg is None and (attack or min_norm):
         raise CheckpointError(f"checkpoint {path} has no config to find its test set; pass --no-attack")
-    from .experiment import load_model
-
-    model = load_model(path)  # masks folded in
-    state = benchmark_state_dict(spec["name"], model.body)
-    arch = architecture_spec(spec, model.body)
+    body = _body(load_model(path))  # masks folded in
+    state = benchmark_state_dict(spec["name"], body)
+    arch = architecture_spec(spec, body)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    checkpoint.atomic_write(out / "model.pt", lambda f: torch.save(state, f))
+    atomic_write(out / "model.pt", lambda f: torch.save(state, f))
     shutil.copyfile(ARCHITECTURE_SOURCE, out / "architecture.py")
     write_text_atomic(out / "architecture.json", dumps(arch))
 
@@ -253,7 +269,7 @@ def export_checkpoint(path: str | Path, out_dir: str | Path, *, fmt: str = "benc
         "model": spec["name"], "dataset": cfg.data.name if cfg else None, "method": cfg.method.name if cfg else None,
         "structure": structure_of(ckpt), "threat_model": "Linf", "input_range": [0.0, 1.0],
         "normalization": {"mean": arch["mean"], "std": arch["std"], "where": "architecture.json (not in model.pt)"},
-        "params": sum(p.numel() for p in model.body.parameters()),
+        "params": sum(p.numel() for p in body.parameters()),
         "sparsity": sparsity(spec, state), **evaluation, "training": training,
     }
     write_text_atomic(out / "card.json", dumps(card))
@@ -263,7 +279,8 @@ def export_checkpoint(path: str | Path, out_dir: str | Path, *, fmt: str = "benc
     if min_norm:
         aa = submission["autoattack"]
         fmn = min_norm_result(path, cfg, overrides=overrides, n_examples=n_examples, log=log,
-                              autoattack=aa and {"eps": aa["eps"], "robust_acc": aa["robust_acc"], "n": aa["n_examples"]})
+                              autoattack=aa and {"eps": aa["eps"], "robust_acc": aa["robust_acc"],
+                                                 "n": aa["n_examples"]})
         name = f"{submission['model_key'] or 'distances'}.pickle"  # the benchmark reads <model key>.pickle
         shutil.copyfile(fmn.pop("distances_file"), out / name)
         plot = fmn.pop("plot")
@@ -316,7 +333,8 @@ def submission_statement(card: dict[str, Any], arch: dict[str, Any], *, ap_key: 
         arch["num_classes"] == 10 and arch["in_channels"] == 3 and (arch.get("streams") or arch["widths"])[0] == 64
     loads = {"network": target, "strict_load": standard,
              "why_not": None if standard else
-             "a channel ticket is a smaller network: use architecture.py with architecture.json" if arch["channel_ticket"]
+             "a channel ticket is a smaller network: use architecture.py with architecture.json"
+             if arch["channel_ticket"]
              else f"{card['model']} at these widths/classes is not the benchmark's base model: use architecture.py"}
     aa = card["autoattack"].get("0.031")
     if aa is not None:
@@ -349,7 +367,8 @@ def card_markdown(card: dict[str, Any]) -> str:
     lines = [f"# {card['model']} on {card['dataset']} ({card['method']})", "",
              "| field | value |", "|---|---|",
              f"| structure | {card['structure']} |",
-             f"| sparsity (conv + linear weights) | {100 * sp['overall']:.2f}% ({sp['nonzero']:,} of {sp['weights']:,} kept) |",
+             f"| sparsity (conv + linear weights) | {100 * sp['overall']:.2f}% "
+             f"({sp['nonzero']:,} of {sp['weights']:,} kept) |",
              f"| threat model | {card['threat_model']}, inputs in [0, 1] |",
              f"| clean accuracy (%) | {_pct(card['clean_acc'])} |"]
     for label, r in card["autoattack"].items():
@@ -358,7 +377,8 @@ def card_markdown(card: dict[str, Any]) -> str:
     t = card["training"]
     flops = "n/a" if t["train_flops"] is None else f"{t['train_flops']:.3e}"
     wall = "n/a" if t["wall_time_s"] is None else f"{t['wall_time_s']:.0f}"
-    lines += [f"| evaluated on | {evaluated} |", f"| training FLOPs | {flops} |", f"| training wall time (s) | {wall} |",
+    lines += [f"| evaluated on | {evaluated} |", f"| training FLOPs | {flops} |",
+              f"| training wall time (s) | {wall} |",
               f"| checkpoint | {card['checkpoint']} (epoch {card['epoch']}) |", "",
               "## Per-layer sparsity", "", "| layer | weights | kept | sparsity |", "|---|---|---|---|"]
     for name, layer in sp["per_layer"].items():

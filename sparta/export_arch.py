@@ -71,7 +71,8 @@ class PreActResNet18(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, streams[0], kernel_size=3, stride=1, padding=1, bias=False)
         in_planes = streams[0]
         for i, (planes, stride) in enumerate(zip(streams, (1, 2, 2, 2))):
-            blocks = [PreActBlock(in_planes, planes, stride, mids[2 * i]), PreActBlock(planes, planes, 1, mids[2 * i + 1])]
+            blocks = [PreActBlock(in_planes, planes, stride, mids[2 * i]),
+                      PreActBlock(planes, planes, 1, mids[2 * i + 1])]
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
             in_planes = planes
         self.bn = nn.BatchNorm2d(in_planes)
@@ -117,7 +118,8 @@ class ResNet18(nn.Module):
         self.bn1 = nn.BatchNorm2d(streams[0])
         in_planes = streams[0]
         for i, (planes, stride) in enumerate(zip(streams, (1, 2, 2, 2))):
-            blocks = [BasicBlock(in_planes, planes, stride, mids[2 * i]), BasicBlock(planes, planes, 1, mids[2 * i + 1])]
+            blocks = [BasicBlock(in_planes, planes, stride, mids[2 * i]),
+                      BasicBlock(planes, planes, 1, mids[2 * i + 1])]
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
             in_planes = planes
         self.linear = nn.Linear(in_planes, num_classes)
@@ -206,5 +208,6 @@ def load(folder, device="cpu"):
     with open(os.path.join(folder, "architecture.json")) as f:
         arch = json.load(f)
     net = build(arch)
-    net.load_state_dict(torch.load(os.path.join(folder, "model.pt"), map_location="cpu", weights_only=True), strict=True)
+    state = torch.load(os.path.join(folder, "model.pt"), map_location="cpu", weights_only=True)
+    net.load_state_dict(state, strict=True)
     return Normalized(net, arch["mean"], arch["std"]).to(device).eval()

@@ -357,9 +357,16 @@ class TrainingCostMeter:
         densities = None if masks is None else mask_densities(masks)
         return self._multiplier * inference_flops(self.layer_flops, densities)
 
+    def _pending_flops(self) -> float:
+        """FLOPs of the steps charged since the last fold."""
+        if not self._pending:
+            return 0.0
+        assert self._cost is not None  # set at the stage's first step, before anything is pending
+        return self._pending * self._cost
+
     def _fold(self) -> None:
         if self._pending:
-            spent = self._pending * self._cost
+            spent = self._pending_flops()
             self._closed += spent
             self.stages[-1]["total"] += spent
             self._pending = 0
@@ -387,12 +394,12 @@ class TrainingCostMeter:
     @property
     def total(self) -> float:
         """Training FLOPs so far, every stage included."""
-        return self._closed + (self._pending * self._cost if self._pending else 0.0)
+        return self._closed + self._pending_flops()
 
     @property
     def stage_total(self) -> float:
         """Training FLOPs of the current stage so far."""
-        return self.stages[-1]["total"] + (self._pending * self._cost if self._pending else 0.0)
+        return self.stages[-1]["total"] + self._pending_flops()
 
     @property
     def images(self) -> int:

@@ -17,6 +17,19 @@ MISSING = "-"
 _SI = ((18, "E"), (15, "P"), (12, "T"), (9, "G"), (6, "M"), (3, "k"))
 
 
+def parse_number(text: str) -> float | None:
+    """A number as people write pixel budgets and the like: ``"0.1"``, ``"8/255"`` (what :func:`eps`
+    writes); None when ``text`` is not one."""
+    text = text.strip()
+    try:
+        if "/" in text:
+            num, den = text.split("/")
+            return float(num) / float(den)
+        return float(text)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
 def eps(value: Any, *, sig: int = 4, fraction_below: float = 1.0) -> str:
     """A pixel budget: ``8/255`` when ``value`` is a whole number of 255ths in (0, ``fraction_below``),
     else ``sig`` significant digits (``0.1``, ``1``); anything but a finite number as ``str(value)``.

@@ -34,9 +34,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .config import smoke_settings
+from .config import load_config, smoke_settings
 from .errors import SpartaError
-from .reproduce import PRESETS, SMOKE, SMOKE_EVAL, FinalEval, PlannedRun
+from .fmt import eps as format_eps
+from .method_config import SparseConfig, method_as
+from .report import load_run, write_report
+from .reproduce import PRESETS, SMOKE, SMOKE_EVAL, FinalEval, PlannedRun, check_existing, exclusive, train_and_evaluate
 
 UNSTRUCTURED_METHODS = ("magnitude", "hydra", "flying_bird", "flying_bird_plus", "robust_bird", "boosting_ticket")
 CHANNEL_METHODS = ("robust_bird_channel",)
@@ -100,14 +103,10 @@ def run_grid(dataset: str, model: str, data_root: str | Path, out: str | Path, *
     PGD-20 on the first ``final_n`` test images (None: all), write ``OUT/grid.json`` and the report;
     returns the report's path. ``jobs`` runs train at once; ``launcher``: as in ``reproduce.reproduce``
     (the report of the runs finished so far; None when none has)."""
-    from .attacks.autoattack import require_autoattack
-    from .config import load_config
-    from .data import require_release
-    from .export import export_checkpoint
-    from .fmt import eps as format_eps
-    from .report import load_run, write_report
-    from .reproduce import check_existing, exclusive, train_and_evaluate
-    from .rundir import dumps, write_text_atomic
+    from .attacks.autoattack import require_autoattack  # noqa: PLC0415 (CLI start-up: imports torch; sparta.cli imports this module)
+    from .data import require_release  # noqa: PLC0415 (CLI start-up: imports torch; sparta.cli imports this module)
+    from .export import export_checkpoint  # noqa: PLC0415 (CLI start-up: imports torch; sparta.cli imports this module)
+    from .rundir import dumps, write_text_atomic  # noqa: PLC0415 (CLI start-up: imports torch; sparta.cli imports this module)
 
     data_root, out = Path(data_root), Path(out)
     planned = plan_grid(dataset, model, data_root, out, methods=methods, sparsities=sparsities, smoke=smoke,
@@ -128,13 +127,14 @@ def run_grid(dataset: str, model: str, data_root: str | Path, out: str | Path, *
     rows: list[dict[str, Any]] = []
     for run, cfg in zip(planned, configs):
         summary = load_run(run.run_dir).summary or {}
-        level = round(1 - cfg.method.density, 6)  # the planned share of the weights (sparsity_settings)
+        level = round(1 - method_as(cfg, SparseConfig).density, 6)  # the planned share (sparsity_settings)
         ev = evals[run.name]
         card = export_checkpoint(run.run_dir / "checkpoints" / "last.pt", out / "submissions" / run.name, attack=False,
                                  level=round(100 * level), autoattack=ev, min_norm=True, n_examples=final.n,
                                  overrides=[f"data.root={data_root}", *(FMN_SMOKE if smoke else [])], log=log)
         rows.append({"run": run.name, "method": run.role, "sparsity": level,
-                     "weights_pruned": round(card["sparsity"]["overall"], 6), "model_key": card["submission"]["model_key"],
+                     "weights_pruned": round(card["sparsity"]["overall"], 6),
+                     "model_key": card["submission"]["model_key"],
                      "density_final": summary.get("density_final"), "train_flops": summary.get("train_flops"),
                      "wall_time_s": summary.get("wall_time_s"), "clean": ev["clean"], "autoattack": ev["autoattack"],
                      "pgd": ev["pgd"], "eps": ev.get("eps"), "n": ev["n"],

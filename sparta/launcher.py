@@ -36,6 +36,8 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from .errors import SpartaError
 from .reproduce import FinalEval, PlannedRun, child_args, kept_final_eval, train_args
 
@@ -77,8 +79,6 @@ INT_SETTINGS = {f.name for f in fields(SlurmSettings) if f.type == "int"}
 
 def load_settings(path: str | Path | None = None, **flags: Any) -> SlurmSettings:
     """Defaults, then the ``launcher:`` section of the YAML file ``path``, then ``flags`` (None: not given)."""
-    import yaml
-
     given: dict[str, Any] = {}
     if path is not None:
         try:
@@ -95,7 +95,8 @@ def load_settings(path: str | Path | None = None, **flags: Any) -> SlurmSettings
     if unknown:
         raise SpartaError(f"launcher settings: unknown {', '.join(map(str, unknown))}; valid: {', '.join(valid)}")
     for key in INT_SETTINGS & set(given):
-        if not isinstance(given[key], int) or isinstance(given[key], bool) or given[key] < (0 if key == "max_timeouts" else 1):
+        if (not isinstance(given[key], int) or isinstance(given[key], bool)
+                or given[key] < (0 if key == "max_timeouts" else 1)):
             raise SpartaError(f"launcher setting {key} must be a whole number >= "
                               f"{0 if key == 'max_timeouts' else 1}, got {given[key]!r}")
     if "setup" in given:
@@ -112,7 +113,7 @@ def load_settings(path: str | Path | None = None, **flags: Any) -> SlurmSettings
 
 def require_submitit() -> Any:
     try:
-        import submitit
+        import submitit  # noqa: PLC0415 (optional dependency: submitit)
     except ImportError:
         raise SpartaError("--launcher slurm needs submitit: pip install 'sparta[cluster]'") from None
     return submitit
@@ -125,11 +126,12 @@ def job_name(out: Path) -> str:
 def dry_run_lines(settings: SlurmSettings, out: Path, n_runs: int, parallelism: int | None) -> list[str]:
     """The settings and the ``#SBATCH`` lines a submission of ``n_runs`` runs would use."""
     require_submitit()
-    from submitit.slurm import slurm
+    from submitit.slurm import slurm  # noqa: PLC0415 (optional dependency: submitit)
 
     # what SlurmExecutor.update_parameters makes of the parameters (without its check for srun on PATH)
     params = {k: v for k, v in settings.submitit_parameters(job_name(out), parallelism).items() if v is not None}
-    renamed = slurm.SlurmExecutor._equivalence_dict() or {}
+    # submitit's parameter names -> sbatch's (a TypedDict of str values: a plain dict for .get on any name)
+    renamed = {k: str(v) for k, v in (slurm.SlurmExecutor._equivalence_dict() or {}).items()}
     sbatch_params = {renamed.get(k, k): v for k, v in params.items() if not k.startswith("slurm_")}
     sbatch_params["mem"] = slurm._convert_mem(sbatch_params["mem"])
     sbatch_params.update({k[len("slurm_"):]: v for k, v in params.items() if k.startswith("slurm_")})
@@ -156,7 +158,7 @@ def read_state(path: Path) -> dict[str, Any]:
 
 
 def write_state(path: Path, **fields_: Any) -> None:
-    from .rundir import dumps, write_text_atomic
+    from .rundir import dumps, write_text_atomic  # noqa: PLC0415 (CLI start-up: imports torch; sparta.cli imports this module)
 
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, dumps({**fields_, "updated": time.strftime("%Y-%m-%d %H:%M:%S")}))
@@ -196,7 +198,7 @@ class RunTask:
         write_state(self.state, **{**old, "state": state, **extra})
 
     def __call__(self) -> str:
-        import submitit
+        import submitit  # noqa: PLC0415 (optional dependency: submitit)
 
         old = read_state(self.state)
         env = submitit.JobEnvironment()
@@ -241,7 +243,7 @@ class RunTask:
 
     def checkpoint(self) -> Any:
         """Slurm's warning signal: stop the training child (it saves ``last.pt``), requeue this same task."""
-        from submitit.helpers import DelayedSubmission
+        from submitit.helpers import DelayedSubmission  # noqa: PLC0415 (optional dependency: submitit)
 
         child = self.child
         if child is not None and child.returncode is None:
@@ -256,7 +258,7 @@ class RunTask:
 
 
 def _preempt_signal() -> int:
-    from submitit.core.job_environment import JobEnvironment
+    from submitit.core.job_environment import JobEnvironment  # noqa: PLC0415 (optional dependency: submitit)
 
     return JobEnvironment._usr_sig()
 
@@ -283,7 +285,7 @@ def run_status(planned: list[PlannedRun], out: Path, *, cluster: str | None = No
                final: FinalEval | None = None) -> list[dict[str, Any]]:
     """One row per run: its state (done, trained, running, pending, requeued, failed, stopped, not started),
     last epoch, job, attempts and error line. ``cluster`` "slurm": sacct corrects tasks that ended unseen."""
-    from .rundir import RunDir
+    from .rundir import RunDir  # noqa: PLC0415 (CLI start-up: imports torch; sparta.cli imports this module)
 
     states = {run.name: read_state(state_path(out, run.name)) for run in planned}
     slurm = _slurm_states([s["job"] for s in states.values() if s.get("job") and s.get("state") in ACTIVE]) \
@@ -352,8 +354,10 @@ class SlurmLauncher:
                                                                 final=final)):
                 time.sleep(10)
         self.rows = run_status(planned, self.out, cluster=self.settings.cluster, final=final)
-        return {row["run"]: kept_final_eval(run.run_dir, final)
-                for run, row in zip(planned, self.rows) if row["state"] == "done"}
+        # "done" means the kept evaluation was there a moment ago: read again, a run whose file vanished meanwhile
+        # counts as unfinished
+        return {row["run"]: kept for run, row in zip(planned, self.rows)
+                if row["state"] == "done" and (kept := kept_final_eval(run.run_dir, final)) is not None}
 
     def submit(self, runs: list[PlannedRun], final: FinalEval, data_root: Path) -> list[Any]:
         executor = _executor(self.settings, self.out, self.parallelism)

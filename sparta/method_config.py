@@ -23,7 +23,7 @@ import re
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
 from .errors import ConfigError
 
@@ -279,7 +279,7 @@ class AfterTrainingConfig(SparseConfig):
     distribution: Literal["uniform", "igq", "erk", "er"] = "uniform"
     finetune_epochs: int = setting(100, ">= 1")  # the finetune stage: adversarial training of the kept weights
     finetune_lr: float = setting(0.01, "> 0")  # its lr, cosine to 0 over finetune_epochs, fresh optimizer
-    SMOKE = ("method.pretrain_epochs=1", "method.finetune_epochs=1")
+    SMOKE: ClassVar[tuple[str, ...]] = ("method.pretrain_epochs=1", "method.finetune_epochs=1")  # HYDRA adds one
 
     def stages(self, cfg: Config) -> list[StagePlan]:
         pretrain = [StagePlan("pretrain", self.pretrain_epochs)] if self.pretrained is None else []
@@ -322,6 +322,18 @@ METHOD_CONFIGS: dict[str, type[MethodConfig]] = {
     "flying_bird_plus": FlyingBirdPlusConfig, "robust_bird": RobustBirdConfig, "boosting_ticket": BoostingTicketConfig,
     "magnitude": MagnitudeConfig, "hydra": HydraConfig,
 }
+
+
+M = TypeVar("M", bound=MethodConfig)
+
+
+def method_as(cfg: Config, cls: type[M]) -> M:
+    """``cfg.method`` as the class ``cls`` a recipe reads; a config of another method fails here, loudly
+    (a ``cast`` would let it run on with settings it does not have)."""
+    method = cfg.method
+    if not isinstance(method, cls):
+        raise TypeError(f"method {method.name!r} has a {type(method).__name__}, not the {cls.__name__} expected")
+    return method
 
 
 def setting_names(cls: type[MethodConfig]) -> list[str]:

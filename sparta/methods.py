@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
-from typing import Any, cast
+from typing import Any, Literal
 
 import torch
 
@@ -25,12 +25,27 @@ from .method_config import (
     MagnitudeConfig,
     RandomMaskConfig,
     RobustBirdConfig,
+    SparseConfig,
+    method_as,
 )
 from .netspec import build_model, example_input
+from .pretrained import load_pretrained
 from .registry import Registry
+from .sparse.channels import apply_plan, batchnorm_modules, bn_channel_masks, slim
 from .sparse.controllers import AdaptiveDensity, Dense, DynamicSparse, SparsityController, Static
+from .sparse.early_bird import EarlyBirdSearch
+from .sparse.hydra import HydraScores
 from .sparse.masks import MaskSet
 from .sparse.select import prunable_parameters
+from .sparse.tickets import (
+    global_magnitude_masks,
+    iterative_densities,
+    layer_counts,
+    layer_normalized_masks,
+    layer_top_k_masks,
+    reinit_,
+    rewind_model_,
+)
 from .stages import RunContext, Stage
 
 METHODS: Registry[Callable[[Config], list[Stage]]] = Registry("method")
@@ -48,7 +63,7 @@ def _dense(cfg: Config, run: RunContext, optimizer: torch.optim.Optimizer, steps
 
 
 def _random_masks(cfg: Config, run: RunContext) -> MaskSet:
-    m = cast(RandomMaskConfig, cfg.method)
+    m = method_as(cfg, RandomMaskConfig)
     return MaskSet.random(run.model, m.density, m.distribution, seed=cfg.seed, exclude=m.exclude)
 
 
@@ -58,11 +73,12 @@ def _cadence(epochs: float, steps_per_epoch: int) -> int:
 
 
 def _dynamic_args(cfg: Config, steps_per_epoch: int) -> dict[str, Any]:
-    m = cast(FlyingBirdConfig, cfg.method)
+    m = method_as(cfg, FlyingBirdConfig)
     if m.update_every_epochs is not None:  # cadence in epochs: the iteration settings do not apply
         early = _cadence(m.update_every_epochs, steps_per_epoch)
         late = _cadence(m.update_every_late_epochs, steps_per_epoch) if m.update_every_late_epochs else None
     else:
+        assert m.update_every is not None  # FlyingBirdConfig.check: one of the two cadences is set
         early, late = m.update_every, m.update_every_late
     return dict(total_steps=cfg.epochs * steps_per_epoch, update_every=early, update_every_late=late,
                 late_from_step=(cfg.epochs // 2) * steps_per_epoch,
@@ -74,12 +90,14 @@ def _static(cfg: Config, run: RunContext, optimizer: torch.optim.Optimizer, step
     return Static(run.model, optimizer, _random_masks(cfg, run))
 
 
-def _flying_bird(cfg: Config, run: RunContext, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> SparsityController:
+def _flying_bird(cfg: Config, run: RunContext, optimizer: torch.optim.Optimizer,
+                 steps_per_epoch: int) -> SparsityController:
     return DynamicSparse(run.model, optimizer, _random_masks(cfg, run), **_dynamic_args(cfg, steps_per_epoch))
 
 
-def _flying_bird_plus(cfg: Config, run: RunContext, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> SparsityController:
-    m = cast(FlyingBirdPlusConfig, cfg.method)
+def _flying_bird_plus(cfg: Config, run: RunContext, optimizer: torch.optim.Optimizer,
+                      steps_per_epoch: int) -> SparsityController:
+    m = method_as(cfg, FlyingBirdPlusConfig)
     return AdaptiveDensity(run.model, optimizer, _random_masks(cfg, run), steps_per_epoch=steps_per_epoch,
                            adapt_from_epoch=m.adapt_from_epoch,
                            window=m.window, threshold=m.threshold, extra_prune_fraction=m.extra_prune_fraction,
@@ -96,7 +114,8 @@ def _one_stage(builder: Callable[..., SparsityController], doc: str) -> Callable
 
 
 METHODS.register("dense")(_one_stage(_dense, "Dense PGD adversarial training (Madry et al. 2018; Rice et al. 2020)."))
-METHODS.register("static")(_one_stage(_static, "Random static sparsity at method.density (method.distribution layer densities)."))
+METHODS.register("static")(_one_stage(
+    _static, "Random static sparsity at method.density (method.distribution layer densities)."))
 METHODS.register("flying_bird")(_one_stage(
     _flying_bird, "Flying Bird (Chen et al. 2022): dynamic sparse adversarial training at a fixed density."))
 METHODS.register("flying_bird_plus")(_one_stage(
@@ -106,7 +125,8 @@ METHODS.register("flying_bird_plus")(_one_stage(
 # ------------------------------------------------------------------ ticket methods: shared pieces
 
 
-def search_config(cfg: Config, *, epochs: int, attack: str, lr: float, milestones: Sequence[float] = ()) -> Config:
+def search_config(cfg: Config, *, epochs: int, attack: Literal["pgd", "fgsm", "none"], lr: float,
+                  milestones: Sequence[float] = ()) -> Config:
     """The config of a cheap first stage: ``lr`` for ``epochs`` epochs under ``attack``, constant, or
     multiplied by ``optim.gamma`` at each of ``milestones`` (epochs of this stage), without warm-up.
 
@@ -129,9 +149,11 @@ def _save_initial_weights(run: RunContext) -> None:
     run.carry.initial = {k: v.detach().cpu().clone() for k, v in run.model.state_dict().items()}
 
 
-def _ticket_controller(cfg: Config, run: RunContext, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> SparsityController:
+def _ticket_controller(cfg: Config, run: RunContext, optimizer: torch.optim.Optimizer,
+                       steps_per_epoch: int) -> SparsityController:
     """Fixed masks drawn by the previous stage (``run.carry.ticket``)."""
-    params = prunable_parameters(run.model, cfg.method.exclude)
+    params = prunable_parameters(run.model, method_as(cfg, SparseConfig).exclude)
+    assert run.carry.ticket is not None, "no ticket: the previous stage's transition draws it"
     return Static(run.model, optimizer, MaskSet(params, run.carry.ticket))
 
 
@@ -154,9 +176,7 @@ def robust_bird(cfg: Config) -> list[Stage]:
     ``eb_step``, ``search_ended_by`` ("early_bird" or "cap": ``max_search_epochs`` ran out) and
     ``ticket_weights``.
     """
-    from .sparse.early_bird import EarlyBirdSearch
-
-    m = cast(RobustBirdConfig, cfg.method)
+    m = method_as(cfg, RobustBirdConfig)
     search = search_config(cfg, epochs=m.max_search_epochs, attack=m.search_attack, lr=m.search_lr,
                            milestones=m.search_milestones)
 
@@ -192,11 +212,10 @@ def robust_bird(cfg: Config) -> list[Stage]:
 
 
 def _magnitude_ticket(run: RunContext, density: float, *, exclude: list[str], rewind: bool) -> None:
-    from .sparse.tickets import global_magnitude_masks, rewind_model_
-
     params = prunable_parameters(run.model, exclude)
     masks = global_magnitude_masks({n: p.detach() for n, p in params.items()}, density)
     if rewind:
+        assert run.carry.initial is not None, "rewind=init keeps the initial weights (the search's before)"
         rewind_model_(run.model, run.carry.initial, masks)
     run.carry.ticket = {n: mk.cpu() for n, mk in masks.items()}
 
@@ -206,8 +225,6 @@ def _channels_for_weight_share(run: RunContext, density: float) -> float:
     linear weights closest to ``density`` (``method.channel_budget: weights``). The global |gamma|
     top-k sets are nested in k and so is the kept weight count, so k is found by bisection over the
     channel count (about log2 of it slimmings, each a deep copy plus torch-pruning's graph)."""
-    from .sparse.channels import batchnorm_modules, bn_channel_masks, slim
-
     example = example_input(run.spec).to(run.device)
     total = sum(bn.num_features for bn in batchnorm_modules(run.model).values())
     full = sum(p.numel() for p in prunable_parameters(run.model).values())
@@ -230,13 +247,12 @@ def _channels_for_weight_share(run: RunContext, density: float) -> float:
 
 
 def _slim_to_ticket(run: RunContext, keep_fraction: float, *, rewind: bool) -> None:
-    from .sparse.channels import apply_plan, bn_channel_masks, slim
-
     masks = bn_channel_masks(run.model, keep_fraction)
     example = example_input(run.spec).to(run.device)
     small, plan = slim(run.model, masks, example)
     if rewind:  # the same channels removed from the initial network
         full = build_model(run.spec)
+        assert run.carry.initial is not None, "rewind=init keeps the initial weights (the search's before)"
         full.load_state_dict(run.carry.initial)
         small = apply_plan(full, plan, example_input(run.spec))
     run.info["params_before_slimming"] = sum(p.numel() for p in run.model.parameters())
@@ -250,14 +266,12 @@ def _slim_to_ticket(run: RunContext, keep_fraction: float, *, rewind: bool) -> N
 @METHODS.register("boosting_ticket")
 def boosting_ticket(cfg: Config) -> list[Stage]:
     """Boosting tickets (Li et al. 2020): train the dense net from a saved initialisation with a small
-    lr (constant, or stepped at ``search_milestones``; naturally or with FGSM), prune with one global threshold on |w| / mean |w| of its
-    layer over all conv and linear weights, rewind the survivors to the initialisation, retrain
-    adversarially (the run's own schedule). ``rounds > 1`` repeats finder + prune + rewind with
-    densities density^(k/rounds); ``reinit: random`` gives the lottery-ticket control.
+    lr (constant, or stepped at ``search_milestones``; naturally or with FGSM), prune with one global
+    threshold on |w| / mean |w| of its layer over all conv and linear weights, rewind the survivors to
+    the initialisation, retrain adversarially (the run's own schedule). ``rounds > 1`` repeats finder +
+    prune + rewind with densities density^(k/rounds); ``reinit: random`` gives the lottery-ticket control.
     """
-    from .sparse.tickets import iterative_densities, layer_normalized_masks, reinit_, rewind_model_
-
-    m = cast(BoostingTicketConfig, cfg.method)
+    m = method_as(cfg, BoostingTicketConfig)
     finder = search_config(cfg, epochs=m.finder_epochs, attack=m.search_attack, lr=m.search_lr,
                            milestones=m.search_milestones)
     densities = iterative_densities(m.density, m.rounds)
@@ -270,6 +284,7 @@ def boosting_ticket(cfg: Config) -> list[Stage]:
             if last and m.reinit == "random":
                 reinit_(run.model, masks, seed=cfg.seed + 1)
             else:
+                assert run.carry.initial is not None, "the first finder's before keeps the initial weights"
                 rewind_model_(run.model, run.carry.initial, masks)
             run.carry.ticket = {n: mk.cpu() for n, mk in masks.items()}
             run.info["ticket_densities"] = densities[: round_index + 1]
@@ -313,9 +328,8 @@ def cosine_config(cfg: Config, *, epochs: int, lr: float) -> Config:
 
 def _pretrained_weights(m: AfterTrainingConfig) -> Callable[[RunContext], None]:
     def load(run: RunContext) -> None:
-        from .pretrained import load_pretrained
-
-        load_pretrained(run, cast(str, m.pretrained))
+        assert m.pretrained is not None  # _dense_then loads only with method.pretrained
+        load_pretrained(run, m.pretrained)
     return load
 
 
@@ -329,7 +343,12 @@ def _dense_then(m: AfterTrainingConfig, cfg: Config, transition: Callable[[RunCo
                          after=lambda run, controller: transition(run))
         return [pretrain], None
     load = _pretrained_weights(m)
-    return [], lambda run: (load(run), transition(run))
+
+    def before(run: RunContext) -> None:
+        load(run)
+        transition(run)
+
+    return [], before
 
 
 @METHODS.register("magnitude")
@@ -339,9 +358,7 @@ def magnitude(cfg: Config) -> list[Stage]:
     largest |w| at ``distribution``'s layer densities; ``global``: one |w| threshold over all prunable
     weights), then stage ``finetune``: the fixed mask trained adversarially for ``finetune_epochs`` at
     ``finetune_lr``, cosine, with a fresh optimizer."""
-    from .sparse.tickets import global_magnitude_masks, layer_counts, layer_top_k_masks
-
-    m = cast(MagnitudeConfig, cfg.method)
+    m = method_as(cfg, MagnitudeConfig)
 
     def prune(run: RunContext) -> None:
         params = {n: p.detach() for n, p in prunable_parameters(run.model, m.exclude).items()}
@@ -367,12 +384,10 @@ def hydra(cfg: Config) -> list[Stage]:
     (``finetune_epochs`` at ``finetune_lr``, cosine, fresh optimizer). Layer densities: ``distribution``
     (the paper's: uniform). ``run.info["score_mask_changed"]``: the fraction of prunable positions where
     the learned mask differs from the magnitude mask the scores started from."""
-    from .sparse.hydra import HydraScores
-    from .sparse.tickets import layer_counts
+    m = method_as(cfg, HydraConfig)
 
-    m = cast(HydraConfig, cfg.method)
-
-    def scorer(stage_cfg: Config, run: RunContext, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> SparsityController:
+    def scorer(stage_cfg: Config, run: RunContext, optimizer: torch.optim.Optimizer,
+               steps_per_epoch: int) -> SparsityController:
         shapes = {n: p.shape for n, p in prunable_parameters(run.model, m.exclude).items()}
         return HydraScores(run.model, optimizer, layer_counts(shapes, m.density, m.distribution), m.exclude)
 

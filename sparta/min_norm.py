@@ -16,12 +16,12 @@ from torch import Tensor, nn
 
 from .attacks import fmn
 from .attacks.autoattack import require_autoattack, run_autoattack, seeded
-from .checkpoint import atomic_write
 from .distributed import SINGLE, Distributed
 from .errors import ConfigError
 from .fmt import eps as format_eps
 from .pareto import binomial_se
 from .robustness import chunk_seed, chunks, stack_images
+from .rundir import atomic_write
 
 __all__ = ["robust_accuracy_at", "security_curve", "write_distances", "autoattack_check", "evaluate_min_norm"]
 
@@ -54,7 +54,8 @@ def write_distances(path: str | Path, distances: Tensor | Sequence[float]) -> Pa
 
 # -------------------------------------------------------------------------------------- evaluation
 
-def autoattack_check(robust: float, autoattack: float, n: int, eps: float, note: str = "") -> tuple[dict[str, Any], float]:
+def autoattack_check(robust: float, autoattack: float, n: int, eps: float,
+                     note: str = "") -> tuple[dict[str, Any], float]:
     """``fmn_le_autoattack``: FMN's robust accuracy at ``eps`` (percent) is not above AutoAttack's on the
     same ``n`` images by more than twice the pooled binomial standard error; returns the check
     (``name``, ``passed``, ``detail`` + ``note``) and that margin."""
@@ -72,7 +73,8 @@ def _autoattack_flags(model: nn.Module, data: Any, *, eps: float, batch_size: in
     valid, package = True, ""
     for k, start, stop in chunks(len(data), batch_size, dist):
         x, y = stack_images(data.subset(start, stop), batch_size, device)
-        x_adv, info = run_autoattack(model, x, y, eps=eps, batch_size=batch_size, device=device, seed=chunk_seed(seed, k))
+        x_adv, info = run_autoattack(model, x, y, eps=eps, batch_size=batch_size, device=device,
+                                     seed=chunk_seed(seed, k))
         with torch.no_grad():
             flags += (model(x_adv).argmax(1) == y).cpu().tolist()
         valid = valid and info["in_ball"] and info["in_range"] and info["finite"]
@@ -125,11 +127,12 @@ def evaluate_min_norm(model: nn.Module, data: Any, *, tune_data: Any | None, tri
         require_autoattack()
     model.float()
     if trials:
+        assert tune_data is not None  # refused above otherwise
         tune_images = tune_data.subset(0, min(len(tune_data), trials * tune_batch))
         tx, ty = stack_images(tune_images, tune_batch, device)
         with seeded(seed, device):
-            best, tried = fmn.tune_min_norm(model, tx, ty, trials=trials, steps=tune_steps, batch_size=tune_batch, seed=seed,
-                                        device=device, dist=dist)
+            best, tried = fmn.tune_min_norm(model, tx, ty, trials=trials, steps=tune_steps, batch_size=tune_batch,
+                                            seed=seed, device=device, dist=dist)
     else:
         best, tried = dict(fmn.DEFAULT_SETTING), []
 
@@ -168,7 +171,8 @@ def evaluate_min_norm(model: nn.Module, data: Any, *, tune_data: Any | None, tri
         f"FMN robust accuracy ({robust:.2f}%) is above clean accuracy ({clean:.2f}%): the distances are inconsistent")
     autoattack = None
     if compare_autoattack:
-        flags, info = _autoattack_flags(model, data, eps=eps, batch_size=batch_size, device=device, seed=seed, dist=dist)
+        flags, info = _autoattack_flags(model, data, eps=eps, batch_size=batch_size, device=device, seed=seed,
+                                        dist=dist)
         aa = 100.0 * sum(flags) / n
         missed = sum(1 for f, d in zip(flags, distances.tolist()) if not f and d > eps)
         autoattack = {"robust_acc": aa, "n": n, "package": info["package"], "x_adv_valid": info["valid"]}

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from .config import Config
 from .data.base import DatasetSplits
 from .models import create_model
+from .sparse.channels import apply_plan
 
 
 def model_spec(cfg: Config, data: DatasetSplits) -> dict[str, Any]:
@@ -26,8 +28,6 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
     model = create_model(spec["name"], num_classes=spec["num_classes"], in_channels=spec["in_channels"],
                          image_size=spec["image_size"], mean=spec["mean"], std=spec["std"], **spec["kwargs"])
     if spec.get("channel_plan"):
-        from .sparse.channels import apply_plan
-
         model = apply_plan(model, spec["channel_plan"], example_input(spec))
     return model
 
@@ -39,6 +39,4 @@ def input_shape(spec: dict[str, Any]) -> tuple[int, int, int]:
 
 def example_input(spec: dict[str, Any]):
     """One zero image shaped like the network's input, (1, C, H, W), for tracing the network."""
-    import torch
-
     return torch.zeros(1, *input_shape(spec))

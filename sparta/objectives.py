@@ -19,8 +19,6 @@ from .attacks import build_attack
 from .attacks.trades import trades_attack, trades_loss
 from .config import Config
 
-Attack = Callable[[nn.Module, Tensor, Tensor], Tensor]
-
 
 @dataclass
 class Objective:

@@ -29,6 +29,7 @@ from typing import Any
 
 from . import fmt
 from .errors import SpartaError
+from .protocol import eval_protocol
 from .runs import Run, finite
 
 FINAL_EVAL = "final-eval.json"
@@ -94,8 +95,6 @@ def _percent(value: Any, path, key: str) -> float:
 
 
 def _protocol(run: Run) -> dict[str, Any]:
-    from .protocol import eval_protocol
-
     return (run.summary or {}).get("eval_protocol") or eval_protocol(run.config)
 
 
@@ -169,9 +168,10 @@ class CostPoint:
     def se(self) -> float | None:
         """Binomial SE of the mean over seeds: sqrt(sum of each seed's SE^2) / seeds (test sampling only,
         not the spread between seeds); None when a seed's image count is unknown."""
-        if not self.final or any(f.n is None for f in self.final):
+        variances = [binomial_se(f.robust_acc, f.n) ** 2 for f in self.final if f.n is not None]
+        if not self.final or len(variances) < len(self.final):
             return None
-        return math.sqrt(sum(binomial_se(f.robust_acc, f.n) ** 2 for f in self.final)) / len(self.final)
+        return math.sqrt(sum(variances)) / len(self.final)
 
     @property
     def measurement(self) -> str | None:
@@ -187,22 +187,23 @@ class CostPoint:
 
 
 def _mean(values: list[float | None]) -> float | None:
-    return statistics.fmean(values) if values and all(v is not None for v in values) else None
+    present = [v for v in values if v is not None]
+    return statistics.fmean(present) if values and len(present) == len(values) else None
 
 
 def group_point(group: Sequence[Run], label: str) -> CostPoint:
     """The point of one config: AutoAttack when every seed has it, measured alike; else the PGD fallback."""
     stats = [r.stats() for r in group]
     point = CostPoint(label=label, method=group[0].method, seeds=len(group), finished=all(r.finished for r in group),
-                      density=_mean([s["density"] for s in stats]), train_flops=_mean([s["train_flops"] for s in stats]),
-                      final=[])
-    aa = [autoattack_result(r) for r in group]
-    if all(a is not None for a in aa) and len({a.measurement for a in aa}) == 1:
+                      density=_mean([s["density"] for s in stats]),
+                      train_flops=_mean([s["train_flops"] for s in stats]), final=[])
+    aa = [a for a in (autoattack_result(r) for r in group) if a is not None]
+    if len(aa) == len(group) and len({a.measurement for a in aa}) == 1:
         point.final = aa
         return point
-    pgd = [pgd_result(r) for r in group]
-    have = sum(a is not None for a in aa)
-    if all(p is not None for p in pgd) and len({p.measurement for p in pgd}) == 1:
+    pgd = [p for p in (pgd_result(r) for r in group) if p is not None]
+    have = len(aa)
+    if len(pgd) == len(group) and len({p.measurement for p in pgd}) == 1:
         point.final = pgd
         if have:
             why = f"on {have} of {len(group)} seeds" if have < len(group) else "on different test images or ε per seed"
@@ -216,14 +217,18 @@ def cost_points(groups: Sequence[Sequence[Run]], labels: Sequence[str]) -> list[
     """One point per config, its front flag within its measurement, its FLOPs as a share of the dense
     config's (when exactly one dense config recorded FLOPs); sorted by training FLOPs (missing last)."""
     points = [group_point(g, lab) for g, lab in zip(groups, labels)]
-    dense = [p for p in points if p.method == "dense" and p.train_flops]
+    dense = [p.train_flops for p in points if p.method == "dense" and p.train_flops]
     if len(dense) == 1:
         for p in points:
-            p.dense_share = None if p.train_flops is None else p.train_flops / dense[0].train_flops
+            p.dense_share = None if p.train_flops is None else p.train_flops / dense[0]
     comparable = [p for p in points if p.finished and p.train_flops is not None and p.final]
     for m in dict.fromkeys(p.measurement for p in comparable):
         members = [p for p in comparable if p.measurement == m]
-        for p, flag in zip(members, pareto_front([(p.train_flops, p.robust_acc) for p in members])):
+        coords = []
+        for p in members:
+            assert p.train_flops is not None and p.robust_acc is not None  # comparable: FLOPs and a final RA
+            coords.append((p.train_flops, p.robust_acc))
+        for p, flag in zip(members, pareto_front(coords)):
             p.on_front, p.alone = flag, len(members) == 1
     for p in points:
         if not p.finished:

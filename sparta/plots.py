@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .fmt import flops_unit, time_unit
+from .rundir import atomic_write
 from .runs import Run, config_key, cumulative, finite, present, stage_axis, stage_segments, time_to_robustness
 
 PLOTS_SKIPPED = "plots skipped: matplotlib is not installed (pip install 'sparta[report]')"
@@ -34,16 +35,15 @@ def matplotlib_or_none():
     display nor changes the backend of a session that imports sparta.
     """
     try:
-        import matplotlib  # noqa: F401
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
+        import matplotlib  # noqa: F401, PLC0415 (optional dependency: matplotlib)
+        from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415 (optional dependency: matplotlib)
+        from matplotlib.figure import Figure  # noqa: PLC0415 (optional dependency: matplotlib)
     except ImportError:
         return None
     return Figure, FigureCanvasAgg
 
 
 def _save(fig, canvas_cls, path: Path) -> Path:
-    from .checkpoint import atomic_write
 
     canvas_cls(fig)
     buf = io.BytesIO()
@@ -53,13 +53,14 @@ def _save(fig, canvas_cls, path: Path) -> Path:
 
 
 def _series(records: list[dict[str, Any]], key: str) -> list[float]:
-    return [math.nan if finite(r.get(key)) is None else finite(r.get(key)) for r in records]
+    values = [finite(r.get(key)) for r in records]
+    return [math.nan if v is None else v for v in values]
 
 
 def _mark_stages(ax, starts: list[tuple[float, str]]) -> None:
     if len(starts) < 2:
         return
-    from matplotlib.transforms import blended_transform_factory
+    from matplotlib.transforms import blended_transform_factory  # noqa: PLC0415 (optional dependency: matplotlib)
 
     top = blended_transform_factory(ax.transData, ax.transAxes)
     ax.set_xlim(left=starts[0][0])  # the first stage starts at 0 even when it logged no accuracy
@@ -70,7 +71,7 @@ def _mark_stages(ax, starts: list[tuple[float, str]]) -> None:
 
 
 def _epoch_axis(ax, starts: list[tuple[float, str]]) -> None:
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator  # noqa: PLC0415 (optional dependency: matplotlib)
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch (cumulative over stages)" if len(starts) > 1 else "epoch")

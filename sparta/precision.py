@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import platform
 from pathlib import Path
-from typing import Any, ContextManager
+from typing import Any
 
 import torch
 
@@ -89,7 +89,7 @@ def resolve_precision(setting: str, device: torch.device, *, key: str = "train.p
     return setting, "set"
 
 
-def autocast(precision: str, device: torch.device) -> ContextManager:
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
     """``torch.autocast`` at ``precision`` (bf16 or fp16) on ``device``; a no-op context for fp32."""
     if precision == "fp32":
         return contextlib.nullcontext()
@@ -115,7 +115,7 @@ class StepPrecision:
         self.scaler = scaler if scaler is not None or name != "fp16" else torch.amp.GradScaler(self.device.type)
         self.skipped_steps = 0  # fp16 steps skipped because their gradients overflowed
 
-    def autocast(self) -> ContextManager:
+    def autocast(self) -> contextlib.AbstractContextManager:
         return autocast(self.name, self.device)
 
     def backward(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> bool:

@@ -32,7 +32,8 @@ def load_pretrained(run: RunContext, path: str) -> None:
         raise ConfigError(f"{where}: {e}") from None
     spec = state.model_spec
     if spec.get("channel_plan") or state.masks:
-        raise ConfigError(f"{where} holds a sparse network ({'slimmed channels' if spec.get('channel_plan') else 'masks'}); "
+        raise ConfigError(f"{where} holds a sparse network "
+                          f"({'slimmed channels' if spec.get('channel_plan') else 'masks'}); "
                           "give a checkpoint of a dense run (method.name=dense)")
     differ = [k for k in _SHAPE_KEYS if spec.get(k) != run.spec.get(k)]
     if differ:

@@ -11,7 +11,7 @@ from .config import Config
 
 def eval_attack(cfg: Config) -> Callable:
     """The attack used for validation/test robust accuracy (PGD-20 by default), described by ``eval_protocol``."""
-    from .attacks import build_attack
+    from .attacks import build_attack  # noqa: PLC0415 (torch-free module for the reports: sparta.attacks imports torch)
 
     e = cfg.eval
     if e.attack == "none":

@@ -43,6 +43,8 @@ from .plots import (
     plot_density,
     plot_pareto,
 )
+from .protocol import eval_protocol
+from .rundir import write_text_atomic
 from .runs import (
     GROUP_IGNORED,
     Run,
@@ -111,7 +113,9 @@ def _with_dense_share(text: str, stats: Sequence[dict[str, Any]], key: str) -> s
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
-    esc = lambda c: str(c).replace("|", "\\|")
+    def esc(c: Any) -> str:
+        return str(c).replace("|", "\\|")
+
     lines = ["| " + " | ".join(map(esc, header)) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(map(esc, row)) + " |" for row in rows]
     return "\n".join(lines)
@@ -138,9 +142,13 @@ def describe_protocol(p: dict[str, Any]) -> str:
         if p.get("random_start"):
             parts.append("random start")
         head = f"{name} ({', '.join(parts)})"
-    subset = lambda n: "all" if n is None else f"first {n}"
+
+    def subset(n: Any) -> str:
+        return "all" if n is None else f"first {n}"
+
     tail = f"validation images: {subset(p.get('val_subset'))}, test images: {subset(p.get('test_subset'))}"
-    extra = ([f"BatchNorm in {p['bn']} mode"] if p.get("bn") else []) + ([str(p["precision"])] if p.get("precision") else [])
+    extra = (([f"BatchNorm in {p['bn']} mode"] if p.get("bn") else [])
+             + ([str(p["precision"])] if p.get("precision") else []))
     return f"{head}; {tail}" + (f"; {', '.join(extra)}" if extra else "")
 
 
@@ -195,7 +203,10 @@ def _config_table(groups: list[list[Run]], labels: list[str], diffs: list[str]) 
     rows = []
     for group, label, diff in zip(groups, labels, diffs):
         st = [r.stats() for r in group]
-        col = lambda k, unit: _fmt([s[k] for s in st], unit, len(group))
+
+        def col(k: str, unit, stats: list[dict[str, Any]] = st, n: int = len(group)) -> str:  # this group's stats
+            return _fmt([s[k] for s in stats], unit, n)
+
         flops = _train_flops_text(col("train_flops", _flops_unit), st, dense)
         inference = _with_dense_share(col("inference_flops", _flops_unit), st, "inference_flops")
         unfinished = sum(not r.finished for r in group)
@@ -219,7 +230,10 @@ def _run_table(runs: Sequence[Run]) -> str:
     rows = []
     for r in runs:
         s = r.stats()
-        one = lambda k, unit: _fmt([s[k]], unit)
+
+        def one(k: str, unit, stats: dict[str, Any] = s) -> str:  # this run's stats
+            return _fmt([stats[k]], unit)
+
         last = r.records[-1]
         status = "finished" if r.finished else f"unfinished ({last.get('stage', 'train')} epoch {last.get('epoch')})"
         best = f"{s['best_epoch']}" + (f" ({s['best_stage']})" if len(stage_segments(r.records)) > 1 else "")
@@ -266,6 +280,7 @@ def default_target(groups: list[list[Run]], labels: list[str]) -> tuple[float | 
 def _ttr_section(runs: Sequence[Run], groups: list[list[Run]], glabels: list[str], target: float, why: str) -> str:
     hits = {id(r): time_to_robustness(r.records, target) for r in runs}
     reached = [r for r in runs if hits[id(r)] is not None]
+    hit_of = {k: h for k, h in hits.items() if h is not None}  # the runs in `reached`
     dense = [r for r in reached if r.method == "dense"]
     dense_keys = {config_key(r.config) for r in dense}
     if dense:
@@ -274,16 +289,16 @@ def _ttr_section(runs: Sequence[Run], groups: list[list[Run]], glabels: list[str
             ref_name = f"the dense run{'s' if len(dense) > 1 else ''} ({', '.join(r.label for r in dense)}"
             ref_name += ", mean)" if len(dense) > 1 else ")"
         else:  # several dense configs: the slowest of them
-            ref_runs = [max(dense, key=lambda r: hits[id(r)]["wall_time_s"] or 0.0)]
+            ref_runs = [max(dense, key=lambda r: hit_of[id(r)]["wall_time_s"] or 0.0)]
             ref_name = f"the slowest dense run ({ref_runs[0].label})"
     elif reached:
-        ref_runs = [max(reached, key=lambda r: hits[id(r)]["wall_time_s"] or 0.0)]
+        ref_runs = [max(reached, key=lambda r: hit_of[id(r)]["wall_time_s"] or 0.0)]
         ref_name = f"the slowest run ({ref_runs[0].label}); no dense run reached the target"
     else:
         ref_runs, ref_name = [], "none (no run reached the target)"
 
     def ref_cost(key: str) -> float | None:
-        values = [hits[id(r)][key] for r in ref_runs]
+        values = [hit_of[id(r)][key] for r in ref_runs]
         return statistics.fmean(values) if values and all(v is not None for v in values) else None
 
     ref_wall, ref_flops = ref_cost("wall_time_s"), ref_cost("train_flops")
@@ -292,12 +307,14 @@ def _ttr_section(runs: Sequence[Run], groups: list[list[Run]], glabels: list[str
         hit = hits[id(r)]
         if hit is None:
             best = max(present(finite(x.get("test_robust_acc")) for x in r.records), default=None)
-            rows.append([r.label, r.method, str(r.seed), "not reached" + ("" if best is None else f" (max RA {best:.2f})"),
-                         "-", "-", "-", "-"])
+            rows.append([r.label, r.method, str(r.seed),
+                         "not reached" + ("" if best is None else f" (max RA {best:.2f})"), "-", "-", "-", "-"])
             continue
         xs, _ = stage_axis(r.records, r.summary)
-        i = next(k for k, x in enumerate(r.records) if x.get("epoch") == hit["epoch"] and x.get("stage", "train") == hit["stage"])
-        at = f"{hit['stage']} epoch {hit['epoch']}" + (f" (cumulative {xs[i]:g})" if len(stage_segments(r.records)) > 1 else "")
+        i = next(k for k, x in enumerate(r.records)
+                 if x.get("epoch") == hit["epoch"] and x.get("stage", "train") == hit["stage"])
+        at = f"{hit['stage']} epoch {hit['epoch']}" + (f" (cumulative {xs[i]:g})"
+                                                       if len(stage_segments(r.records)) > 1 else "")
         rows.append([r.label, r.method, str(r.seed), at, _fmt([hit["wall_time_s"]], _time_unit),
                      fmt.share(hit["wall_time_s"], ref_wall), _fmt([hit["train_flops"]], _flops_unit),
                      fmt.share(hit["train_flops"], ref_flops)])
@@ -313,7 +330,7 @@ def _ttr_section(runs: Sequence[Run], groups: list[list[Run]], glabels: list[str
     for group, glabel in zip(groups, glabels):
         if any(r is ref for r in group for ref in ref_runs) or not ref_wall:
             continue
-        walls = [hits[id(r)]["wall_time_s"] for r in group if hits[id(r)] is not None]
+        walls = [hit_of[id(r)]["wall_time_s"] for r in group if id(r) in hit_of]
         if walls and len(walls) == len(group) and all(w is not None for w in walls):
             sentences.append(f"- `{glabel}` reaches it at "
                              f"{100 * statistics.fmean(walls) / ref_wall:.0f}% of the reference's wall time"
@@ -366,13 +383,12 @@ def _per_flop_section(points: list[CostPoint]) -> str:
              "- of dense = training FLOPs / those of the dense config"
              + (f" `{dense[0].label}`." if len(dense) == 1 and dense[0].train_flops else
                 (": no dense config in this report." if not dense else
-                 ": not given, the report holds " + ("no dense FLOPs." if len(dense) == 1 else f"{len(dense)} dense configs.")))]
+                 ": not given, the report holds "
+                 + ("no dense FLOPs." if len(dense) == 1 else f"{len(dense)} dense configs.")))]
     return "\n".join(lines)
 
 
 def _measurement_section(runs: Sequence[Run]) -> str:
-    from .protocol import eval_protocol
-
     lines = ["## How these numbers were measured", ""]
     protocols: dict[str, list[str]] = {}
     train_attacks: dict[str, list[str]] = {}
@@ -393,7 +409,8 @@ def _measurement_section(runs: Sequence[Run]) -> str:
         else:
             machine = f"device setting `{r.config.get('device', '?')}` (run unfinished: actual device not recorded yet)"
         machines.setdefault(machine, []).append(r.label)
-        selection.setdefault(str(s.get("best_selected_on", "val_robust_acc (derived from metrics.jsonl)")), []).append(r.label)
+        rule = str(s.get("best_selected_on", "val_robust_acc (derived from metrics.jsonl)"))
+        selection.setdefault(rule, []).append(r.label)
 
     def block(title: str, d: dict[str, list[str]]) -> None:
         if len(d) == 1:
@@ -405,7 +422,7 @@ def _measurement_section(runs: Sequence[Run]) -> str:
     block("Evaluation attack (SA/RA on the test set, validation RA)", protocols)
     block("Training attack", train_attacks)
     block("Best epoch selected on", selection)
-    gaps = {}
+    gaps: dict[str, list[str]] = {}
     for r in runs:
         n = (r.summary or {}).get("gap_subset")
         if n is not None:
@@ -430,7 +447,8 @@ def _measurement_section(runs: Sequence[Run]) -> str:
     ]
     unfinished = [r.label for r in runs if not r.finished]
     if unfinished:
-        lines.append(f"- Unfinished (no summary.json; numbers derived from metrics.jsonl so far): {', '.join(unfinished)}")
+        lines.append("- Unfinished (no summary.json; numbers derived from metrics.jsonl so far): "
+                     f"{', '.join(unfinished)}")
     return "\n".join(lines)
 
 
@@ -438,7 +456,6 @@ def write_report(paths: Sequence[str | Path], out: str | Path, *, target_ra: flo
                  preamble: str = "") -> Report:
     """Read the runs under ``paths`` and write ``out/report.md`` and the PNGs; writes nothing else.
     ``preamble`` (markdown) goes before the tables (``sparta reproduce`` puts its claims there)."""
-    from .rundir import write_text_atomic
 
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -453,6 +470,7 @@ def write_report(paths: Sequence[str | Path], out: str | Path, *, target_ra: flo
     glabels = unique_labels([group_label(g) for g in groups])
     report = Report(path=out / "report.md", notes=list(notes))
 
+    target: float | None
     if target_ra is not None:
         target, why = target_ra, f"target = {target_ra:g}% (--target-ra)"
     else:
@@ -484,7 +502,8 @@ def write_report(paths: Sequence[str | Path], out: str | Path, *, target_ra: flo
             plot_lines.append(f"![{rel}]({rel})")
 
     lines = ([preamble] if preamble else []) + ["# sparta report", "",
-             f"{len(runs)} run{'s' if len(runs) != 1 else ''} in {len(groups)} config{'s' if len(groups) != 1 else ''}: "
+             f"{len(runs)} run{'s' if len(runs) != 1 else ''} in "
+             f"{len(groups)} config{'s' if len(groups) != 1 else ''}: "
              + ", ".join(f"`{r.path}`" for r in runs), ""]
     lines += ["## Results per config (mean ± std over seeds)", "",
               _config_table(groups, glabels, differences(groups) if len(groups) > 1 else [""] * len(groups)), "",

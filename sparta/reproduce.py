@@ -36,8 +36,11 @@ from pathlib import Path
 from typing import Any
 
 from . import claims as C
-from .config import smoke_settings
+from . import outcomes as O
+from .config import load_config, smoke_settings
 from .errors import SpartaError
+from .outcomes import encode, pack
+from .report import load_run, write_report
 
 PRESETS = Path(__file__).with_name("configs")
 PROFILES = ("cpu-mini", "paper")
@@ -206,8 +209,7 @@ MAY_DIFFER = ("data.root", "progress", "out_dir")
 
 def check_existing(run: PlannedRun, wanted: Any) -> None:
     """A run directory left by an earlier call must hold the run this plan asks for (``wanted``: its Config)."""
-    from .config import load_config
-    from .experiment import changed_keys
+    from .experiment import changed_keys  # noqa: PLC0415 (CLI start-up: imports torch; sparta.cli imports this module)
 
     if not (run.run_dir / "config.yaml").is_file():
         return
@@ -227,7 +229,8 @@ def exclusive(out: Path, command: str = "reproduce") -> Iterator[None]:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise SpartaError(f"another sparta {command} is writing {out}; wait for it, or give another --out") from None
+            raise SpartaError(f"another sparta {command} is writing {out}; wait for it, "
+                              "or give another --out") from None
         yield
 
 
@@ -265,6 +268,7 @@ def _child(argv: list[str], threads: int | None, tag: str | None, log: Callable[
     if tag is None:
         return subprocess.call(argv, env=env)
     with subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as child:
+        assert child.stdout is not None  # stdout=PIPE
         for line in child.stdout:
             log(f"[{tag}] {line.rstrip()}")
     return child.returncode
@@ -303,7 +307,7 @@ def train_runs(planned: list[PlannedRun], *, nproc: int | None, jobs: int, log: 
 
     with ThreadPoolExecutor(jobs) as pool:
         futures = [pool.submit(job, run) for run in planned]
-    errors = {run.name: f.exception() for run, f in zip(planned, futures) if f.exception() is not None}
+    errors = {run.name: e for run, f in zip(planned, futures) if (e := f.exception()) is not None}
     for error in errors.values():
         if not isinstance(error, SpartaError):  # a defect, not a run that stopped: its traceback
             raise error
@@ -338,9 +342,8 @@ def kept_final_eval(run_dir: Path, final: FinalEval) -> dict[str, Any] | None:
 def evaluate_final(run_dir: Path, final: FinalEval, data_root: Path, log: Callable[[str], None]) -> dict[str, Any]:
     """AutoAttack and PGD-``final.steps`` of the run's final model on the same test images (cached in
     ``final-eval.json``)."""
-    from .commands.evaluate import evaluate_checkpoint
-    from .outcomes import encode, pack
-    from .rundir import dumps, write_text_atomic
+    from .commands.evaluate import evaluate_checkpoint  # noqa: PLC0415 (CLI start-up: imports torch; sparta.cli imports this module)
+    from .rundir import dumps, write_text_atomic  # noqa: PLC0415 (CLI start-up: imports torch; sparta.cli imports this module)
 
     last = run_dir / "checkpoints" / "last.pt"
     cache = run_dir / "final-eval.json"
@@ -388,8 +391,7 @@ def evaluate_in_child(run: PlannedRun, final: FinalEval, data_root: Path, log: C
 def scores(run: Any, n_test: int) -> C.Scores:
     """What the claims read of one run (a ``sparta.report.Run``): its table numbers and the per-image
     outcomes of its best and final test evaluations and of its gap subset (None where it recorded none)."""
-    from . import outcomes as O
-    from .rundir import RunDir
+    from .rundir import RunDir  # noqa: PLC0415 (CLI start-up: imports torch; sparta.cli imports this module)
 
     s, recorded = run.stats(), RunDir(run.path).read_outcomes()
     last = run.records[-1]
@@ -401,7 +403,8 @@ def scores(run: Any, n_test: int) -> C.Scores:
                     train_flops=s["train_flops"], density=s["density"])
 
 
-def check_claims(runs: dict[str, list[Any]], seeds: dict[str, list[C.Scores]], dataset: str = "cifar10") -> list[C.Claim]:
+def check_claims(runs: dict[str, list[Any]], seeds: dict[str, list[C.Scores]],
+                 dataset: str = "cifar10") -> list[C.Claim]:
     """The papers' claims that the present runs allow (``runs``: role -> its ``sparta.report.Run`` per seed;
     ``seeds``: role -> their ``scores``)."""
     out = []
@@ -469,11 +472,9 @@ def reproduce(profile: str, data_root: str | Path, out: str | Path, *, dataset: 
     """Train, evaluate and report ``profile``; returns the path of the report. ``launcher``: a
     ``sparta.launcher.SlurmLauncher`` (None: train here); the report then holds the runs finished so
     far (None: no run has finished)."""
-    from .attacks.autoattack import require_autoattack
-    from .config import load_config
-    from .data import require_release
-    from .report import load_run, write_report
-    from .rundir import dumps, write_text_atomic
+    from .attacks.autoattack import require_autoattack  # noqa: PLC0415 (CLI start-up: imports torch; sparta.cli imports this module)
+    from .data import require_release  # noqa: PLC0415 (CLI start-up: imports torch; sparta.cli imports this module)
+    from .rundir import dumps, write_text_atomic  # noqa: PLC0415 (CLI start-up: imports torch; sparta.cli imports this module)
 
     data_root, out = Path(data_root), Path(out)
     check_jobs(jobs, nproc)
@@ -508,7 +509,8 @@ def reproduce(profile: str, data_root: str | Path, out: str | Path, *, dataset: 
         "written_utc": written.isoformat(timespec="seconds"), "machine": _machine(),
         "claims": [c.to_dict() for c in found], "sanity_checks": [c.to_dict() for c in checks], "final_eval": evals,
         "robustness_per_flop": report.per_flop,  # the report's table: one row per config, with its on_front flag
-        "seeds": seeds, "runs": {run.name: {"role": run.role, "seed": run.seed, "command": ["sparta", *run.command(nproc)],
+        "seeds": seeds, "runs": {run.name: {"role": run.role, "seed": run.seed,
+                                            "command": ["sparta", *run.command(nproc)],
                                             "stats": loaded[run.name].stats()} for run in planned}}))
     return report.path
 
@@ -520,9 +522,9 @@ def _test_images(run: Any) -> int:
 
 
 def _machine() -> str:
-    import torch
+    import torch  # noqa: PLC0415 (CLI start-up: imports torch; sparta.cli imports this module)
 
-    from .precision import cpu_name
+    from .precision import cpu_name  # noqa: PLC0415 (CLI start-up: imports torch; sparta.cli imports this module)
 
     cpu = cpu_name()
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
@@ -563,7 +565,8 @@ def _preamble(profile: str, dataset: str, planned: list[PlannedRun], found: list
     for role, e in evals.items():
         failed = [ch["name"] for ch in e["checks"] if not ch["passed"]]
         lines.append(f"| {C.label(role)} | {e['clean']:.2f} | {e['pgd']:.2f} | {e['autoattack']:.2f} | "
-                     f"{e['autoattack'] - e.get('pgd_on_autoattack_images', e['pgd']):+.2f} | {'failed: ' + ', '.join(failed) if failed else 'all passed'} |")
+                     f"{e['autoattack'] - e.get('pgd_on_autoattack_images', e['pgd']):+.2f} | "
+                     f"{'failed: ' + ', '.join(failed) if failed else 'all passed'} |")
     lines += ["", "## Runs", "", "Each run is this `sparta train` command (`--resume RUN_DIR` continues one):", ""]
     lines += [f"- {C.LABELS.get(r.role, r.role)}{f' (seed {r.seed})' if seeds > 1 else ''}: "
               f"`sparta {shlex.join(r.command(nproc))}`" for r in planned]

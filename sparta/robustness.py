@@ -58,6 +58,7 @@ from .distributed import SINGLE, Distributed
 from .errors import ConfigError, SpartaError
 from .evaluate import evaluate
 from .fmt import eps as format_eps  # "8/255", "0.1"
+from .fmt import parse_number
 
 __all__ = ["ATTACKS", "DEFAULT_EPS_LIST", "EvalSettings", "evaluate_robustness", "sanity_checks", "parse_eps_list",
            "format_eps", "large_eps"]
@@ -76,14 +77,9 @@ def parse_eps_list(value: str | Sequence[float | str]) -> list[float]:
     out = []
     for item in items:
         text = str(item).strip()
-        try:
-            if "/" in text:
-                num, den = text.split("/")
-                eps = float(num) / float(den)
-            else:
-                eps = float(text)
-        except (ValueError, ZeroDivisionError):
-            raise ConfigError(f"--eps-list item {text!r} is not a number or fraction such as 8/255") from None
+        eps = parse_number(text)
+        if eps is None:
+            raise ConfigError(f"--eps-list item {text!r} is not a number or fraction such as 8/255")
         if not math.isfinite(eps) or eps < 0:
             raise ConfigError(f"--eps-list values must be finite and >= 0, got {text!r}")
         out.append(eps)
@@ -259,7 +255,8 @@ class _Flags:
     extra forward per batch)."""
 
     def __init__(self, attack: Callable[[nn.Module, Tensor, Tensor], Tensor]):
-        self.attack, self.flags = attack, []
+        self.attack = attack
+        self.flags: list[Tensor] = []  # per batch: (B,) bool, still correct, on the CPU
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         x_adv = self.attack(model, x, y)

@@ -19,12 +19,43 @@ import json
 import math
 import os
 import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-from .checkpoint import atomic_write
 from .errors import CheckpointError, ConfigError
 from .outcomes import FILE as OUTCOMES_FILE
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write through ``write(file)`` to a temporary file beside ``path``, fsync, rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)  # make the rename itself durable
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -75,8 +106,8 @@ class RunDir:
                 )
             foreign = sorted(p.name for p in self.path.iterdir() if p.name not in RUN_FILES)
             if not self.config.is_file() or foreign:
-                raise ConfigError(f"--overwrite refuses to delete {self.path}: it holds files a sparta run does not write "
-                                  f"({', '.join(foreign[:3]) or 'no config.yaml'})")
+                raise ConfigError(f"--overwrite refuses to delete {self.path}: it holds files a sparta run does not "
+                                  f"write ({', '.join(foreign[:3]) or 'no config.yaml'})")
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.config, config_yaml)
@@ -119,7 +150,7 @@ class RunDir:
         write_text_atomic(self.outcomes, "".join(json.dumps(o) + "\n" for o in lines))
 
     def remove_torn_writes(self) -> None:
-        """Delete the temporary files of writes a kill cut short (``checkpoint.atomic_write`` names them
+        """Delete the temporary files of writes a kill cut short (``atomic_write`` names them
         ``.<file>.<random>.tmp``); the files they were to replace are intact."""
         for folder in (self.path, self.path / "checkpoints"):
             for tmp in folder.glob(".*.tmp"):
@@ -158,15 +189,16 @@ class TensorBoardLog:
 
     def __init__(self, run_dir: Path, earlier: list[dict[str, Any]]):
         try:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 (optional dependency: tensorboard)
         except ImportError:
-            raise ConfigError("logging.tensorboard needs the tensorboard package: pip install 'sparta[tensorboard]'") from None
+            raise ConfigError("logging.tensorboard needs the tensorboard package: "
+                              "pip install 'sparta[tensorboard]'") from None
         self.stage, self.offset, self.x = None, 0, 0
         for record in earlier:
             self._position(record)
         # opened at the first record: the run directory does not exist before the first stage starts
         self.open = lambda: SummaryWriter(log_dir=str(run_dir / "tensorboard"))
-        self.writer = None
+        self.writer: SummaryWriter | None = None
 
     def _position(self, record: dict[str, Any]) -> int:
         if record["stage"] != self.stage:  # a new stage starts where the previous one ended

@@ -24,6 +24,8 @@ from typing import Any
 import yaml
 
 from .errors import SpartaError
+from .protocol import best_index
+from .rundir import RunDir
 
 # config keys that do not change what a run computes: runs equal up to these are seeds of one config
 GROUP_IGNORED = ("seed", "name", "out_dir", "progress", "data.root")
@@ -72,7 +74,6 @@ def is_run_dir(path: str | Path) -> bool:
 
 def load_run(path: str | Path) -> Run:
     """Read a run directory (needs ``config.yaml`` and ``metrics.jsonl``; ``summary.json`` if finished)."""
-    from .rundir import RunDir
 
     path = Path(path)
     if not path.is_dir():
@@ -239,8 +240,6 @@ def time_to_robustness(records: list[dict[str, Any]], target_ra: float) -> dict[
 def best_record(records: list[dict[str, Any]], summary: dict[str, Any] | None) -> int:
     """Index of the best epoch: summary's best_epoch (in the last stage, or ``best_stage``), else the
     epoch training selects (``sparta.protocol.best_index``) among the last stage's records."""
-    from .protocol import best_index
-
     segments = stage_segments(records)
     if summary and summary.get("best_epoch") is not None:
         stage = summary.get("best_stage") or segments[-1][0]
@@ -263,7 +262,10 @@ def run_stats(run: Run) -> dict[str, Any]:
     recs = run.records
     best_i = best_record(recs, run.summary)
     best, final = recs[best_i], recs[-1]
-    pick = lambda key, record_key, record: finite(s[key]) if key in s else finite(record.get(record_key))
+
+    def pick(key: str, record_key: str, record: dict[str, Any]) -> float | None:
+        return finite(s[key]) if key in s else finite(record.get(record_key))
+
     out = {
         "ra_best": pick("ra_best", "test_robust_acc", best), "ra_final": pick("ra_final", "test_robust_acc", final),
         "sa_best": pick("sa_best", "test_clean_acc", best), "sa_final": pick("sa_final", "test_clean_acc", final),
@@ -281,7 +283,8 @@ def run_stats(run: Run) -> dict[str, Any]:
         "eb_epoch": s.get("eb_epoch"),
         "best_index": best_i,
     }
-    out["ra_diff"] = finite(s.get("robust_overfitting")) if "robust_overfitting" in s else _sub(out["ra_best"], out["ra_final"])
+    out["ra_diff"] = (finite(s.get("robust_overfitting")) if "robust_overfitting" in s
+                      else _sub(out["ra_best"], out["ra_final"]))
     out["sa_diff"] = finite(s.get("sa_overfitting")) if "sa_overfitting" in s else _sub(out["sa_best"], out["sa_final"])
     if out["density"] is None and run.method == "dense":
         out["density"] = 1.0
@@ -294,8 +297,8 @@ def run_stats(run: Run) -> dict[str, Any]:
 def _without(config: dict[str, Any], keys: Sequence[str]) -> dict[str, Any]:
     config = copy.deepcopy(config)
     for dotted in keys:
-        node, *parents = config, *dotted.split(".")[:-1]
-        for part in parents:
+        node: object = config
+        for part in dotted.split(".")[:-1]:
             node = node.get(part) if isinstance(node, dict) else None
         if isinstance(node, dict):
             node.pop(dotted.split(".")[-1], None)

@@ -28,7 +28,8 @@ class StopRequests:
     def __init__(self) -> None:
         self.received: int | None = None  # written by the handler, at any instant
         self.agreed: int | None = None  # the decision taken at the last boundary
-        self._previous: dict[int, object] = {}
+        # the handlers to restore, as signal.signal returns them
+        self._previous: dict[int, Callable[[int, FrameType | None], object] | int | signal.Handlers | None] = {}
 
     def __enter__(self) -> StopRequests:
         if threading.current_thread() is threading.main_thread():

@@ -4,7 +4,8 @@ Robust Bird = a cheap search stage until the early-bird ticket, then prune and t
 network adversarially; boosting tickets = a finder stage, prune + rewind, a short adversarial stage;
 magnitude = dense pretraining, prune once, fine-tune; HYDRA = dense pretraining, score learning with
 frozen weights, fine-tune the top-scored weights; dense, static and Flying Bird(+) = one stage.
-Transitions (draw the ticket, prune, rewind, slim channels) run in ``Stage.after`` and change the ``RunContext`` the next stage starts from.
+Transitions (draw the ticket, prune, rewind, slim channels) run in ``Stage.after`` and change the
+``RunContext`` the next stage starts from.
 """
 from __future__ import annotations
 
@@ -72,13 +73,13 @@ class RunContext:
         """Count this stage's training FLOPs: the model as it is now, the stage's attack and objective;
         ``saved`` (a resumed checkpoint's count) continues an interrupted count exactly."""
         layer_flops = forward_flops_by_layer(self.model, input_shape(self.spec))
-        settings = dict(attack_steps=attack_steps_of(cfg), objective=cfg.objective.name)
+        steps, objective = attack_steps_of(cfg), cfg.objective.name
         if self.cost is None or saved is not None:
-            self.cost = TrainingCostMeter(layer_flops, **settings)
+            self.cost = TrainingCostMeter(layer_flops, attack_steps=steps, objective=objective)
             if saved is not None:
                 self.cost.load_state_dict(saved)
         else:
-            self.cost.reset_stage(layer_flops, **settings)
+            self.cost.reset_stage(layer_flops, attack_steps=steps, objective=objective)
 
     def state_dict(self) -> dict[str, Any]:
         return {"carry": self.carry.state_dict(), "info": self.info, "stages": self.stages, "records": self.records,

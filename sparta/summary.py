@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import platform
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -30,7 +30,7 @@ from .stages import RunContext, Stage
 
 def summarize(cfg: Config, stages: list[Stage], run: RunContext, records: list[dict[str, Any]],
               data: DatasetSplits, masks: dict[str, torch.Tensor], *, dist: Distributed,
-              on_outcomes: Callable[[Mapping[str, Any]], None] = lambda line: None) -> dict[str, Any]:
+              on_outcomes: Callable[[dict[str, Any]], None] = lambda line: None) -> dict[str, Any]:
     """Final numbers of the last stage (the one that produces the model); accuracies in percent.
 
     best = the first epoch with the highest validation robust accuracy (the final epoch when there
@@ -91,6 +91,7 @@ def training_cost(run: RunContext, masks: dict[str, torch.Tensor], cfg: Config, 
     dense = forward_flops_by_layer(build_model(dense_spec), input_shape(dense_spec))
     final = forward_flops_by_layer(run.model, input_shape(run.spec))
     cost = run.cost
+    assert cost is not None, "the run's FLOPs meter is set when its first stage starts"  # RunContext.start_cost
     stages = cost.state_dict()["stages"]
     dense_total = sum(dense_training_flops(dense, steps_images=s["images"], attack_steps=s["attack_steps"],
                                            objective=s["objective"]) for s in stages)
@@ -98,7 +99,8 @@ def training_cost(run: RunContext, masks: dict[str, torch.Tensor], cfg: Config, 
     epochs = int(run.stages[-1]["epochs"])  # the final stage's (recorded when it finished)
     table = paper_table_flops(epochs, train_images, final_f, attack_steps_of(cfg), cfg.objective.name)
     for stage in stages[:-1]:  # an earlier stage (Robust Bird's search, a finder) trains the dense network
-        earlier = paper_table_flops(1, int(stage["images"]), dense.total, int(stage["attack_steps"]), stage["objective"])
+        earlier = paper_table_flops(1, int(stage["images"]), dense.total, int(stage["attack_steps"]),
+                                    stage["objective"])
         table = None if table is None or earlier is None else table + earlier
     return {"train_flops": cost.total, "train_flops_dense": dense_total,
             "train_flops_saving": savings(cost.total, dense_total),

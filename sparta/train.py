@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import nn
@@ -64,13 +64,19 @@ class EpochStats:
     lr: float
 
 
+T = TypeVar("T")
+
+
 class Progress(Protocol):
-    def batches(self, it: Iterator, total: int, epoch: int) -> Iterator: ...
+    def batches(self, it: Iterator[T], total: int, epoch: int) -> Iterable[T]: ...
 
 
 class Silent:
-    def batches(self, it: Iterator, total: int, epoch: int) -> Iterator:
+    def batches(self, it: Iterator[T], total: int, epoch: int) -> Iterable[T]:
         return it
+
+
+SILENT = Silent()  # stateless: the default progress of fit and sparta.experiment.train
 
 
 @contextlib.contextmanager
@@ -100,8 +106,9 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, controller: S
     """One adversarial training step on a batch x (B, C, H, W) in [0, 1], y (B,); returns (loss, logits).
 
     ``model`` may be DDP-wrapped: the attack runs on the module inside (input gradients only, DDP's
-    reducer stays out of it; a torch.compile'd module stays compiled), the training loss through the wrapper; its gradient is scaled by
-    ``loss_weight`` (a rank's share of the global batch times the world size).
+    reducer stays out of it; a torch.compile'd module stays compiled), the training loss through the
+    wrapper; its gradient is scaled by ``loss_weight`` (a rank's share of the global batch times the
+    world size).
     """
     with precision.autocast():  # attack, forward and loss (fp32 weights, bf16/fp16 matmuls); no-op in fp32
         with bn_mode(model, attack_bn_mode):
@@ -121,7 +128,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, controller: Sparsity
         loader: DeviceLoader, schedule: LrSchedule, objective: Objective, *, attack_bn_mode: str,
         epochs: int, state: TrainState, end_epoch: Callable[[EpochStats], bool],
         end_step: Callable[[TrainState], None] = lambda state: None,
-        cost: TrainingCostMeter | None = None, progress: Progress = Silent(), dist: Distributed = SINGLE,
+        cost: TrainingCostMeter | None = None, progress: Progress = SILENT, dist: Distributed = SINGLE,
         precision: StepPrecision = FP32) -> TrainState:
     """Train from ``state`` (possibly mid-epoch) until ``epochs`` epochs are completed or
     ``end_epoch`` (which evaluates, logs and saves) returns True to stop early. ``end_step`` runs
@@ -133,6 +140,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, controller: Sparsity
         start = time.perf_counter() - state.epoch_time_s  # a resumed epoch's clock continues
         if state.batch == 0:
             state.sums, state.examples = torch.zeros(3, device=device), 0
+        assert state.sums is not None, "a mid-epoch state without its epoch sums"  # set with state.batch > 0
         for x, y in progress.batches(loader.epoch(epoch, start_batch=state.batch), len(loader), epoch):
             lr = schedule.lr_at(state.step)
             for group in optimizer.param_groups:
@@ -143,7 +151,8 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, controller: Sparsity
                                       precision=precision)
             with torch.no_grad():  # on the device, no host sync: the finite count grows only while unbroken
                 finite = (torch.isfinite(loss) & (state.sums[2] == state.batch)).float()
-                state.sums += torch.stack([loss.detach().float() * len(y), (logits.argmax(1) == y).sum().float(), finite])
+                state.sums += torch.stack([loss.detach().float() * len(y), (logits.argmax(1) == y).sum().float(),
+                                           finite])
             if cost is not None:  # FLOPs at the densities in force for this step; no host sync
                 cost.step(n_global, controller.masks)
             state.step, state.batch, state.examples = state.step + 1, state.batch + 1, state.examples + len(y)

@@ -8,6 +8,15 @@ from torch import nn
 from sparta.config import Config, from_dict, with_overrides
 from sparta.rundir import RunDir
 
+# Every BatchNorm network at a small size, for tests that build each one
+SMALL_BN_MODELS = {
+    "preact_resnet18": {"base_width": 8},
+    "resnet18": {"base_width": 8},
+    "vgg16_bn": {"base_width": 8},
+    "vgg16_bn_hydra": {"base_width": 8},
+    "wide_resnet": {"depth": 10, "widen_factor": 1},
+}
+
 # The small digits run of the in-process end-to-end tests: small_cnn, 512 training images in batches
 # of 32 (16 steps an epoch), PGD-3 training, PGD-5 evaluation on 200 test images. Other files derive
 # their variants with ``with_overrides(TINY, [...])``.
@@ -126,7 +135,8 @@ def write_cifar100(root, n_train: int = 20, n_test: int = 10, seed: int = 0) -> 
         batch = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),  # rows: R plane, G plane, B plane
                  "fine_labels": rng.integers(0, 100, n).tolist(), "coarse_labels": rng.integers(0, 20, n).tolist()}
         (folder / split).write_bytes(pickle.dumps(batch))
-    meta = {"fine_label_names": [f"fine{i}" for i in range(100)], "coarse_label_names": [f"coarse{i}" for i in range(20)]}
+    meta = {"fine_label_names": [f"fine{i}" for i in range(100)],
+            "coarse_label_names": [f"coarse{i}" for i in range(20)]}
     (folder / "meta").write_bytes(pickle.dumps(meta))
 
 

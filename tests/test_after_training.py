@@ -85,8 +85,11 @@ def test_magnitude_end_to_end_pruned_weights_stay_zero(tmp_path):
     assert [s["name"] for s in summary["stages"]] == ["pretrain", "finetune"]
     records = RunDir(cfg.run_dir).read_metrics()
     assert [(r["stage"], r["epoch"]) for r in records] == [("pretrain", 1), ("finetune", 1), ("finetune", 2)]
+
     # fine-tuning: 8 steps, lr 0.01 cosine to 0; a record's lr is that of its epoch's last step (3, 7)
-    cosine = lambda step: 0.01 * 0.5 * (1 + math.cos(math.pi * step / 8))
+    def cosine(step):
+        return 0.01 * 0.5 * (1 + math.cos(math.pi * step / 8))
+
     assert [r["lr"] for r in records][1:] == pytest.approx([cosine(3), cosine(7)], abs=1e-15)
     ckpt = checkpoint_of(cfg)
     for name, mask in ckpt["masks"].items():

@@ -140,7 +140,8 @@ def test_the_full_size_networks_are_the_benchmarks_base_models(tmp_path, name, b
     ours = create_model(name, num_classes=10, in_channels=3, image_size=32, mean=[0.0] * 3, std=[1.0] * 3).eval()
     ref = base().eval()
     theirs = ref.state_dict()
-    assert {k: tuple(v.shape) for k, v in ours.body.state_dict().items()} == {k: tuple(v.shape) for k, v in theirs.items()}
+    assert ({k: tuple(v.shape) for k, v in ours.body.state_dict().items()}
+            == {k: tuple(v.shape) for k, v in theirs.items()})
     ref.load_state_dict(ours.body.state_dict(), strict=True)
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():

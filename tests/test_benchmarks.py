@@ -23,7 +23,8 @@ def test_quick_benchmark_writes_json(tmp_path, capsys):
     for entry in r.values():
         assert entry["peak_memory_mb"] > 0
     memory = r["B1_dense_pgd10_step"]["step"]["memory"]
-    assert memory["increase_mb"] >= 0 and memory["peak_mb"] >= memory["increase_mb"] and "cpu peak RSS" in memory["measure"]
+    assert (memory["increase_mb"] >= 0 and memory["peak_mb"] >= memory["increase_mb"]
+            and "cpu peak RSS" in memory["measure"])
     assert r["B6_bf16_step"]["ratio_bf16_over_fp32"] > 0 and isinstance(r["B6_bf16_step"]["fast_bf16"], bool)
     assert r["B2_flying_bird_step"]["density"] == 0.2 or abs(r["B2_flying_bird_step"]["density"] - 0.2) < 1e-4
     for key in ("ratio_step_over_floor", "ratio_step_over_eleven_full"):
@@ -31,7 +32,8 @@ def test_quick_benchmark_writes_json(tmp_path, capsys):
     assert r["B4_channel_ticket"]["flops_ratio"] > 1 and r["B4_channel_ticket"]["params_ratio"] < 1
     assert "aten::" in report["profile"]["fp32_step"] and "aten::" in report["profile"]["bf16_step"]
     printed = capsys.readouterr().out
-    assert "B1 dense PGD-10 step / floor" in printed and "B6 bf16 step / fp32 step" in printed and "peak memory" in printed
+    assert ("B1 dense PGD-10 step / floor" in printed and "B6 bf16 step / fp32 step" in printed
+            and "peak memory" in printed)
     assert "B7" not in printed
 
 

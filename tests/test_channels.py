@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from conftest import SMALL_BN_MODELS
 from torch import nn
 
 from sparta.errors import CheckpointError
@@ -13,13 +14,7 @@ from sparta.sparse.channels import apply_plan, bn_channel_masks, coupled_bn_grou
 
 pytest.importorskip("torch_pruning")
 
-ARCHS = {
-    "preact_resnet18": {"base_width": 8},
-    "resnet18": {"base_width": 8},
-    "vgg16_bn": {"base_width": 8},
-    "vgg16_bn_hydra": {"base_width": 8},
-    "wide_resnet": {"depth": 10, "widen_factor": 1},
-}
+ARCHS = SMALL_BN_MODELS  # every network with BatchNorm, at a small width
 EXAMPLE = torch.zeros(1, 3, 32, 32)
 
 

@@ -61,8 +61,11 @@ def test_gap_and_overfitting_differences_are_paired_on_every_image():
     g = C.gap_diff(a, b)
     assert g.diff == pytest.approx(-15.0)
     assert g.se == pytest.approx(math.hypot(100 * math.sqrt(0.1 * 0.9 / 999), 100 * math.sqrt(0.05 * 0.95 / 9_999)))
+
     # without outcomes (runs of an older version) the same differences, unpaired and wider
-    old = lambda s: C.Scores(s.ra_best, s.ra_final, s.n_test, s.train_ra, s.n_gap)
+    def old(s):
+        return C.Scores(s.ra_best, s.ra_final, s.n_test, s.train_ra, s.n_gap)
+
     u = C.gap_diff(old(a), old(b))
     assert u.diff == pytest.approx(-15.0) and not u.paired and u.se > g.se
 
@@ -102,7 +105,8 @@ def test_comparable_ra_is_non_inferiority_with_a_declared_saving():
 
 def test_highest_final_ra_returns_every_verdict():
     def verdict(fbp, others=30.0, seeds=1):
-        runs = {r: [seed(ra_final=others, shift=i) for i in range(seeds)] for r in ("dense", "robust_bird", "flying_bird")}
+        runs = {r: [seed(ra_final=others, shift=i) for i in range(seeds)]
+                for r in ("dense", "robust_bird", "flying_bird")}
         runs["flying_bird_plus"] = [seed(ra_final=fbp + 0.1 * i, shift=i) for i in range(seeds)]
         return C.highest_final_ra(runs).verdict
 

@@ -67,7 +67,8 @@ def test_adverse_truths_are_not_reproduced():
     larger gap; Flying Bird+ as much worse than Flying Bird, which equals dense."""
     dense = K.paper_truths("cifar10")["dense"]
     worse = K.Truth(dense.ra_best - 3, dense.ra_final - 5, dense.train_ra, dense.train_flops * 0.3)
-    truths = {"dense": dense, "robust_bird": worse, "flying_bird": dataclasses.replace(dense, train_flops=worse.train_flops),
+    truths = {"dense": dense, "robust_bird": worse,
+              "flying_bird": dataclasses.replace(dense, train_flops=worse.train_flops),
               "flying_bird_plus": worse}
     rates = measure(truths, K.PAPER_SIZE)
     for name, r in rates.items():

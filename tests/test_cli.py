@@ -38,7 +38,7 @@ def test_eval_writes_json_beside_checkpoint(run_dir, capsys):
 def test_resume_of_a_finished_run_with_more_epochs(run_dir):
     assert main(["train", "--resume", str(run_dir), "epochs=2", "--force"]) == 0
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(l)["epoch"] for l in lines] == [1, 2]
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
 
 
 @pytest.mark.parametrize("overrides,expect", [
@@ -58,13 +58,15 @@ def test_bad_train_input(tmp_path, capsys, overrides, expect):
         import torch
         if torch.cuda.is_available():
             pytest.skip("CUDA is available here")
-    one_line_error(capsys, ["train", str(ROOT / "configs" / "demo.yaml"), f"out_dir={tmp_path / 'r'}", *TINY_ARGS, *overrides], expect)
+    one_line_error(capsys, ["train", str(ROOT / "configs" / "demo.yaml"), f"out_dir={tmp_path / 'r'}", *TINY_ARGS,
+                            *overrides], expect)
     assert not (tmp_path / "r" / "checkpoints").exists()
 
 
 def test_existing_out_dir_is_not_touched(run_dir, capsys):
     before = (run_dir / "metrics.jsonl").read_text()
-    one_line_error(capsys, ["train", str(ROOT / "configs" / "demo.yaml"), f"out_dir={run_dir}", *TINY_ARGS], "already exists")
+    one_line_error(capsys, ["train", str(ROOT / "configs" / "demo.yaml"), f"out_dir={run_dir}", *TINY_ARGS],
+                   "already exists")
     assert (run_dir / "metrics.jsonl").read_text() == before
 
 
@@ -80,14 +82,16 @@ def test_demo_says_what_its_comparison_means():
     rows = [{"method": "dense", "density_final": 1.0, "train_flops": 100.0, "ra_final": 81.6},
             {"method": "flying_bird", "density_final": 0.2, "train_flops": 40.0, "ra_final": 79.2}]
     text = comparison(rows)
-    assert text.startswith("Flying Bird kept 20% of the weights and trained at 40% of dense's training FLOPs; its final")
+    assert text.startswith("Flying Bird kept 20% of the weights and trained at 40% of dense's training FLOPs; "
+                           "its final")
     assert "2.4 points below dense's (79.2% vs 81.6%" in text and "sparta reproduce" in text
 
 
 def test_table_formats_floats_and_marks_missing_values():
     from sparta.cli import table
 
-    out = table([{"name": "a", "ra": 23.456, "n": 3}, {"name": "bb", "ra": None}], [("name", "run"), ("ra", "RA"), ("n", "n")])
+    out = table([{"name": "a", "ra": 23.456, "n": 3}, {"name": "bb", "ra": None}],
+                [("name", "run"), ("ra", "RA"), ("n", "n")])
     assert out.splitlines() == ["run    RA    n", "-----  ----  ---", "a      23.5  3", "bb     -     -"]
 
 

@@ -43,13 +43,16 @@ def test_yaml_fraction_and_int_to_float(tmp_path):
     (["method.name=flying_bird_plus", "data.val_size=0"], "needs a validation split"),
     (["method.name=flying_bird", "method.update_every=0"], "method.update_every must be > 0"),
     (["method.name=flying_bird", "method.regrowth=rigl"], "method.regrowth must be one of exclusive, authors"),
-    (["method.name=robust_bird", "method.min_search_epochs=51"], "method.min_search_epochs must be in [0, max_search_epochs=50], got 51"),
-    (["method.name=robust_bird", "method.max_search_epochs=10", "method.min_search_epochs=11"], "raise method.max_search_epochs"),
+    (["method.name=robust_bird", "method.min_search_epochs=51"],
+     "method.min_search_epochs must be in [0, max_search_epochs=50], got 51"),
+    (["method.name=robust_bird", "method.max_search_epochs=10", "method.min_search_epochs=11"],
+     "raise method.max_search_epochs"),
     (["method.name=robust_bird", "method.min_search_epochs=-1"], "method.min_search_epochs must be >= 0"),
     (["method.name=robust_bird", "method.eb_every_steps=0"], "method.eb_every_steps must be >= 1"),
     (["method.name=robust_bird", "method.eb_every_steps=1.5"], "method.eb_every_steps must be of type int"),
     (["method.name=robust_bird", "method.bn_l1=-1e-4"], "method.bn_l1 must be >= 0"),
-    (["method.name=robust_bird", "method.search_milestones=[-1]"], "each item of method.search_milestones must be >= 0"),
+    (["method.name=robust_bird", "method.search_milestones=[-1]"],
+     "each item of method.search_milestones must be >= 0"),
     (["method.name=boosting_ticket", "method.search_milestones=50"], "method.search_milestones must be a list"),
 ])
 def test_bad_values_are_one_line(override, message):
@@ -128,7 +131,8 @@ def test_each_method_has_its_own_settings():
     assert not hasattr(rb, "window") and not hasattr(rb, "distribution") and rb.max_search_epochs == 50
     fbp = load_config(None, ["method.name=flying_bird_plus", "method.window=3"]).method
     assert (fbp.window, fbp.update_every, fbp.regrowth) == (3, 900, "exclusive")  # its own and Flying Bird's
-    with pytest.raises(ConfigError, match="method.density is a setting of static, .*not of dense; dense's settings: name$"):
+    with pytest.raises(ConfigError,
+                       match="method.density is a setting of static, .*not of dense; dense's settings: name$"):
         load_config(None, ["method.density=0.5"])
     with pytest.raises(ConfigError, match="method.colour is not a setting of static"):
         load_config(None, ["method.name=static", "method.colour=red"])
@@ -150,7 +154,8 @@ def test_every_declared_range_refuses_a_value_outside_it():
                 continue
             bounds = [float(x) for x in re.findall(r"-?\d+(?:\.\d+)?", rule)]
             outside = bounds[0] - 1 if rule.startswith(">=") or "[" in rule else bounds[0]  # just out at the low end
-            value = [outside] if isinstance(f.default, list) or f.default_factory is not dataclasses.MISSING else outside
+            value = ([outside] if isinstance(f.default, list) or f.default_factory is not dataclasses.MISSING
+                     else outside)
             if isinstance(value, float) and "int" in str(f.type):
                 value = int(value)
             with pytest.raises(ConfigError, match=f"method.{f.name} must be {re.escape(rule)}"):

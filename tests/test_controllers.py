@@ -91,7 +91,10 @@ def test_all_ones_masks_change_nothing_bit_for_bit(opt):
     dense_opt, masked_opt = OPTIMIZERS[opt](dense_model.parameters()), OPTIMIZERS[opt](masked_model.parameters())
     train(dense_model, dense_opt, Dense(), range(20))
     train(masked_model, masked_opt, Static(masked_model, masked_opt, MaskSet.from_model(masked_model)), range(20))
-    bits = lambda t: t.detach().view(torch.int32)
+
+    def bits(t):
+        return t.detach().view(torch.int32)
+
     for a, b in zip(dense_model.state_dict().values(), masked_model.state_dict().values()):
         assert torch.equal(a.view(torch.int32) if a.is_floating_point() else a, bits(b) if b.is_floating_point() else b)
     for pa, pb in zip(dense_model.parameters(), masked_model.parameters()):
@@ -147,7 +150,10 @@ def test_cosine_drop_fraction_schedule():
 def test_update_cadence_switches_at_late_from_step():
     model = tiny_net()
     optimizer = OPTIMIZERS["sgd"](model.parameters())
-    updates = lambda fb: [s for s in range(130) if fb.is_update_step(s)]
+
+    def updates(fb):
+        return [s for s in range(130) if fb.is_update_step(s)]
+
     fb = flying_bird(model, optimizer, total_steps=100, update_every=10, update_every_late=15, late_from_step=50)
     assert updates(fb) == [10, 20, 30, 40, 60, 75, 90]  # never at step 0 or from total_steps on
     assert flying_bird(model, optimizer, total_steps=100, update_every=10, update_every_late=15).late_from_step == 50
@@ -355,7 +361,8 @@ def test_old_update_logs_without_churn_still_load():
 
 
 def test_ties_go_to_the_lowest_index():
-    assert select_k_mask(torch.tensor([1.0, 0.0, 0.0, 0.0, 2.0]), 2, largest=False).tolist() == [False, True, True, False, False]
+    assert (select_k_mask(torch.tensor([1.0, 0.0, 0.0, 0.0, 2.0]), 2, largest=False).tolist()
+            == [False, True, True, False, False])
     assert select_k_mask(torch.tensor([0.5, 0.0, 0.5, 0.5]), 3, largest=False).tolist() == [True, True, True, False]
     assert not select_k_mask(torch.tensor([3.0, 1.0]), 0, largest=False).any()
 
@@ -405,8 +412,8 @@ def test_fb_plus_decisions_and_resulting_counts(case, regrowth):
     model = tiny_net()
     fbp = fb_plus(model, OPTIMIZERS["sgd"](model.parameters()), regrowth=regrowth)
     assert list(fbp.masks.counts().values()) == [65, 345, 48]
-    for epoch, (g, l) in enumerate([(-9, 9), (9, -9)] + list(zip(gaps, losses))):  # only the last 5 count
-        fbp.end_epoch(epoch, metrics(g, l))
+    for epoch, (gap, loss) in enumerate([(-9, 9), (9, -9)] + list(zip(gaps, losses))):  # only the last 5 count
+        fbp.end_epoch(epoch, metrics(gap, loss))
     fbp.after_backward(30)  # epoch 3 = adapt_from_epoch: the rule is active
     assert list(fbp.masks.counts().values()) == expected
     decision = fbp.decisions[-1]
@@ -430,14 +437,15 @@ def test_fb_plus_counts_on_a_dense_layer_depend_on_the_rule(regrowth, last_layer
     fbp = AdaptiveDensity(model, optimizer, masks, total_steps=1000, update_every=10, update_every_late=None,
                           steps_per_epoch=10, adapt_from_epoch=3, drop_fraction=0.5, drop_fraction_final=0.5,
                           regrowth=regrowth)
-    for epoch, (g, l) in enumerate(zip(UP, FLAT)):
-        fbp.end_epoch(epoch, metrics(g, l))
+    for epoch, (gap, loss) in enumerate(zip(UP, FLAT)):
+        fbp.end_epoch(epoch, metrics(gap, loss))
     before = {name: m.clone() for name, m in fbp.masks.items()}
     fbp.after_backward(30)
     assert (fbp.decisions[-1]["prune_more"], fbp.decisions[-1]["grow_more"]) == (True, True)
     assert list(fbp.masks.counts().values()) == [54, 285, last_layer]  # first two as in FB_PLUS_CASES["both"]
     last = fbp.last_update
-    assert (last["dropped"]["6.weight"], last["grown"]["6.weight"]) == ((32, 0) if regrowth == "exclusive" else (112, 84))
+    assert ((last["dropped"]["6.weight"], last["grown"]["6.weight"])
+            == ((32, 0) if regrowth == "exclusive" else (112, 84)))
     assert last["changed"] == {name: int((before[name] ^ m).sum()) for name, m in fbp.masks.items()}
     assert_pruned_weights_and_state_zero(fbp.masks, optimizer)
 

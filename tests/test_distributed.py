@@ -89,7 +89,8 @@ def test_flying_bird_two_ranks_keep_identical_masks_and_exact_density(flying_bir
     final = outcomes.find(lines, split="test", epoch=3)
     assert final.n == 101 and final.accuracy("robust") == metrics[-1]["test_robust_acc"]
     test = load_dataset("digits", None).test.subset(0, 101)  # the clean outcomes of one process, image by image
-    one = evaluate(load_model(rd.last), test, build_attack("none"), batch_size=64, device=torch.device("cpu"), outcomes=True)
+    one = evaluate(load_model(rd.last), test, build_attack("none"), batch_size=64, device=torch.device("cpu"),
+                   outcomes=True)
     assert final.clean == one["outcomes"].clean
     assert metrics[-1]["topology_updates"] >= 4
     state = torch.load(rd.last, weights_only=True)
@@ -119,7 +120,10 @@ def test_resume_of_two_ranks_equals_uninterrupted(flying_bird_two_ranks, tmp_pat
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert all(torch.equal(a["masks"][k], b["masks"][k]) for k in a["masks"])
     assert records(full) == records(part)
-    last = lambda run_dir: {(o["stage"], o["epoch"], o["split"]): o for o in RunDir(run_dir).read_outcomes()}
+
+    def last(run_dir):
+        return {(o["stage"], o["epoch"], o["split"]): o for o in RunDir(run_dir).read_outcomes()}
+
     assert last(full) == last(part)
 
 
@@ -155,7 +159,8 @@ def test_two_ranks_evaluate_the_same_outcomes_as_one_process_image_by_image():
 
     result = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER), "outcomes"])
     assert result.returncode == 0, result.stderr[-3000:]
-    ranks = sorted((json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")), key=lambda r: r["rank"])
+    ranks = sorted((json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")),
+                   key=lambda r: r["rank"])
     one = evaluation_outcomes()
     assert [r["rank"] for r in ranks] == [0, 1]
     for r in ranks:  # every rank returns the whole vector, each image's outcome where one process puts it
@@ -247,7 +252,8 @@ def test_stop_signal_on_one_rank_stops_both_mid_epoch_and_resume_is_bit_identica
     stopped = step_in(part)
     assert steps_per_epoch + 2 <= stopped < 2 * steps_per_epoch
     sparta_train("--nproc", "2", "--resume", str(part))
-    a, b = torch.load(RunDir(tmp_path / "full").last, weights_only=True), torch.load(RunDir(part).last, weights_only=True)
+    a = torch.load(RunDir(tmp_path / "full").last, weights_only=True)
+    b = torch.load(RunDir(part).last, weights_only=True)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), f"stopped after step {stopped}"
     assert records(tmp_path / "full") == records(part), f"stopped after step {stopped}"
 

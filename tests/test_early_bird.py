@@ -31,7 +31,7 @@ def detector(**kwargs) -> EarlyBirdDetector:
 def test_never_before_window_masks():
     det = detector()
     m = base_mask()
-    for i in range(4):  # identical masks, but fewer than 5
+    for _ in range(4):  # identical masks, but fewer than 5
         assert det.observe(mask=m) is None
         assert not det.found and det.found_at is None and det.last_distance is None
     assert det.observe(mask=m) == 0.0  # the 5th
@@ -251,8 +251,12 @@ def sgd_step_gamma(scaler_scale, bn_l1):
     search = EarlyBirdSearch(net, density=0.5, kind="channel", bn_l1=bn_l1)
     scaler = None if scaler_scale is None else torch.amp.GradScaler("cpu", init_scale=scaler_scale)
     precision = StepPrecision("fp32", "cpu", scaler=scaler)  # a scaler in fp32: scaled, then unscaled grads
-    objective = Objective(attack=lambda model, x, y, step: x,
-                          loss=lambda model, x_adv, x, y: (lambda out: (nn.functional.cross_entropy(out, y), out))(model(x_adv)))
+
+    def cross_entropy_and_logits(model, x_adv, x, y):
+        out = model(x_adv)
+        return nn.functional.cross_entropy(out, y), out
+
+    objective = Objective(attack=lambda model, x, y, step: x, loss=cross_entropy_and_logits)
     x, y = torch.randn(32, 8, generator=torch.Generator().manual_seed(1)), torch.arange(32) % 2
     before = net.bn.weight.detach().clone()
     train_step(net, opt, search, objective, x, y, step=0, attack_bn_mode="train", precision=precision)

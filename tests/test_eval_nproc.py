@@ -53,7 +53,8 @@ def comparable(result: dict) -> dict:
     rows = [{k: r[k] for k in ("kind", "eps", "steps", "n", "clean_acc", "robust_acc", "robust_correct")}
             for r in result["rows"]]
     aa = result.get("autoattack")
-    return {"rows": rows, "flags": result["robust_flags"], "checks": [(c["name"], c["passed"]) for c in result["checks"]],
+    return {"rows": rows, "flags": result["robust_flags"],
+            "checks": [(c["name"], c["passed"]) for c in result["checks"]],
             "per_attack": aa and aa["per_attack"], "aa_flags": aa and aa["flags"], "chunks": aa and aa["chunks"]}
 
 

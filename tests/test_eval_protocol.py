@@ -22,7 +22,9 @@ def test_protocol_of_an_old_yaml_leaves_missing_keys_unset():
 
 
 def test_best_index_is_the_checkpoint_rule():
-    val = lambda *vs: [{"epoch": i + 1, "val_robust_acc": v} for i, v in enumerate(vs)]
+    def val(*vs):
+        return [{"epoch": i + 1, "val_robust_acc": v} for i, v in enumerate(vs)]
+
     assert best_index(val(30, 41, 41, 40)) == 1  # the earliest of a tie, as best.pt keeps it
     assert best_index(val(None, None, None)) == 2  # no validation split: the final epoch
     assert best_index(val(math.nan, 20, math.inf, 10)) == 1  # not finite: never selected

@@ -127,18 +127,21 @@ def test_preact_names_are_the_reference_ones(tmp_path):
     assert expected <= keys
     assert not any(k.startswith(("body.", "normalize.")) or k.endswith("shortcut.weight") for k in keys)
     assert "layer1.0.shortcut.0.weight" not in keys  # identity shortcut in the first block, as in the reference
-    assert len([k for k in keys if k.endswith(".weight")]) == 1 + 8 * 4 + 3 + 2  # convs+BNs, shortcuts, final bn, linear
+    # convs+BNs, shortcuts, final bn, linear
+    assert len([k for k in keys if k.endswith(".weight")]) == 1 + 8 * 4 + 3 + 2
 
 
 def test_vgg_names_are_kuangliu_ones_with_zero_conv_biases(tmp_path):
     out = tmp_path / "export"
     export_checkpoint(write_checkpoint(tmp_path, "vgg16_bn", width=4), out, attack=False)
     state = torch.load(out / "model.pt", weights_only=True)
-    convs = [0, 3, 7, 10, 14, 17, 20, 24, 27, 30, 34, 37, 40]  # conv, bn, relu per layer; a max-pool after 2, 4, 7, 10, 13
+    # conv, bn, relu per layer; a max-pool after 2, 4, 7, 10, 13
+    convs = [0, 3, 7, 10, 14, 17, 20, 24, 27, 30, 34, 37, 40]
     assert [int(k.split(".")[1]) for k in state if k.startswith("features.") and k.endswith(".bias")
             and state[k].dim() == 1 and f"features.{k.split('.')[1]}.weight" in state
             and state[f"features.{k.split('.')[1]}.weight"].dim() == 4] == convs
-    assert all(torch.equal(state[f"features.{i}.bias"], torch.zeros(state[f"features.{i}.weight"].shape[0])) for i in convs)
+    assert all(torch.equal(state[f"features.{i}.bias"], torch.zeros(state[f"features.{i}.weight"].shape[0]))
+               for i in convs)
     assert {"classifier.weight", "classifier.bias", "features.1.running_mean"} <= set(state)
 
 
@@ -162,7 +165,8 @@ def test_channel_ticket_exports_the_smaller_network_and_its_widths(tmp_path):
                                                    if k != "channel_plan"}).named_parameters() if p.dim() >= 2}
     assert card["sparsity"]["weights"] == sum(full.values())
     kept = sum(t.numel() for n, t in state.items() if n in card["sparsity"]["per_layer"])
-    assert card["sparsity"]["nonzero"] == kept and card["sparsity"]["overall"] == pytest.approx(1 - kept / sum(full.values()))
+    assert (card["sparsity"]["nonzero"] == kept
+            and card["sparsity"]["overall"] == pytest.approx(1 - kept / sum(full.values())))
     layer = card["sparsity"]["per_layer"]["layer2.0.conv1.weight"]
     assert layer["kept_shape"] == list(state["layer2.0.conv1.weight"].shape)
 
@@ -185,7 +189,8 @@ def test_card_without_attack_says_why_and_carries_the_run_cost(tmp_path):
     assert t["train_flops"] is None and t["wall_time_s"] is None and "summary.json" in t["note"]
 
 
-@pytest.mark.slow  # ~2 min: the untrained net keeps one image robust, which every AutoAttack attack then runs on in full
+# ~2 min: the untrained net keeps one image robust, which every AutoAttack attack then runs on in full
+@pytest.mark.slow
 def test_card_with_autoattack_on_a_few_images(tmp_path):
     path = write_checkpoint(tmp_path, "preact_resnet18", width=2, density=0.5)
     card = export_checkpoint(path, tmp_path / "export", n_examples=12)
@@ -195,7 +200,8 @@ def test_card_with_autoattack_on_a_few_images(tmp_path):
     with torch.no_grad():
         clean = 100.0 * float((load_model(path)(x).argmax(1) == y).float().mean())
     assert card["clean_acc"] == pytest.approx(clean)
-    assert set(card["autoattack"]) == {"8/255", "0.031"} and [r["eps"] for r in card["autoattack"].values()] == list(CARD_EPS)
+    assert (set(card["autoattack"]) == {"8/255", "0.031"}
+            and [r["eps"] for r in card["autoattack"].values()] == list(CARD_EPS))
     for r in card["autoattack"].values():
         assert 0.0 <= r["robust_acc"] <= card["clean_acc"]
 

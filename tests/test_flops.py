@@ -124,7 +124,8 @@ def test_modes_restored_and_batchnorm_untouched():
 
 
 def test_preact_resnet18_about_056_giga_multiply_adds():
-    model = create_model("preact_resnet18", num_classes=10, in_channels=3, image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
+    model = create_model("preact_resnet18", num_classes=10, in_channels=3, image_size=32, mean=(0.5,) * 3,
+                         std=(0.5,) * 3)
     lf = forward_flops_by_layer(model, (3, 32, 32))
     assert lf.total == pytest.approx(1.11e9, rel=0.03)  # 0.56 G multiply-adds
     assert lf.per_weight["body.conv1.weight"] == 2 * 3 * 64 * 9 * 32 * 32
@@ -136,12 +137,14 @@ def test_igq_at_density_02_keeps_about_half_the_flops_of_preact_resnet18():
     """The FLOPs fraction depends on how the density is spread over layers: IGQ (and ERK) keep the
     early layers (few weights, many FLOPs per weight) dense-ish, so density 0.2 keeps ~52% of the
     inference FLOPs, while uniform layer densities keep 20%."""
-    model = create_model("preact_resnet18", num_classes=10, in_channels=3, image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
+    model = create_model("preact_resnet18", num_classes=10, in_channels=3, image_size=32, mean=(0.5,) * 3,
+                         std=(0.5,) * 3)
     lf = forward_flops_by_layer(model, (3, 32, 32))
 
     def fraction(distribution: str) -> float:
         masks = MaskSet.random(model, 0.2, distribution, seed=0)
-        assert sum(int(m.sum()) for m in masks.masks.values()) == round(0.2 * sum(m.numel() for m in masks.masks.values()))
+        assert (sum(int(m.sum()) for m in masks.masks.values())
+                == round(0.2 * sum(m.numel() for m in masks.masks.values())))
         return inference_flops(lf, flops.mask_densities(masks)) / lf.total
 
     assert fraction("igq") == pytest.approx(0.52, abs=0.01)
@@ -203,7 +206,8 @@ def test_formulas_match_flop_counter_on_real_steps():
     assert train == b * (3 * TOY - CONV)
     # TRADES. (A lambda, not the module: FlopCounterMode's module tracker cannot hook a module whose
     # input is the leaf the attack differentiates.)
-    attack = _counted(lambda: holder.update(x_adv=trades_attack(lambda z: model(z + 0), x, eps=0.1, alpha=0.02, steps=k)))
+    attack = _counted(lambda: holder.update(x_adv=trades_attack(lambda z: model(z + 0), x, eps=0.1, alpha=0.02,
+                                                                steps=k)))
     assert attack == b * (2 * k + 1) * TOY
     train = _counted(lambda: trades_loss(model(x), model(holder["x_adv"]), y, 6.0).backward())
     assert train == b * (6 * TOY - 2 * CONV)
@@ -314,7 +318,7 @@ def test_meter_state_dict_round_trip(tmp_path):
     def run(stop_after: int | None) -> TrainingCostMeter:
         masks = MaskSet.from_model(model)
         meter = TrainingCostMeter(lf, attack_steps=0, objective="ce")
-        for i in range(4):
+        for _ in range(4):
             meter.step(5, masks)
         meter.reset_stage(lf, attack_steps=2, objective="ce")
         for i in range(6):
@@ -449,4 +453,5 @@ def test_summary_flops_keys_of_tiny_runs(tmp_path):
 
     trades = _tiny_run(tmp_path, "trades", "epochs=1", "objective.name=trades")
     assert trades["train_flops_paper_table"] is None
-    assert trades["train_flops_attack_full_backward"] == pytest.approx(trades["train_flops"] * (3 * 3 + 7) / (2 * 3 + 7))
+    assert (trades["train_flops_attack_full_backward"]
+            == pytest.approx(trades["train_flops"] * (3 * 3 + 7) / (2 * 3 + 7)))

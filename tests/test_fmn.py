@@ -122,19 +122,22 @@ def _exact_linf_distance(w, b, x, y):
     the smallest, over classes j, budget t whose best box-clipped move sum_i |v_i| min(t, room_i) (v = w_j - w_y)
     covers the margin; found by bisection."""
     best = math.inf
+
+    def gain(v, room, t):  # the best box-clipped move's sum_i |v_i| min(t, room_i)
+        return float((v.abs() * torch.clamp(room, max=t)).sum())
+
     for j in range(len(w)):
         if j == y:
             continue
         v = w[j] - w[y]
         margin = float((w[y] - w[j]) @ x + b[y] - b[j])
         room = torch.where(v > 0, 1 - x, x)
-        gain = lambda t: float((v.abs() * torch.clamp(room, max=t)).sum())  # noqa: E731
-        if gain(1.0) < margin:
+        if gain(v, room, 1.0) < margin:
             continue
         lo, hi = 0.0, 1.0
         for _ in range(60):
             mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if gain(mid) < margin else (lo, mid)
+            lo, hi = (mid, hi) if gain(v, room, mid) < margin else (lo, mid)
         best = min(best, hi)
     return best
 

@@ -5,7 +5,8 @@ from sparta import fmt
 
 
 def test_eps_whole_255ths_and_digits():
-    assert [fmt.eps(e) for e in (0, 8 / 255, 0.1, 1.0, 0.03, 2 / 255 + 1e-4)] == ["0", "8/255", "0.1", "1", "0.03", "0.007943"]
+    assert ([fmt.eps(e) for e in (0, 8 / 255, 0.1, 1.0, 0.03, 2 / 255 + 1e-4)]
+            == ["0", "8/255", "0.1", "1", "0.03", "0.007943"])
     assert fmt.eps(0.123456789) == "0.1235" and fmt.eps(0.123456789, sig=6) == "0.123457"
     # the report's protocol lines: fractions at any size (eps 1 is 255/255), six digits
     assert fmt.eps(1.0, sig=6, fraction_below=math.inf) == "255/255"

@@ -33,12 +33,13 @@ def test_the_plan_is_every_method_at_each_of_its_sparsities(tmp_path):
     names = [r.name for r in runs]
     assert "hydra-s99" in names and "flying_bird-s80" in names and "robust_bird_channel-s75" in names
     density = {r.name: load_config(r.configs, list(r.overrides)).method.density for r in runs if r.role == "hydra"}
-    assert density == {"hydra-s80": 0.2, "hydra-s90": 0.1, "hydra-s95": 0.05, "hydra-s99": 0.01}  # exact, no 1 - 0.95 residue
+    # exact, no 1 - 0.95 residue
+    assert density == {"hydra-s80": 0.2, "hydra-s90": 0.1, "hydra-s95": 0.05, "hydra-s99": 0.01}
 
 
 def test_a_subset_of_methods_and_sparsities(tmp_path):
-    runs = plan_grid("svhn", "preact_resnet18", tmp_path, tmp_path / "out", methods=["magnitude", "robust_bird_channel"],
-                     sparsities=[0.5])
+    runs = plan_grid("svhn", "preact_resnet18", tmp_path, tmp_path / "out",
+                     methods=["magnitude", "robust_bird_channel"], sparsities=[0.5])
     assert [r.name for r in runs] == ["magnitude-s50", "robust_bird_channel-s50"]
     assert load_config(runs[0].configs, list(runs[0].overrides)).optim.lr == 0.01  # SVHN's protocol
 
@@ -83,7 +84,8 @@ def test_smoke_cell_trains_evaluates_and_reports(tmp_path, capsys):
     for row in grid["runs"]:
         assert row["density_final"] == pytest.approx(0.1, abs=0.01) and row["train_flops"] > 0
         assert 0 <= row["autoattack"] <= row["clean"] and row["n"] == 8 and row["eps"] == 0.031
-        assert row["model_key"] == f"{'Magnitude' if row['method'] == 'magnitude' else 'FlyingBird'}_sparta_R18_SVHN_US_90"
+        assert row["model_key"] == (f"{'Magnitude' if row['method'] == 'magnitude' else 'FlyingBird'}"
+                                    "_sparta_R18_SVHN_US_90")
         sub = json.loads((out / "submissions" / row["run"] / "submission.json").read_text())
         assert sub["model_key"] == row["model_key"] and sub["normalization"]["required"] is True
         assert sub["autoattack"]["robust_acc"] == row["autoattack"] and sub["autoattack"]["eps"] == 0.031

@@ -112,7 +112,8 @@ def test_a_stopped_task_is_requeued_and_resumes_to_the_uninterrupted_result(pair
     assert json.loads((run.run_dir / "final-eval.json").read_text())["autoattack"] == pair[3]["a"]["autoattack"]
 
 
-GRID = ["grid", "--dataset", "svhn", "--model", "preact_resnet18", "--methods", "magnitude,hydra", "--sparsities", "0.9"]
+GRID = ["grid", "--dataset", "svhn", "--model", "preact_resnet18", "--methods", "magnitude,hydra",
+        "--sparsities", "0.9"]
 
 
 def test_dry_run_prints_the_submission(tmp_path, capsys):
@@ -248,7 +249,8 @@ def test_a_refused_submission_is_one_line_and_recorded(tmp_path, capsys, monkeyp
     out = tmp_path / "out"
     from sparta.cli import main
 
-    assert main([*GRID, "--data-root", str(tmp_path), "--out", str(out), "--launcher", "slurm", "--partition", "nope"]) == 2
+    assert main([*GRID, "--data-root", str(tmp_path), "--out", str(out), "--launcher", "slurm",
+                 "--partition", "nope"]) == 2
     err = capsys.readouterr().err.strip().splitlines()  # sbatch's own line (its stderr is the terminal's), then ours
     assert err[-1] == "error: the submission failed: sbatch: error: invalid partition specified: nope", err
     assert "Traceback" not in "".join(err)

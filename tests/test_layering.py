@@ -11,6 +11,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "sparta"
 # modules that read results and write tables, plots and verdicts: usable where torch is not installed
+# (imported here without torch; a report is written with torch unimportable below)
 TORCH_FREE = ["sparta.claims", "sparta.runs", "sparta.report", "sparta.plots", "sparta.pareto", "sparta.fmt",
               "sparta.paired", "sparta.outcomes", "sparta.calibration", "sparta.config", "sparta.method_config"]
 # sparta modules each lower layer may import, beside its own package, the standard library, torch and numpy
@@ -65,6 +66,17 @@ def test_the_reporting_modules_import_no_torch():
     code = f"import sys; import {', '.join(TORCH_FREE)}; print(sorted(m for m in ('torch',) if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_report_is_written_where_torch_cannot_be_imported(tmp_path):
+    """``sparta report``'s work (reading run folders, tables, PNGs, the claims) never needs torch."""
+    runs = PACKAGE.parent / "results" / "cpu-mini-cifar10-previous" / "runs"
+    code = ("import sys; sys.modules['torch'] = None\n"  # any `import torch` now raises ImportError
+            "from sparta.report import write_report\n"
+            f"write_report([{str(runs)!r}], {str(tmp_path)!r})")
+    subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "flying_bird_plus" in (tmp_path / "report.md").read_text()
+    assert list((tmp_path / "plots").glob("*.png"))  # matplotlib's figures, drawn without torch
 
 
 def test_no_private_name_is_imported_across_modules():

@@ -77,7 +77,10 @@ def test_hamming_distance_pools_mappings_like_one_flat_mask():
     a = {"x": torch.tensor([[True, False], [True, True]]), "y": torch.tensor([False, False, True, True, True, True])}
     b = {"y": torch.tensor([True, False, True, True, True, False]), "x": torch.tensor([[True, True], [True, True]])}
     assert hamming_distance(a, b) == 3 / 10  # x: 1 differs, y: 2 differ, 10 positions
-    flat = lambda m: torch.cat([m[n].reshape(-1) for n in ("x", "y")])
+
+    def flat(m):
+        return torch.cat([m[n].reshape(-1) for n in ("x", "y")])
+
     assert hamming_distance(flat(a), flat(b)) == 3 / 10
     assert hamming_distance({}, {}) == 0.0 and hamming_distance(torch.ones(0), torch.ones(0)) == 0.0
     with pytest.raises(ValueError, match="different tensors"):

@@ -18,7 +18,8 @@ cfg_for = functools.partial(tiny_cfg, epochs=4)  # TINY writing to a path, 4 epo
 
 
 @pytest.mark.parametrize("method", [["method.name=static", "method.density=0.2", "method.distribution=erk"], FB,
-                                    [*FB, "train.channels_last=true"]], ids=["static", "flying_bird", "fb_channels_last"])
+                                    [*FB, "train.channels_last=true"]],
+                         ids=["static", "flying_bird", "fb_channels_last"])
 def test_density_is_exact_and_pruned_weights_are_zero(tmp_path, method):
     cfg = cfg_for(tmp_path / "run", *method)
     summary = train(cfg)
@@ -92,7 +93,8 @@ def test_flying_bird_plus_window_gets_an_entry_every_epoch_on_the_same_images(tm
 
     seen = []
     real = sparta.epoch.evaluate
-    monkeypatch.setattr(sparta.epoch, "evaluate", lambda model, data, *a, **k: seen.append(data) or real(model, data, *a, **k))
+    monkeypatch.setattr(sparta.epoch, "evaluate",
+                        lambda model, data, *a, **k: seen.append(data) or real(model, data, *a, **k))
     cfg = cfg_for(tmp_path / "run", *FBPLUS, "epochs=4", "eval.every=3", "method.window_val_subset=40")
     train(cfg)
     history = checkpoint_of(cfg)["controller"]["history"]

@@ -3,20 +3,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import SMALL_BN_MODELS
 from torch.utils.flop_counter import FlopCounterMode
 
 from sparta.errors import ConfigError
 from sparta.models import MODELS, Normalize, NormalizedModel, create_model
 
 # Small variants keep the smoke tests fast; the full sizes are checked once below.
-SMALL_KWARGS = {
-    "preact_resnet18": {"base_width": 8},
-    "resnet18": {"base_width": 8},
-    "vgg16_bn": {"base_width": 8},
-    "vgg16_bn_hydra": {"base_width": 8},
-    "wide_resnet": {"depth": 10, "widen_factor": 1},
-    "small_cnn": {},
-}
+SMALL_KWARGS = {**SMALL_BN_MODELS, "small_cnn": {}}
 
 
 def make(name, channels=3, size=32, num_classes=10, **kwargs):

@@ -23,15 +23,23 @@ V1_SETTINGS = ["method.name=boosting_ticket", "method.density=0.2", "method.find
                "eval.gap_subset=64"]
 
 
-def test_a_boosting_run_checkpointed_by_an_earlier_version_resumes_to_the_same_end(tmp_path):
-    shutil.copytree(V1, tmp_path / "old")
+def resumes_to_the_same_end(tmp_path: Path, folder: Path, settings: list[str]) -> tuple[RunDir, RunDir, list[str]]:
+    """Resume a copy of the old run ``folder`` with this version, train the same settings fresh, check
+    that both end with the same numbers and metrics; the two run folders and the resumed stage names."""
+    shutil.copytree(folder, tmp_path / "old")
     resumed = train(prepare_resume(tmp_path / "old", [], force=False), resume=True)
-    fresh_cfg = tiny_cfg(tmp_path / "fresh", *V1_SETTINGS, epochs=2)
+    fresh_cfg = tiny_cfg(tmp_path / "fresh", *settings, epochs=2)
     fresh = train(fresh_cfg)
-    assert [s["name"] for s in resumed["stages"]] == ["finder", "train"]
     for key in ("ra_final", "sa_final", "ra_best", "density_final", "train_flops", "steps"):
         assert resumed[key] == fresh[key], key
-    assert untimed(RunDir(tmp_path / "old").read_metrics()) == untimed(RunDir(fresh_cfg.run_dir).read_metrics())
+    old, new = RunDir(tmp_path / "old"), RunDir(fresh_cfg.run_dir)
+    assert untimed(old.read_metrics()) == untimed(new.read_metrics())
+    return old, new, [s["name"] for s in resumed["stages"]]
+
+
+def test_a_boosting_run_checkpointed_by_an_earlier_version_resumes_to_the_same_end(tmp_path):
+    _, _, stages = resumes_to_the_same_end(tmp_path, V1, V1_SETTINGS)
+    assert stages == ["finder", "train"]
 
 
 def test_the_checkpoint_schema_reads_old_and_refuses_newer_formats(tmp_path):
@@ -42,7 +50,8 @@ def test_the_checkpoint_schema_reads_old_and_refuses_newer_formats(tmp_path):
     from sparta.errors import CheckpointError
 
     old = checkpoint.load(V1 / "checkpoints" / "last.pt")
-    assert old.format == 1 and old.stage == "train" and old.stage_index == 1 and set(old.run["carry"]) == {"initial", "ticket"}
+    assert (old.format == 1 and old.stage == "train" and old.stage_index == 1
+            and set(old.run["carry"]) == {"initial", "ticket"})
     checkpoint.save(old, tmp_path / "again.pt")  # written back in the current format, tensors unchanged
     again = checkpoint.load(tmp_path / "again.pt")
     assert again.format == 1 and torch.equal(again.model["body.features.0.weight"], old.model["body.features.0.weight"])
@@ -63,16 +72,9 @@ RB_SETTINGS = ["method.name=robust_bird", "method.density=0.2", "method.max_sear
 
 
 def test_a_robust_bird_run_saved_with_null_defaults_resumes_to_the_same_end(tmp_path):
-    shutil.copytree(RB_887528D, tmp_path / "old")
-    cfg = prepare_resume(tmp_path / "old", [], force=False)
+    cfg = prepare_resume(RB_887528D, [], force=False)  # reads only
     assert (cfg.method.bn_l1, cfg.method.eb_threshold, cfg.method.search_attack, cfg.method.search_lr) == \
         (0.0, 0.08, "none", 0.1)
-    resumed = train(cfg, resume=True)
-    fresh_cfg = tiny_cfg(tmp_path / "fresh", *RB_SETTINGS, epochs=2)
-    fresh = train(fresh_cfg)
-    assert [s["name"] for s in resumed["stages"]] == ["search", "train"]
-    for key in ("ra_final", "sa_final", "ra_best", "density_final", "train_flops", "steps"):
-        assert resumed[key] == fresh[key], key
-    old, new = RunDir(tmp_path / "old"), RunDir(fresh_cfg.run_dir)
-    assert untimed(old.read_metrics()) == untimed(new.read_metrics())
+    old, new, stages = resumes_to_the_same_end(tmp_path, RB_887528D, RB_SETTINGS)
+    assert stages == ["search", "train"]
     assert old.read_outcomes() == new.read_outcomes()

@@ -40,7 +40,10 @@ def test_evaluate_outcomes_count_what_the_accuracies_say():
     torch.manual_seed(0)
     model = tiny_net()
     data = ImageSet(torch.randint(0, 256, (37, 3, 8, 8), dtype=torch.uint8), torch.randint(0, 10, (37,)))
-    attack = lambda m, x, y: (x + 0.3 * torch.sign(torch.randn_like(x))).clamp(0, 1)
+
+    def attack(m, x, y):
+        return (x + 0.3 * torch.sign(torch.randn_like(x))).clamp(0, 1)
+
     r = evaluate(model, data, attack, batch_size=8, device=torch.device("cpu"), outcomes=True)  # 8 x 4 + 5
     o = r["outcomes"]
     assert o.n == r["n"] == 37 and 0 < o.robust.bit_count() < o.n  # both outcomes occur

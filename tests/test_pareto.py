@@ -37,10 +37,13 @@ def test_front_rejects_non_finite():
 
 def test_front_invariants_on_random_points():
     rng = random.Random(0)
+
+    def dominates(q, p):
+        return q[0] <= p[0] and q[1] >= p[1] and q != p
+
     for _ in range(200):
         pts = [(rng.randint(1, 6), rng.randint(0, 6)) for _ in range(rng.randint(1, 9))]
         flags = pareto_front(pts)
-        dominates = lambda q, p: q[0] <= p[0] and q[1] >= p[1] and q != p
         for p, on in zip(pts, flags):
             assert on == (not any(dominates(q, p) for q in pts))
             if not on:  # every point off the front is dominated by one on it (dominance is transitive)
@@ -67,4 +70,5 @@ def test_measurement_names_what_is_compared():
     assert aa.measurement == "AutoAttack, ε = 8/255, 100 test images"
     assert FinalRA(30.0, "PGD-20", 8 / 255, None, "metrics (final epoch)").measurement == \
         "PGD-20, ε = 8/255, all test images"
-    assert FinalRA(31.0, "AutoAttack", 8 / 255, 100, "checkpoints/last.eval-autoattack.json").measurement == aa.measurement
+    assert (FinalRA(31.0, "AutoAttack", 8 / 255, 100, "checkpoints/last.eval-autoattack.json").measurement
+            == aa.measurement)

@@ -131,8 +131,8 @@ def test_fp16_overflow_skips_the_whole_step_and_keeps_masks():
     scaler.update(new_scale=1024.0)
     seen = {}
     original = controller.after_backward
-    controller.after_backward = lambda step: (seen.update({n: p.grad.clone() for n, p in controller.masks.params.items()}),
-                                              original(step))
+    controller.after_backward = lambda step: (
+        seen.update({n: p.grad.clone() for n, p in controller.masks.params.items()}), original(step))
     train_step(model, opt, controller, obj, x, y, step=2, attack_bn_mode="train", precision=fp16)
     assert fp16.skipped_steps == 1 and controller.topology_updates == 1
     grad_scale = max(g.abs().max().item() for g in seen.values())
@@ -147,7 +147,10 @@ def test_fp16_overflow_skips_the_whole_step_and_keeps_masks():
 def test_evaluation_precision():
     model = AutocastProbe().eval()
     data = ImageSet(torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8), torch.randint(0, 10, (16,)))
-    attack = lambda m, x, y: (x + 0.01).clamp(0, 1)
+
+    def attack(m, x, y):
+        return (x + 0.01).clamp(0, 1)
+
     fp32 = evaluate(model, data, attack, batch_size=16, device=CPU)
     assert model.seen == [None, None]
     model.seen.clear()

@@ -29,7 +29,8 @@ from sparta.signals import StopRequests
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "configs" / "demo.yaml")
 # 16 steps an epoch, 2 epochs; a checkpoint after every step so a kill can land anywhere
-ARGS = [*TINY_ARGS, "epochs=2", "data.train_subset=512", "attack.steps=3", "eval.gap_subset=64", "checkpoint.every_steps=1"]
+ARGS = [*TINY_ARGS, "epochs=2", "data.train_subset=512", "attack.steps=3", "eval.gap_subset=64",
+        "checkpoint.every_steps=1"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
@@ -208,6 +209,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, capsys, monkey
     code = main(["train", DEMO, f"out_dir={out}", *SMALL])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
-    assert "could not write checkpoint" in err[0] and "No space left" in err[0] and "previous checkpoint is intact" in err[0]
+    assert ("could not write checkpoint" in err[0] and "No space left" in err[0]
+            and "previous checkpoint is intact" in err[0])
     assert checkpoint.load(RunDir(out).last).step == 3  # the 3rd write, at step 3, is whole
     assert not list((out / "checkpoints").glob(".*.tmp"))  # the torn temporary file is gone

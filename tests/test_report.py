@@ -88,7 +88,7 @@ def runs_root(tmp_path):
 def table_row(markdown: str, section: str, first_cell: str) -> list[str]:
     """Cells of the row starting with ``first_cell`` in the table under heading ``section``."""
     body = markdown.split(f"## {section}", 1)[1].split("\n## ", 1)[0]
-    lines = [l for l in body.splitlines() if l.startswith("|")]
+    lines = [line for line in body.splitlines() if line.startswith("|")]
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     for line in lines[2:]:
         cells = [c.strip() for c in line.strip("|").split("|")]
@@ -109,7 +109,8 @@ def test_report_tables_plots_and_time_to_robustness(runs_root, tmp_path, capsys)
     assert dense["seeds"] == "0, 1" and dense["method"] == "dense"
     assert dense["RA best"] == "44.50 ± 0.71" and dense["RA final"] == "42.50 ± 0.71"
     assert dense["RA diff"] == "2.00 ± 1.41"  # (45-42, 44-43)
-    assert dense["SA best"] == "76.00 ± 1.41" and dense["SA final"] == "75.00 ± 1.41" and dense["SA diff"] == "1.00 ± 0.00"
+    assert (dense["SA best"] == "76.00 ± 1.41" and dense["SA final"] == "75.00 ± 1.41"
+            and dense["SA diff"] == "1.00 ± 0.00")
     assert dense["robust gen. gap"] == "11.00 ± 1.41" and dense["density"] == "1.000 ± 0.000"
     assert dense["train FLOPs"] == "4.2 ± 0.283 PFLOP (100% of dense)" and dense["wall time"] == "42.0 ± 2.8 s"
     assert "method.density" in dense["settings"] or "method.name=dense" in dense["settings"]
@@ -278,7 +279,7 @@ def test_per_flop_section_autoattack_and_pgd_fallback(tmp_path):
     report = write_report([root], tmp_path / "out")
     md = report.path.read_text()
     section = md.split("## Robustness per training FLOP", 1)[1].split("\n## ", 1)[0]
-    rows = [l for l in section.splitlines() if l.startswith("| ") and not l.startswith("| config")]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| config")]
     assert [r.split("|")[1].strip() for r in rows] == ["fbplus", "dense"]  # sorted by training FLOPs
 
     dense = table_row(md, "Robustness per training FLOP", "dense")

@@ -41,7 +41,8 @@ def test_cpu_mini_plan_is_one_protocol(tmp_path):
     for role, cfg in cfgs.items():
         assert cfg.run_dir == tmp_path / "out" / "runs" / role
         # the shared protocol: data, model, attack, evaluation, precision are the same for every run
-        assert (cfg.data.train_subset, cfg.data.val_size, cfg.model.name, cfg.model.base_width) == (500, 1000, "preact_resnet18", 16)
+        assert ((cfg.data.train_subset, cfg.data.val_size, cfg.model.name, cfg.model.base_width)
+                == (500, 1000, "preact_resnet18", 16))
         assert (cfg.attack.steps, cfg.attack.eps, cfg.eval.steps, cfg.eval.test_subset) == (3, 8 / 255, 10, 500)
         # the best epoch is picked on the whole validation split
         assert cfg.eval.val_subset == cfg.data.val_size
@@ -51,7 +52,8 @@ def test_cpu_mini_plan_is_one_protocol(tmp_path):
     # evaluated 8 times in either schedule
     assert {role: cfg.epochs // cfg.eval.every for role, cfg in cfgs.items()} == dict.fromkeys(ROLES, 8)
     assert cfgs["robust_bird_channel"].method.pruning == "channel"
-    for role in ("robust_bird", "robust_bird_channel"):  # the masks compared 12 steps apart, the search a third of training
+    # the masks compared 12 steps apart, the search a third of training
+    for role in ("robust_bird", "robust_bird_channel"):
         assert (cfgs[role].method.eb_every_steps, cfgs[role].method.max_search_epochs) == (12, CPU_MINI_EPOCHS // 3)
     assert cfgs["flying_bird_plus"].method.adapt_from_epoch == CPU_MINI_EPOCHS // 2
     # the ticket retrains on the dense schedule compressed to half, after a finder of a fifth of it
@@ -60,12 +62,14 @@ def test_cpu_mini_plan_is_one_protocol(tmp_path):
     # the control is the ticket from a random initialisation
     b, c = t.to_dict(), cfgs["boosting_control"].to_dict()
     assert {k for k in b if b[k] != c[k]} == {"name", "out_dir", "method"}
-    assert {k for k in b["method"] if b["method"][k] != c["method"][k]} == {"reinit"} and c["method"]["reinit"] == "random"
+    assert ({k for k in b["method"] if b["method"][k] != c["method"][k]} == {"reinit"}
+            and c["method"]["reinit"] == "random")
 
 
 @pytest.mark.parametrize("profile", PROFILES)
 def test_the_boosting_finder_costs_at_most_a_quarter_of_the_dense_schedule(tmp_path, profile):
-    runs = {r.role: load_config(r.configs, list(r.overrides)) for r in plan(profile, "cifar10", tmp_path, tmp_path / "o")}
+    runs = {r.role: load_config(r.configs, list(r.overrides))
+            for r in plan(profile, "cifar10", tmp_path, tmp_path / "o")}
     dense = runs["dense"]
     for role in ("boosting_ticket", "boosting_control"):
         ticket = runs[role]
@@ -73,14 +77,16 @@ def test_the_boosting_finder_costs_at_most_a_quarter_of_the_dense_schedule(tmp_p
         # the budget: finder and shortened schedule together below the dense schedule's epochs
         assert ticket.method.finder_epochs + ticket.epochs < dense.epochs
         # the lr steps compressed with the schedule: at the same fractions of it as dense's
-        assert [m / ticket.epochs for m in ticket.optim.milestones] == [m / dense.epochs for m in dense.optim.milestones]
+        assert ([m / ticket.epochs for m in ticket.optim.milestones]
+                == [m / dense.epochs for m in dense.optim.milestones])
 
 
 def test_seeds_are_runs_of_their_own(tmp_path):
     runs = plan("cpu-mini", "cifar10", tmp_path, tmp_path / "out", seeds=3, only=["dense", "flying_bird"])
     assert [(r.role, r.seed, r.name) for r in runs] == [
         ("dense", 0, "dense"), ("dense", 1, "dense-seed1"), ("dense", 2, "dense-seed2"),
-        ("flying_bird", 0, "flying_bird"), ("flying_bird", 1, "flying_bird-seed1"), ("flying_bird", 2, "flying_bird-seed2")]
+        ("flying_bird", 0, "flying_bird"), ("flying_bird", 1, "flying_bird-seed1"),
+        ("flying_bird", 2, "flying_bird-seed2")]
     cfgs = [load_config(r.configs, list(r.overrides)) for r in runs]
     assert [c.seed for c in cfgs] == [0, 1, 2] * 2 and cfgs[1].run_dir == tmp_path / "out" / "runs" / "dense-seed1"
     # seed 0 is the run a one-seed call trains, so more seeds later keep it
@@ -206,7 +212,8 @@ def test_a_second_reproduce_on_the_same_folder_is_refused(tmp_path):
                                  str(tmp_path / "data"), "--out", str(out)], capture_output=True, text=True,
                                 env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 2
-    assert result.stderr.strip() == f"error: another sparta reproduce is writing {out}; wait for it, or give another --out"
+    assert result.stderr.strip() == (f"error: another sparta reproduce is writing {out}; "
+                                     "wait for it, or give another --out")
     assert sorted(p.name for p in out.iterdir()) == [".lock"]
 
 
@@ -260,7 +267,8 @@ def test_smoke_trains_evaluates_reports_and_keeps_finished_runs(tmp_path, cifar1
     (out / "runs" / "dense" / "final-eval.json").rename(tmp_path / "child-eval.json")
     with pytest.warns(UserWarning, match="md5 of train, test differs"):
         here = R.evaluate_final(out / "runs" / "dense", R.SMOKE_EVAL, cifar100, lambda line: None)
-    assert [here[k] for k in ("clean", "autoattack", "pgd", "n")] == [child[k] for k in ("clean", "autoattack", "pgd", "n")]
+    assert ([here[k] for k in ("clean", "autoattack", "pgd", "n")]
+            == [child[k] for k in ("clean", "autoattack", "pgd", "n")])
     # robust overfitting, the robust gap, FLOPs at comparable RA; AutoAttack below PGD is a sanity check
     check_smoke(out, ["dense", "flying_bird"], n_claims=3)
     assert [c["claim"] for c in json.loads((out / "claims.json").read_text())["sanity_checks"]] == [

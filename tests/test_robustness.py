@@ -73,7 +73,8 @@ def test_autoattack_adapter(model, digits, monkeypatch):
     assert x_adv.shape == x.shape and torch.equal(x, digits.test.images[:32].float() / 255)
     assert (x_adv - x).abs().max() <= EPS + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
     with torch.no_grad():  # robust accuracy is re-measured by us on AutoAttack's x_adv
-        assert result["robust_acc"] == pytest.approx(100 * (model(x_adv).argmax(1) == data.labels).float().mean().item())
+        assert result["robust_acc"] == pytest.approx(
+            100 * (model(x_adv).argmax(1) == data.labels).float().mean().item())
     aa = result["autoattack"]
     assert aa["in_ball"] and aa["in_range"] and aa["finite"] and aa["max_perturbation"] <= EPS + 1e-6
     assert aa["attacks"] == ["apgd-ce", "apgd-t", "fab-t", "square"] and aa["version"] == "standard"

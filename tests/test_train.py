@@ -13,7 +13,8 @@ from sparta.rundir import RunDir
 
 RECORD_KEYS = {"stage", "epoch", "step", "lr", "train_loss", "train_robust_acc", "val_clean_acc", "val_robust_acc",
                "val_robust_loss", "test_clean_acc", "test_robust_acc", "density", "epoch_time_s"}
-SUMMARY_KEYS = {"sa_best", "ra_best", "sa_final", "ra_final", "robust_overfitting", "best_epoch", "epochs", "wall_time_s"}
+SUMMARY_KEYS = {"sa_best", "ra_best", "sa_final", "ra_final", "robust_overfitting", "best_epoch", "epochs",
+                "wall_time_s"}
 
 
 def test_run_directory_contract_and_learning(tmp_path):
@@ -64,10 +65,12 @@ def assert_outcomes_match(rd, records, summary):
     """outcomes.jsonl: one test record per evaluated epoch, then the gap set's, whose accuracies are
     metrics.jsonl's and summary.json's."""
     lines = rd.read_outcomes()
-    assert [(o["split"], o["epoch"]) for o in lines] == [("test", r["epoch"]) for r in records] + [("gap", records[-1]["epoch"])]
+    assert ([(o["split"], o["epoch"]) for o in lines]
+            == [("test", r["epoch"]) for r in records] + [("gap", records[-1]["epoch"])])
     for r in records:
         test = outcomes.find(lines, split="test", epoch=r["epoch"], stage=r["stage"])
-        assert test.n == 200 and test.accuracy("robust") == r["test_robust_acc"] and test.accuracy("clean") == r["test_clean_acc"]
+        assert (test.n == 200 and test.accuracy("robust") == r["test_robust_acc"]
+                and test.accuracy("clean") == r["test_clean_acc"])
     gap = outcomes.find(lines, split="gap", epoch=records[-1]["epoch"], stage="train")
     assert gap.n == summary["gap_subset"] == 512 and gap.accuracy("robust") == summary["train_robust_acc"]
 
@@ -103,7 +106,8 @@ def test_resume_refuses_changed_config_and_non_runs(tmp_path):
 
 
 def test_trades_and_fgsm_and_clean_objectives_run(tmp_path):
-    for i, extra in enumerate([["objective.name=trades"], ["attack.name=fgsm", "attack.random_start=true", "attack.alpha=0.125"],
+    for i, extra in enumerate([["objective.name=trades"],
+                               ["attack.name=fgsm", "attack.random_start=true", "attack.alpha=0.125"],
                                ["attack.name=none", "attack.bn_mode=eval"]]):
         s = train(tiny_cfg(tmp_path / str(i) / "run", "epochs=1", *extra))
         assert 0.0 <= s["ra_final"] <= s["sa_final"] + 100.0
@@ -174,8 +178,8 @@ def test_channels_last_refuses_the_narrow_strided_1x1_layer_that_crashed_onednn(
     # preact_resnet18 at base_width 4: layer2.0.shortcut (1x1, stride 2, 4 input channels) made oneDNN's
     # NHWC weight gradient corrupt the heap (a segfault on AMD EPYC; on any x86 CPU with ONEDNN_MAX_CPU_ISA=AVX2)
     narrow = ["model.name=preact_resnet18", "model.base_width=4", "train.channels_last=true"]
-    with pytest.raises(ConfigError, match=r"body\.layer2\.0\.shortcut \(and 1 more\) is a strided 1x1 convolution with 4 input "
-                                          r"channels.*base_width.*train\.channels_last=false"):
+    with pytest.raises(ConfigError, match=r"body\.layer2\.0\.shortcut \(and 1 more\) is a strided 1x1 convolution "
+                                          r"with 4 input channels.*base_width.*train\.channels_last=false"):
         train(tiny_cfg(tmp_path / "run", *narrow))
     assert not (tmp_path / "run").exists()  # refused before anything was written
 

@@ -21,7 +21,7 @@ from .trades import trades_attack, trades_loss
 
 __all__ = ["ATTACKS", "build_attack", "pgd", "fgsm", "none", "attack_loss", "trades_attack", "trades_loss"]
 
-Attack = Callable[[nn.Module, Tensor, Tensor], Tensor]
+Attack = Callable[[nn.Module, Tensor, Tensor], Tensor]  # (model, x, y) -> x_adv, as every caller runs one
 
 ATTACKS: Registry[Callable[..., Tensor]] = Registry("attack")
 ATTACKS.register("pgd")(pgd)

@@ -47,7 +47,7 @@ def seeded(seed: int, device: torch.device) -> Iterator[None]:
 def require_autoattack() -> Any:
     """The ``pyautoattack`` module, or a one-line ``SpartaError`` saying how to install it."""
     try:
-        import pyautoattack  # optional dependency: imported only when AutoAttack is asked for
+        import pyautoattack  # noqa: PLC0415 (optional dependency: pyautoattack, only when AutoAttack is asked for)
         pyautoattack.AutoAttack  # noqa: B018  (a stub module without it is as good as missing)
     except (ImportError, AttributeError):
         raise SpartaError(AUTOATTACK_MISSING) from None

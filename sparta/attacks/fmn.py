@@ -30,11 +30,13 @@ from __future__ import annotations
 import math
 import random
 import statistics
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from ..distributed import SINGLE, Distributed
 from ..errors import ConfigError, SpartaError
@@ -59,8 +61,8 @@ GAMMA = 0.05  # FMN's eps-ball step, cosine-annealed to 0.001 (secml-torch's def
 def require_secmlt() -> Any:
     """The ``secmlt`` package, or a one-line ``SpartaError`` saying how to install it."""
     try:
-        import secmlt
-        from secmlt.adv.evasion.fmn import FMNNative  # noqa: F401
+        import secmlt  # noqa: PLC0415 (optional dependency: secml-torch)
+        from secmlt.adv.evasion.fmn import FMNNative  # noqa: F401, PLC0415 (optional dependency: secml-torch)
     except ImportError:
         raise SpartaError(SECMLT_MISSING) from None
     return secmlt
@@ -87,10 +89,12 @@ class DLRLoss(nn.Module):
 
 
 def _loss_module(name: str) -> nn.Module:
-    from secmlt.optimization.losses import LogitDifferenceLoss
+    from secmlt.optimization.losses import LogitDifferenceLoss  # noqa: PLC0415 (optional dependency: secml-torch)
 
-    return {"dlr": DLRLoss, "ce": partial(nn.CrossEntropyLoss, reduction="none"),
-            "ll": partial(LogitDifferenceLoss, reduction="none")}[name]()
+    losses: dict[str, Callable[[], nn.Module]] = {
+        "dlr": DLRLoss, "ce": partial(nn.CrossEntropyLoss, reduction="none"),
+        "ll": partial(LogitDifferenceLoss, reduction="none")}
+    return losses[name]()
 
 
 def _check_setting(setting: dict[str, Any], num_classes: int) -> None:
@@ -105,7 +109,7 @@ def _check_setting(setting: dict[str, Any], num_classes: int) -> None:
 
 def _no_schedule(optimizer: torch.optim.Optimizer, **_: Any) -> Any:
     """A constant step size (secml-torch passes T_max and eta_min to every scheduler)."""
-    from secmlt.optimization.scheduler_factory import NoScheduler
+    from secmlt.optimization.scheduler_factory import NoScheduler  # noqa: PLC0415 (optional dependency: secml-torch)
 
     return NoScheduler(optimizer)
 
@@ -113,8 +117,8 @@ def _no_schedule(optimizer: torch.optim.Optimizer, **_: Any) -> Any:
 def _build_attack(setting: dict[str, Any], steps: int) -> Any:
     """A fresh FMN (L∞, box [0, 1]) with ``setting``'s loss, optimizer and schedule (it mutates its own
     eps-ball while running, so every batch gets its own)."""
-    from secmlt.adv.evasion.fmn import FMNNative
-    from secmlt.optimization.scheduler_factory import LRSchedulerFactory
+    from secmlt.adv.evasion.fmn import FMNNative  # noqa: PLC0415 (optional dependency: secml-torch)
+    from secmlt.optimization.scheduler_factory import LRSchedulerFactory  # noqa: PLC0415 (optional dependency: secml-torch)
 
     attack = FMNNative(perturbation_model="linf", num_steps=steps, max_step_size=float(setting["lr"]), gamma=GAMMA)
     if setting["optimizer"] == "sgd":
@@ -124,7 +128,8 @@ def _build_attack(setting: dict[str, Any], steps: int) -> Any:
     else:
         attack.optimizer_cls = partial(torch.optim.Adam, weight_decay=setting.get("weight_decay", 0.0),
                                        betas=(setting.get("beta1", 0.9), setting.get("beta2", 0.999)))
-    attack.scheduler_cls = LRSchedulerFactory.create_cosine_annealing() if setting["scheduler"] == "calr" else _no_schedule
+    attack.scheduler_cls = (LRSchedulerFactory.create_cosine_annealing() if setting["scheduler"] == "calr"
+                            else _no_schedule)
     attack.loss_function = _loss_module(setting["loss"])
     return attack
 
@@ -152,8 +157,6 @@ class _Frozen:
 
 def _attack_batch(model: nn.Module, x: Tensor, y: Tensor, setting: dict[str, Any], steps: int) -> tuple[Tensor, int]:
     """Distances (B,) of one batch and the number of attack outputs rejected by the checks."""
-    from torch.utils.data import DataLoader, TensorDataset
-
     with torch.no_grad():
         clean_ok = model(x).argmax(1) == y
     if steps == 0 or not clean_ok.any():
@@ -248,7 +251,8 @@ def _trial_batch(n: int, i: int, batch: int) -> list[int]:
 
 
 def tune_min_norm(model: nn.Module, x: Tensor, y: Tensor, *, trials: int, steps: int, batch_size: int, seed: int,
-                  device: torch.device | str = "cpu", dist: Distributed = SINGLE) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                  device: torch.device | str = "cpu",
+                  dist: Distributed = SINGLE) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Pick FMN's setting for ``model`` on tuning images ``x``, ``y`` (never the evaluated ones) ->
     (best_setting, trials_list).
 
@@ -265,7 +269,7 @@ def tune_min_norm(model: nn.Module, x: Tensor, y: Tensor, *, trials: int, steps:
         raise ConfigError("FMN tuning needs tuning images, got none")
     settings = search_space(trials, seed)
     first, last = dist.shard(trials)
-    mine = []
+    mine: list[dict[str, Any]] = []
     for i in range(first, last):
         index = torch.tensor(_trial_batch(len(x), i, batch_size))
         d = min_norm_distances(model, x[index], y[index], setting=settings[i], steps=steps, batch_size=batch_size,

@@ -13,12 +13,18 @@ import torch
 from torch import nn
 
 from .. import checkpoint
+from ..attacks.autoattack import require_autoattack
+from ..attacks.fmn import require_secmlt
 from ..config import Config, from_saved
 from ..data import DatasetSplits, first_images, load_dataset
 from ..distributed import Distributed, setup
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 from ..experiment import load_model
+from ..fmt import eps as format_eps
+from ..min_norm import evaluate_min_norm, security_curve, write_distances
+from ..plots import PLOTS_SKIPPED, matplotlib_or_none, plot_security_curve
 from ..protocol import eval_protocol
+from ..robustness import ATTACKS, EvalSettings, evaluate_robustness
 from ..rundir import dumps, write_text_atomic
 from .console import table
 
@@ -40,9 +46,6 @@ def evaluate_checkpoint(path: str | Path, *, attack: str = "pgd", overrides: lis
     ``eval.batch_size`` images over the ranks (see :mod:`sparta.robustness`), every rank returns the
     merged result and rank 0 writes it.
     """
-    from ..attacks.autoattack import require_autoattack
-    from ..robustness import ATTACKS, EvalSettings, evaluate_robustness
-
     if attack not in (*ATTACKS, "fmn"):
         raise ConfigError(f"unknown evaluation attack {attack!r}; valid: {', '.join((*ATTACKS, 'fmn'))}")
     if eps_list is not None and attack != "sweep":
@@ -50,11 +53,11 @@ def evaluate_checkpoint(path: str | Path, *, attack: str = "pgd", overrides: lis
     if attack == "autoattack":
         require_autoattack()  # before any work
     if attack == "fmn":
-        from ..attacks.fmn import require_secmlt
-
         require_secmlt()
     path = Path(path)
     state = checkpoint.load(path)
+    if state.config is None:  # was an AttributeError deep in from_saved
+        raise CheckpointError(f"{path} holds no config; cannot tell its dataset and evaluation settings")
     cfg = from_saved(state.config, overrides)
     if n_examples is not None:
         if n_examples < 1:
@@ -91,9 +94,6 @@ def evaluate_checkpoint(path: str | Path, *, attack: str = "pgd", overrides: lis
 def _evaluate_fmn(path: Path, cfg: Config, model: nn.Module, data: DatasetSplits, protocol: dict[str, Any],
                   dist: Distributed) -> dict[str, Any]:
     """``evaluate_checkpoint(attack="fmn")``: distances, JSON, pickle and security curve beside the checkpoint."""
-    from ..min_norm import evaluate_min_norm, security_curve, write_distances
-    from ..plots import PLOTS_SKIPPED, matplotlib_or_none, plot_security_curve
-
     e, f = cfg.eval, cfg.eval.fmn
     if protocol["norm"] != "linf":
         raise ConfigError(f"--attack fmn measures L∞ distances; the checkpoint's eval norm is {protocol['norm']}")
@@ -131,8 +131,6 @@ def _evaluate_fmn(path: Path, cfg: Config, model: nn.Module, data: DatasetSplits
 def print_evaluation(result: dict[str, Any], attack: str) -> None:
     """``sparta eval``: the rows of an :func:`evaluate_checkpoint` result and its checks on stdout, its
     warnings and the file written on stderr (``--attack fmn``: :func:`print_min_norm`)."""
-    from ..fmt import eps as format_eps
-
     if attack == "fmn":
         print_min_norm(result)
         return
@@ -149,8 +147,6 @@ def print_evaluation(result: dict[str, Any], attack: str) -> None:
 
 def print_min_norm(result: dict[str, Any]) -> None:
     """``sparta eval --attack fmn``: robust accuracy at a few eps, the tuned setting, the checks, the files."""
-    from ..fmt import eps as format_eps
-
     eps_rows = [{"eps": eps, "robust_acc": acc} for eps, acc in result["robust_acc_at"].items()]
     print(table(eps_rows, [("eps", "eps (L∞)"), ("robust_acc", "FMN robust %")]))
     median = result["median_distance"]

@@ -9,13 +9,17 @@ line ``error: ...`` on stderr and exit code 2 (the parent names the run and poin
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from ..errors import SpartaError
 from ..reproduce import FinalEval, evaluate_final
 
+N = TypeVar("N", int, float)
 
-def _number(text: str, kind: type) -> int | float | None:
+
+def _number(text: str, kind: Callable[[str], N]) -> N | None:
     return None if text == "None" else kind(text)
 
 

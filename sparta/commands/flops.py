@@ -11,7 +11,9 @@ from typing import Any
 
 from torch import nn
 
-from .. import fmt
+from .. import checkpoint, fmt
+from ..config import from_saved, load_config
+from ..data import DATASET_FACTS, load_dataset
 from ..errors import CheckpointError, ConfigError, SpartaError
 from ..flops import (
     attack_steps_of,
@@ -23,6 +25,7 @@ from ..flops import (
     step_multiplier,
 )
 from ..method_config import StagePlan
+from ..netspec import build_model
 from ..sparse.masks import MaskSet
 
 __all__ = ["dataset_facts", "flops_report", "format_report", "print_flops"]
@@ -45,8 +48,6 @@ def dataset_facts(cfg: Any) -> tuple[int, int, int, int, str]:
     """(in_channels, image_size, num_classes, training images, how known) of the config's dataset:
     the official release's facts for a dataset whose reader declared them (no data read), else the
     dataset itself, read from ``data.root``."""
-    from ..data import DATASET_FACTS, load_dataset
-
     if cfg.data.name in DATASET_FACTS:
         f = DATASET_FACTS.get(cfg.data.name)
         return (f.in_channels, f.image_size, f.num_classes, _train_images(cfg, f.train_images, f.default_val_size),
@@ -93,10 +94,6 @@ def flops_report(source: str | Path, overrides: list[str] | tuple[str, ...] = ()
     checkpoint's, with ``overrides`` applied. The run estimates are for the final stage (an
     after-training config: ``method.finetune_epochs``).
     """
-    from .. import checkpoint
-    from ..config import from_saved, load_config
-    from ..netspec import build_model
-
     path = Path(source)
     if not path.exists():
         raise SpartaError(f"{path} does not exist; give a YAML config (see configs/) or a checkpoint (.pt)")
@@ -106,8 +103,9 @@ def flops_report(source: str | Path, overrides: list[str] | tuple[str, ...] = ()
     if path.suffix in (".yaml", ".yml"):
         cfg = load_config(path, overrides)
         c, size, classes, train_images, shapes_from = dataset_facts(cfg)
-        spec = {"name": cfg.model.name, "kwargs": cfg.model.kwargs(), "num_classes": classes, "in_channels": c,
-                "image_size": size, "mean": [0.5] * c, "std": [0.5] * c}  # statistics do not change FLOPs
+        spec: dict[str, Any] = {"name": cfg.model.name, "kwargs": cfg.model.kwargs(), "num_classes": classes,
+                                "in_channels": c, "image_size": size,
+                                "mean": [0.5] * c, "std": [0.5] * c}  # statistics do not change FLOPs
         model = build_model(spec)
         densities, densities_from = _config_densities(cfg, model)
         kind = "config"

@@ -12,6 +12,7 @@ import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import overload
 
 import numpy as np
 import torch
@@ -44,8 +45,8 @@ class ImageSet:
     @classmethod
     def from_numpy(cls, images: np.ndarray, labels: Iterable[int] | np.ndarray) -> ImageSet:
         """images (N, C, H, W) uint8 array (any strides), labels N ints."""
-        x = np.ascontiguousarray(images, dtype=np.uint8)
-        x = torch.from_numpy(x if x.flags.writeable else x.copy())  # torch wants writable memory
+        a = np.ascontiguousarray(images, dtype=np.uint8)
+        x = torch.from_numpy(a if a.flags.writeable else a.copy())  # torch wants writable memory
         y = torch.from_numpy(np.asarray(labels, dtype=np.int64).reshape(-1).copy())
         return cls(x, y)
 
@@ -151,6 +152,14 @@ def require_release(name: str, root: str | os.PathLike) -> None:
     if holds is not None and not (Path(root) / holds).exists():
         what = holds if Path(holds).suffix else f"{holds}/ folder"
         raise DataError(f"--data-root {root} has no {what}; give the folder that holds the official {name} files")
+
+
+@overload
+def first_images(data: ImageSet, n: int | None) -> ImageSet: ...
+@overload
+def first_images(data: None, n: int | None) -> None: ...
+@overload
+def first_images(data: ImageSet | None, n: int | None) -> ImageSet | None: ...
 
 
 def first_images(data: ImageSet | None, n: int | None) -> ImageSet | None:

@@ -74,8 +74,9 @@ def _load_batch(name: str, path: Path, label_key: str, layout: str) -> tuple[np.
 
 def _read(facts: DatasetFacts, root: str | None, train_files: list[str], test_file: str, md5: dict[str, str],
           label_key: str, layout: str, mean: tuple[float, ...], std: tuple[float, ...]) -> RawDataset:
-    name, num_classes = facts.name, facts.num_classes
-    base = require_subdir(name, require_root(name, root, layout), facts.root_holds, layout)
+    name, num_classes, folder = facts.name, facts.num_classes, facts.root_holds
+    assert folder is not None, f"{name}'s facts name no release folder"  # CIFAR10 and CIFAR100 above do
+    base = require_subdir(name, require_root(name, root, layout), folder, layout)
     paths = require_files(name, base, train_files + [test_file], layout)
     warn_on_md5_mismatch(name, {p: md5[p.name] for p in paths})
     parts = [_load_batch(name, p, label_key, layout) for p in paths]

@@ -13,7 +13,7 @@ DIGITS = DatasetFacts("digits", in_channels=1, image_size=8, num_classes=10, tra
 @register_reader(DIGITS)
 def read_digits(root: str | None = None) -> RawDataset:
     """1797 8x8 grayscale digits shipped inside scikit-learn (no download); ``root`` is ignored."""
-    from sklearn.datasets import load_digits  # imported here: sklearn is slow to import
+    from sklearn.datasets import load_digits  # noqa: PLC0415 (start-up: sklearn takes ~1 s to import; every `import sparta.data` loads this module)
 
     d = load_digits()
     x = np.rint(d.images * (255 / 16)).astype(np.uint8)[:, None]  # values 0..16 -> 0..255, (N, 1, 8, 8)

@@ -43,7 +43,8 @@ class DeviceLoader:
         if pad < 0:
             raise ConfigError(f"DeviceLoader: pad must be >= 0, got {pad}")
         self.device = torch.device(device)
-        self.images = data.images.to(self.device).contiguous()  # (N, C, H, W) uint8, moved once (no copy if already there)
+        # (N, C, H, W) uint8, moved once (no copy if already there)
+        self.images = data.images.to(self.device).contiguous()
         self.labels = data.labels.to(self.device)  # (N,) int64
         self.batch_size, self.shuffle, self.augment = batch_size, shuffle, augment
         self.seed, self.drop_last, self.pad = seed, drop_last, pad

@@ -47,10 +47,11 @@ def _read_idx(path: Path, magic: int) -> np.ndarray:
 
 
 def _read_split(root: Path, split: str) -> ImageSet:
-    paths = [_find(root, stem) for stem in FILES[split]]
-    missing = [stem for stem, p in zip(FILES[split], paths) if p is None]
+    found = [_find(root, stem) for stem in FILES[split]]
+    missing = [stem for stem, p in zip(FILES[split], found) if p is None]
     if missing:
         raise DataError(f"mnist: expected {LAYOUT}; missing {', '.join(missing)} in {root}")
+    paths = [p for p in found if p is not None]  # all of them
     images, labels = _read_idx(paths[0], 2051), _read_idx(paths[1], 2049)
     if len(images) != len(labels):
         raise DataError(f"mnist: {paths[0].name} has {len(images)} images but {paths[1].name} has "

@@ -9,8 +9,9 @@ import scipy.io
 from ..errors import DataError
 from .base import DatasetFacts, ImageSet, RawDataset, register_reader, require_files, require_root
 
+TRAIN_FILE = "train_32x32.mat"
 SVHN = DatasetFacts("svhn", in_channels=3, image_size=32, num_classes=10, train_images=73_257, default_val_size=5000,
-                    root_holds="train_32x32.mat")  # the 'extra' set is not used
+                    root_holds=TRAIN_FILE)  # the 'extra' set is not used
 
 LAYOUT = "<root>/train_32x32.mat and test_32x32.mat (the official cropped-digits format 2)"
 
@@ -36,6 +37,6 @@ def _load_mat(path: Path) -> ImageSet:
 def read_svhn(root: str | None) -> RawDataset:
     """73,257 train + 26,032 test 32x32 RGB house-number digits, 10 classes ('extra' is not used)."""
     train, test = require_files("svhn", require_root("svhn", root, LAYOUT),
-                                [SVHN.root_holds, "test_32x32.mat"], LAYOUT)
+                                [TRAIN_FILE, "test_32x32.mat"], LAYOUT)
     return RawDataset(_load_mat(train), _load_mat(test), SVHN.num_classes, mean=(0.4377, 0.4438, 0.4728),
                       std=(0.1980, 0.2010, 0.1970), default_val_size=SVHN.default_val_size)

@@ -19,8 +19,9 @@ from .base import DatasetFacts, ImageSet, RawDataset, channel_stats, register_re
 
 # num_classes is the official release's 200; the reader counts the wnids a release lists instead, so a
 # smaller folder in the same layout (a test's) reads as what it holds
+FOLDER = "tiny-imagenet-200"
 TINYIMAGENET = DatasetFacts("tinyimagenet", in_channels=3, image_size=64, num_classes=200, train_images=100_000,
-                            default_val_size=5000, root_holds="tiny-imagenet-200")
+                            default_val_size=5000, root_holds=FOLDER)
 
 LAYOUT = ("<root>/tiny-imagenet-200/ with wnids.txt, train/<wnid>/images/*.JPEG and "
           "val/images/*.JPEG + val/val_annotations.txt (the official release)")
@@ -50,7 +51,7 @@ def _decode(paths: list[Path]) -> np.ndarray:
 @register_reader(TINYIMAGENET)
 def read_tinyimagenet(root: str | None) -> RawDataset:
     """100,000 train + 10,000 test 64x64 RGB images, 200 classes."""
-    base = require_subdir("tinyimagenet", require_root("tinyimagenet", root, LAYOUT), TINYIMAGENET.root_holds, LAYOUT)
+    base = require_subdir("tinyimagenet", require_root("tinyimagenet", root, LAYOUT), FOLDER, LAYOUT)
     wnids_file, ann_file = base / "wnids.txt", base / "val" / "val_annotations.txt"
     for f in (wnids_file, ann_file):
         if not f.is_file():

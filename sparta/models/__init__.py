@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..registry import Registry
-from .layers import Normalize, NormalizedModel
+from .layers import Normalize, NormalizedModel, check_positive_int
 from .preact_resnet import PreActResNet18
 from .resnet import ResNet18
 from .small import SmallCNN
@@ -42,12 +42,6 @@ def model_kwargs(name: str) -> dict[str, Any]:
     return {k: p.default for k, p in params.items() if k not in _COMMON}
 
 
-def _check_int(what: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{what} must be an integer >= 1, got {value!r}")
-    return value
-
-
 def create_model(name: str, *, num_classes: int, in_channels: int, image_size: int,
                  mean: Sequence[float], std: Sequence[float], **kwargs: Any) -> nn.Module:
     """Build model ``name`` for ``in_channels`` x ``image_size`` x ``image_size`` pixels in [0, 1].
@@ -62,9 +56,9 @@ def create_model(name: str, *, num_classes: int, in_channels: int, image_size: i
         raise ConfigError(
             f"model {name!r} got unknown argument(s) {', '.join(unknown)}; valid: {', '.join(valid) or '(none)'}"
         )
-    _check_int("num_classes", num_classes)
-    _check_int("in_channels", in_channels)
-    _check_int("image_size", image_size)
+    check_positive_int("num_classes", num_classes)
+    check_positive_int("in_channels", in_channels)
+    check_positive_int("image_size", image_size)
     mean, std = list(mean), list(std)
     if len(mean) != in_channels or len(std) != in_channels:
         raise ConfigError(

@@ -21,6 +21,9 @@ class Normalize(nn.Module):
     are never trained nor pruned.
     """
 
+    mean: Tensor  # the buffers, declared for the type checker (nn.Module.__getattr__ gives Tensor | Module)
+    std: Tensor
+
     def __init__(self, mean: Sequence[float], std: Sequence[float]):
         super().__init__()
         mean_t = torch.as_tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1)

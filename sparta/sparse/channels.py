@@ -79,7 +79,7 @@ def bn_channel_masks(model: nn.Module, keep_fraction: float) -> dict[str, Tensor
 
 def _tp():
     try:
-        import torch_pruning as tp
+        import torch_pruning as tp  # noqa: PLC0415 (optional dependency: torch-pruning)
     except ImportError as err:  # an optional extra: pip install "sparta[pruning]"
         raise ConfigError("channel tickets need torch-pruning: pip install torch-pruning==1.6.1") from err
     return tp
@@ -104,7 +104,7 @@ def _dependency_graph(model: nn.Module, example_input: Tensor):
             m.training = training
 
 
-def _classifier(model: nn.Module) -> nn.Module | None:
+def _classifier(model: nn.Module) -> nn.Linear | None:
     """The last Linear in module order: its outputs are the logits and are never pruned."""
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     return linears[-1] if linears else None
@@ -227,11 +227,11 @@ def slim(
         size = bns[root].num_features
         kept = torch.zeros(size, dtype=torch.bool)  # root numbering: kept by at least one BN of the group
         for member, own, root_idxs in members:
-            mask = channel_masks.get(member)
-            if mask is None:  # a BN without a mask keeps everything, so it vetoes removal in its group
+            member_mask = channel_masks.get(member)
+            if member_mask is None:  # a BN without a mask keeps everything, so it vetoes removal in its group
                 member_keeps = torch.ones(own.numel(), dtype=torch.bool)
             else:
-                member_keeps = mask.detach().cpu().bool()[own]
+                member_keeps = member_mask.detach().cpu().bool()[own]
             kept[root_idxs] |= member_keeps
         removed = (~kept).nonzero().squeeze(1).tolist()
         if removed:

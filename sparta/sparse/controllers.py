@@ -54,12 +54,21 @@ class SparsityController(Protocol):
       the loop evaluates with the evaluation attack after every epoch, evaluated or not, handing the
       result to ``end_epoch`` as ``window_val_robust_acc`` / ``window_val_robust_loss`` (Flying Bird+).
 
-    Anything else a recipe reads (Robust Bird's ``eb_epoch``) it reads from the concrete class it built."""
+    Anything else a recipe reads (Robust Bird's ``eb_epoch``) it reads from the concrete class it built.
+    The loop only reads these four, so they are read-only here: a class attribute, an instance attribute
+    or a property (``EarlyBirdSearch.done``) of a narrower type (``Static.masks``: never None) fits."""
 
-    masks: MaskSet | None
-    topology_updates: int
-    done: bool
-    epoch_val_images: int | None
+    @property
+    def masks(self) -> MaskSet | None: ...
+
+    @property
+    def topology_updates(self) -> int: ...
+
+    @property
+    def done(self) -> bool: ...
+
+    @property
+    def epoch_val_images(self) -> int | None: ...
 
     def after_backward(self, step: int) -> None: ...
 
@@ -277,8 +286,8 @@ class DynamicSparse(Static):
         return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * t / self.total_steps))
 
     def update_every_at(self, step: int) -> int:
-        late = self.late_from_step is not None and step >= self.late_from_step
-        return self.update_every_late if late else self.update_every
+        late = self.late_from_step is not None and step >= self.late_from_step  # set iff update_every_late is
+        return self.update_every_late if late and self.update_every_late is not None else self.update_every
 
     def is_update_step(self, step: int) -> bool:
         return 0 < step < self.total_steps and step % self.update_every_at(step) == 0

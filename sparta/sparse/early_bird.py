@@ -92,7 +92,7 @@ class EarlyBirdDetector:
         self.kind, self.density, self.window = kind, float(density), window
         self.threshold, self.channel_density = float(threshold), float(channel_density)
         self.exclude = tuple(exclude) if not isinstance(exclude, str) else (exclude,)
-        if self.model is not None and kind == "unstructured" and not self._conv_weights():
+        if self.model is not None and kind == "unstructured" and not self._conv_weights(self.model):
             raise ConfigError("early-bird (unstructured) needs conv weights (4-dim parameters) to mask")
         self.history: list[Tensor] = []  # the last `window` masks, (N,) bool on CPU, oldest first
         self.observations = 0
@@ -100,8 +100,8 @@ class EarlyBirdDetector:
         self.found_at: int | None = None
         self.last_distance: float | None = None
 
-    def _conv_weights(self) -> dict[str, Tensor]:
-        return {n: p.detach() for n, p in prunable_parameters(self.model, self.exclude).items() if p.dim() == 4}
+    def _conv_weights(self, model: nn.Module) -> dict[str, Tensor]:
+        return {n: p.detach() for n, p in prunable_parameters(model, self.exclude).items() if p.dim() == 4}
 
     @torch.no_grad()
     def current_mask(self) -> dict[str, Tensor]:
@@ -110,7 +110,7 @@ class EarlyBirdDetector:
         if self.model is None:
             raise ValueError("this detector has no model: pass mask= to observe()")
         if self.kind == "unstructured":
-            return global_magnitude_masks(self._conv_weights(), self.density)
+            return global_magnitude_masks(self._conv_weights(self.model), self.density)
         return bn_channel_masks(self.model, self.channel_density)
 
     def observe(self, mask: Tensor | Mapping[str, Tensor] | None = None, *, may_fire: bool = True) -> float | None:
@@ -184,7 +184,8 @@ class EarlyBirdSearch:
             raise ConfigError(f"bn_l1 must be a number >= 0, got {bn_l1!r}")
         if every_steps is not None and (isinstance(every_steps, bool) or not isinstance(every_steps, int)
                                         or every_steps < 1):
-            raise ConfigError(f"early-bird every_steps must be an integer >= 1 (or None: every epoch), got {every_steps!r}")
+            raise ConfigError(f"early-bird every_steps must be an integer >= 1 (or None: every epoch), "
+                              f"got {every_steps!r}")
         if isinstance(min_epochs, bool) or not isinstance(min_epochs, int) or min_epochs < 0:
             raise ConfigError(f"min_epochs must be an integer >= 0, got {min_epochs!r}")
         self.detector = EarlyBirdDetector(model, **detector_args)
@@ -243,7 +244,7 @@ class EarlyBirdSearch:
         self.detector.load_state_dict(state["detector"])
         if "steps" not in state and self.gammas:
             warnings.warn("this search was saved before the L1 penalty on BatchNorm gammas existed: it continues "
-                          "without it, as it started")
+                          "without it, as it started", stacklevel=2)
             self.gammas = []
         self.eb_epoch = None if state["eb_epoch"] is None else int(state["eb_epoch"])
         self.eb_step = None if state.get("eb_step") is None else int(state["eb_step"])

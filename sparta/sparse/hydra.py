@@ -117,7 +117,10 @@ class HydraScores:
     def state_dict(self) -> dict[str, Any]:
         """Scores, pretrained weights and the initial masks (CPU copies); the scores' momentum is in
         the loop optimizer's state (its last parameter group), checkpointed beside this."""
-        cpu = lambda d: {n: t.detach().to("cpu", copy=True) for n, t in d.items()}
+
+        def cpu(d: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {n: t.detach().to("cpu", copy=True) for n, t in d.items()}
+
         return {"scores": cpu(self.scores), "weights": cpu(self.weights), "initial_masks": dict(self.initial_masks)}
 
     @torch.no_grad()

@@ -32,6 +32,7 @@ def hamming_distance(a: Tensor | Mapping[str, Tensor], b: Tensor | Mapping[str, 
     Early-bird detection and ``MaskSet.distance`` both use it.
     """
     if isinstance(a, Mapping):
+        assert isinstance(b, Mapping), "a mapping of masks compares with a mapping"
         if set(a) != set(b):
             raise ValueError(f"masks name different tensors: {sorted(set(a) ^ set(b))}")
         pairs = [(a[name], b[name]) for name in a]
@@ -39,6 +40,7 @@ def hamming_distance(a: Tensor | Mapping[str, Tensor], b: Tensor | Mapping[str, 
             if tuple(x.shape) != tuple(y.shape):
                 raise ValueError(f"mask {name}: shape {tuple(y.shape)} != {tuple(x.shape)}")
     else:
+        assert isinstance(b, Tensor), "a mask tensor compares with a tensor"
         if a.numel() != b.numel():
             raise ValueError(f"masks of different sizes: {a.numel()} vs {b.numel()}")
         pairs = [(a.reshape(-1), b.reshape(-1))]
@@ -65,8 +67,9 @@ class MaskSet:
             if masks[name].shape != p.shape:
                 raise ValueError(f"mask {name}: shape {tuple(masks[name].shape)} != parameter {tuple(p.shape)}")
             # contiguous whatever the weight's layout (channels_last): controllers edit masks through view(-1)
-            self.masks[name] = masks[name].to(device=p.device, dtype=torch.bool).clone(memory_format=torch.contiguous_format)
-        self._param_list = list(self.params.values())
+            self.masks[name] = masks[name].to(device=p.device, dtype=torch.bool).clone(
+                memory_format=torch.contiguous_format)
+        self._param_list: list[Tensor] = list(self.params.values())  # as torch._foreach_* take them
         self._mask_list = list(self.masks.values())
         self._float_list = [m.to(p.dtype) for m, p in zip(self._mask_list, self._param_list)]
         self._synced_versions = [m._version for m in self._mask_list]

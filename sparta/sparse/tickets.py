@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from .distributions import exact_counts, layer_densities
 from .select import strip_wrapper_prefixes, unwrap
 
 
@@ -114,8 +115,6 @@ def layer_counts(shapes: Mapping[str, torch.Size], density: float, distribution:
     """Weights kept per layer: ``distribution``'s layer densities (``sparse.distributions``) as exact
     integer counts summing to ``round(density * total)`` (uniform: each layer ``round(density * numel)``,
     up to one weight moved to meet the total exactly)."""
-    from .distributions import exact_counts, layer_densities
-
     return exact_counts(shapes, layer_densities(distribution, shapes, density), density)
 
 
