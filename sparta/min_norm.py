@@ -83,6 +83,36 @@ def _autoattack_flags(model: nn.Module, data: Any, *, eps: float, batch_size: in
     return [f for p in parts for f in p[0]], {"valid": all(p[1] for p in parts), "package": parts[0][2]}
 
 
+def _check_settings(data: Any, tune_data: Any | None, *, steps: int, tune_steps: int, tune_batch: int,
+                    batch_size: int, trials: int) -> None:
+    """One-line errors for settings :func:`evaluate_min_norm` cannot run with."""
+    for name, value, low in (("steps", steps, 0), ("tune_steps", tune_steps, 0), ("tune_batch", tune_batch, 1),
+                             ("batch_size", batch_size, 1), ("trials", trials, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"FMN {name} must be an integer >= {low}, got {value!r}")
+    if len(data) == 0:
+        raise ConfigError("nothing to evaluate: the evaluation set is empty")
+    if trials and (tune_data is None or len(tune_data) == 0):
+        raise ConfigError("FMN tuning needs images other than the evaluated ones (a validation split, or test images "
+                          "after the evaluated ones); set eval.fmn.trials=0 to use the default setting")
+
+
+def _distances(model: nn.Module, data: Any, setting: dict[str, Any], *, steps: int, batch_size: int,
+               device: torch.device, seed: int, dist: Distributed) -> tuple[Tensor, int]:
+    """The (N,) float32 minimal distances of every image of ``data`` in order, chunk k under the seed
+    ``chunk_seed(seed, k)`` and gathered over the ranks, and how many attack outputs were rejected."""
+    mine: list[float] = []
+    rejected = 0
+    for k, start, stop in chunks(len(data), batch_size, dist):
+        x, y = stack_images(data.subset(start, stop), batch_size, device)
+        with seeded(chunk_seed(seed, k), device):
+            d, r = fmn.distances_of(model, x, y, setting=setting, steps=steps, batch_size=batch_size, device=device)
+        mine += d.tolist()
+        rejected += r
+    parts = dist.all_gather((mine, rejected))
+    return torch.tensor([v for p in parts for v in p[0]], dtype=torch.float32), sum(p[1] for p in parts)
+
+
 def evaluate_min_norm(model: nn.Module, data: Any, *, tune_data: Any | None, trials: int = 32, tune_steps: int = 100,
                       tune_batch: int = 64, steps: int = 200, batch_size: int = 256,
                       device: torch.device | str = "cpu", seed: int = 0, dist: Distributed = SINGLE,
@@ -114,15 +144,8 @@ def evaluate_min_norm(model: nn.Module, data: Any, *, tune_data: Any | None, tri
     """
     secmlt = fmn.require_secmlt()
     device = fmn.cpu_only(device)
-    for name, value, low in (("steps", steps, 0), ("tune_steps", tune_steps, 0), ("tune_batch", tune_batch, 1),
-                             ("batch_size", batch_size, 1), ("trials", trials, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ConfigError(f"FMN {name} must be an integer >= {low}, got {value!r}")
-    if len(data) == 0:
-        raise ConfigError("nothing to evaluate: the evaluation set is empty")
-    if trials and (tune_data is None or len(tune_data) == 0):
-        raise ConfigError("FMN tuning needs images other than the evaluated ones (a validation split, or test images "
-                          "after the evaluated ones); set eval.fmn.trials=0 to use the default setting")
+    _check_settings(data, tune_data, steps=steps, tune_steps=tune_steps, tune_batch=tune_batch,
+                    batch_size=batch_size, trials=trials)
     if compare_autoattack:
         require_autoattack()
     model.float()
@@ -136,17 +159,8 @@ def evaluate_min_norm(model: nn.Module, data: Any, *, tune_data: Any | None, tri
     else:
         best, tried = dict(fmn.DEFAULT_SETTING), []
 
-    mine: list[float] = []
-    rejected = 0
-    for k, start, stop in chunks(len(data), batch_size, dist):
-        x, y = stack_images(data.subset(start, stop), batch_size, device)
-        with seeded(chunk_seed(seed, k), device):
-            d, r = fmn.distances_of(model, x, y, setting=best, steps=steps, batch_size=batch_size, device=device)
-        mine += d.tolist()
-        rejected += r
-    parts = dist.all_gather((mine, rejected))
-    distances = torch.tensor([v for p in parts for v in p[0]], dtype=torch.float32)
-    rejected = sum(p[1] for p in parts)
+    distances, rejected = _distances(model, data, best, steps=steps, batch_size=batch_size, device=device, seed=seed,
+                                     dist=dist)
     n = len(distances)
     clean = 100.0 * float((distances > 0).sum()) / n
     robust = robust_accuracy_at(distances, eps)
