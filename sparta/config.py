@@ -22,7 +22,16 @@ import yaml
 
 from .errors import ConfigError
 from .fmt import parse_number
-from .method_config import FORMERLY_NULL, MethodConfig, derived, drop_unused_settings, method_class, unknown_setting
+from .method_config import (
+    FORMERLY_NULL,
+    MethodConfig,
+    derived,
+    drop_unused_settings,
+    method_class,
+    out_of_range,
+    range_test,
+    unknown_setting,
+)
 
 
 @dataclass
@@ -349,6 +358,23 @@ def _as_float(value: Any) -> float | None:
     return None
 
 
+# The range of each number outside ``method:`` (method settings declare theirs on their classes):
+# (dotted key, the range it must lie in, what null means where it is allowed: None where it is not)
+RANGES: tuple[tuple[str, str, str | None], ...] = (
+    ("epochs", ">= 1", None), ("batch_size", ">= 1", None), ("seed", ">= 0", None),
+    ("data.val_size", ">= 0", "the dataset's default"), ("data.train_subset", ">= 1", "all"),
+    ("eval.val_subset", ">= 1", "all"), ("eval.test_subset", ">= 1", "all"), ("eval.gap_subset", ">= 1", "all"),
+    ("optim.lr", "> 0", None), ("optim.momentum", "in [0, 1)", None), ("optim.weight_decay", ">= 0", None),
+    ("optim.warmup_epochs", ">= 0", None),
+    ("attack.eps", ">= 0", None), ("attack.alpha", "> 0", None), ("attack.steps", ">= 0", None),
+    ("attack.eps_warmup_epochs", ">= 0", None),
+    ("eval.eps", ">= 0", "attack.eps"), ("eval.alpha", "> 0", None), ("eval.steps", ">= 0", None),
+    ("eval.restarts", ">= 1", None), ("eval.every", ">= 1", None), ("eval.batch_size", ">= 1", None),
+    ("objective.beta", ">= 0", None),
+    ("checkpoint.every_epochs", ">= 1", None), ("checkpoint.every_steps", ">= 1", "epoch ends only"),
+)
+
+
 def validate(cfg: Config) -> None:
     """Range checks: each failure is one line naming the key, the value and what is allowed."""
 
@@ -356,35 +382,14 @@ def validate(cfg: Config) -> None:
         if not ok:
             raise ConfigError(message)
 
-    need(cfg.epochs >= 1, f"epochs must be >= 1, got {cfg.epochs}")
-    need(cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}")
-    need(cfg.seed >= 0, f"seed must be >= 0, got {cfg.seed}")
-    for key, value in (("data.val_size", cfg.data.val_size),):
-        need(value is None or value >= 0, f"{key} must be >= 0, got {value}")
-    for key, value in (("data.train_subset", cfg.data.train_subset), ("eval.val_subset", cfg.eval.val_subset),
-                       ("eval.test_subset", cfg.eval.test_subset), ("eval.gap_subset", cfg.eval.gap_subset)):
-        need(value is None or value >= 1, f"{key} must be >= 1 (or null for all), got {value}")
-    need(cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}")
-    need(0 <= cfg.optim.momentum < 1, f"optim.momentum must be in [0, 1), got {cfg.optim.momentum}")
-    need(cfg.optim.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {cfg.optim.weight_decay}")
-    need(cfg.optim.warmup_epochs >= 0, f"optim.warmup_epochs must be >= 0, got {cfg.optim.warmup_epochs}")
+    for key, must, null in RANGES:
+        section, _, name = key.rpartition(".")
+        value = getattr(getattr(cfg, section) if section else cfg, name)
+        if not (value is None and null is not None) and not range_test(must)(value):
+            raise out_of_range(f"{key} (step size)" if name == "alpha" else key, must, value, null)
     need(all(m >= 0 for m in cfg.optim.milestones), "optim.milestones must be epochs >= 0")
     need(all(len(k) == 2 for k in cfg.optim.knots), "optim.knots must be [position, lr_multiplier] pairs")
-    for prefix, a in (("attack", cfg.attack), ("eval", cfg.eval)):
-        eps = getattr(a, "eps", None)
-        need(eps is None or eps >= 0, f"{prefix}.eps must be >= 0, got {eps}")
-        need(a.alpha > 0, f"{prefix}.alpha (step size) must be > 0, got {a.alpha}")
-        need(a.steps >= 0, f"{prefix}.steps must be >= 0, got {a.steps}")
     _warn_large_steps(cfg)
-    need(cfg.attack.eps_warmup_epochs >= 0,
-         f"attack.eps_warmup_epochs must be >= 0, got {cfg.attack.eps_warmup_epochs}")
-    need(cfg.eval.restarts >= 1, f"eval.restarts must be >= 1, got {cfg.eval.restarts}")
-    need(cfg.eval.every >= 1, f"eval.every must be >= 1, got {cfg.eval.every}")
-    need(cfg.eval.batch_size >= 1, f"eval.batch_size must be >= 1, got {cfg.eval.batch_size}")
-    need(cfg.objective.beta >= 0, f"objective.beta must be >= 0, got {cfg.objective.beta}")
-    need(cfg.checkpoint.every_epochs >= 1, f"checkpoint.every_epochs must be >= 1, got {cfg.checkpoint.every_epochs}")
-    need(cfg.checkpoint.every_steps is None or cfg.checkpoint.every_steps >= 1,
-         f"checkpoint.every_steps must be >= 1 (or null for epoch ends only), got {cfg.checkpoint.every_steps}")
     cfg.method.check(cfg)
     need(cfg.objective.name != "trades" or cfg.attack.name == "pgd",
          "objective.name=trades generates its own KL attack: set attack.name=pgd (its eps/alpha/steps are used)")

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 _RANGE = re.compile(r"^(?:(>=|>) *(\S+)|in ([(\[]) *(\S+), *(\S+) *([)\]]))$")
 
 
-def _predicate(rule: str) -> Callable[[float], bool]:
+def range_test(rule: str) -> Callable[[float], bool]:
     """``">= 1"``, ``"> 0"`` or an interval such as ``"in (0, 1]"`` as a test of a number."""
     found = _RANGE.match(rule)
     if found is None:
@@ -50,11 +50,18 @@ def _predicate(rule: str) -> Callable[[float], bool]:
 Derive = Callable[[Any, "Config"], Any]
 
 
+def out_of_range(what: str, must: str, value: Any, null: str | None = None) -> ConfigError:
+    """The one-line error of a setting outside its range: ``what must be <must> (or null...), got <value>``;
+    ``null``: what null means where the setting allows it ("" to say only that it does), else None."""
+    allows = "" if null is None else f" (or null{f' for {null}' if null else ''})"
+    return ConfigError(f"{what} must be {must}{allows}, got {value}")
+
+
 def setting(default: Any = None, must: str | None = None, *, derive: Derive | None = None) -> Any:
     """A method setting with its ``default`` and the range its value (each item of a list) ``must``
     lie in, e.g. ``">= 1"``, ``"in (0, 1]"``; None (for settings that allow it) is always valid.
     ``derive``: the default is a rule over the other settings, applied by ``MethodConfig.resolve``."""
-    metadata: dict[str, Any] = {"must": must, "ok": _predicate(must)} if must else {}
+    metadata: dict[str, Any] = {"must": must, "ok": range_test(must)} if must else {}
     if derive is not None:
         metadata["derive"] = derive
     if isinstance(default, list):
@@ -109,8 +116,8 @@ class MethodConfig:
             values = value if isinstance(value, list) else [value]
             if any(v is not None and not f.metadata["ok"](v) for v in values):
                 what = f"each item of method.{f.name}" if isinstance(value, list) else f"method.{f.name}"
-                null = " (or null)" if type(None) in typing.get_args(hints[f.name]) else ""
-                raise ConfigError(f"{what} must be {f.metadata['must']}{null}, got {value}")
+                null = "" if type(None) in typing.get_args(hints[f.name]) else None
+                raise out_of_range(what, f.metadata["must"], value, null)
 
 
 @dataclass
