@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up (if needed), check lint and types (ruff, mypy), and run the test suite on CPU. Extra arguments go to pytest.
-# The test files are shared among SPARTA_TEST_WORKERS processes (default: the cores, at most 4; 0 runs
-# everything in this process). Each file runs whole on one worker, so its module fixtures are built once.
+# The tests are shared among SPARTA_TEST_WORKERS processes (default: the cores, at most 4; 0 runs
+# everything in this process); an idle worker takes tests from a busy one's queue (pytest-xdist's
+# worksteal), so the long files do not leave the other worker idle at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -15,7 +16,7 @@ cores=$(nproc)
 workers=${SPARTA_TEST_WORKERS:-$(( cores < 4 ? cores : 4 ))}
 set +e
 if [ "$workers" -gt 0 ]; then
-  .venv/bin/python -m pytest -q -n "$workers" --dist loadfile "$@"
+  .venv/bin/python -m pytest -q -n "$workers" --dist worksteal "$@"
 else
   .venv/bin/python -m pytest -q "$@"
 fi
