@@ -86,7 +86,9 @@ class PeakMemory:
             return
         try:
             Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
-            self.start_mb = self._status_mb("VmRSS")
+            # the reset value itself: VmHWM never falls below it until the next reset, so the rise
+            # cannot come out negative (reading VmRSS here instead could, by a later allocation)
+            self.start_mb = self._status_mb("VmHWM")
             self.measure = "cpu peak RSS (VmHWM, reset before the measurement)"
         except OSError:
             self.start_mb = 0.0
@@ -96,7 +98,8 @@ class PeakMemory:
         if self.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated() / 2**20
         elif self.measure.startswith("cpu peak RSS (VmHWM"):
-            peak = self._status_mb("VmHWM")
+            # the kernel updates VmHWM lazily (at unmaps and exits): the current RSS may be above it
+            peak = max(self._status_mb("VmHWM"), self._status_mb("VmRSS"))
         else:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
         return {"peak_mb": peak, "increase_mb": peak - self.start_mb, "measure": self.measure}
