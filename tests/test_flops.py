@@ -455,3 +455,19 @@ def test_summary_flops_keys_of_tiny_runs(tmp_path):
     assert trades["train_flops_paper_table"] is None
     assert (trades["train_flops_attack_full_backward"]
             == pytest.approx(trades["train_flops"] * (3 * 3 + 7) / (2 * 3 + 7)))
+
+
+@pytest.mark.parametrize("override,message", [
+    ("data.val_size=50000", "data.val_size must be an integer in [0, 49999] for cifar10"),
+    ("data.train_subset=45001", "data.train_subset must be an integer in [1, 45000] for cifar10 with val_size=5000"),
+])
+def test_a_config_split_that_does_not_fit_is_refused_as_the_reader_refuses_it(override, message):
+    """``sparta flops CONFIG`` counts the training images from the dataset's facts with the reader's
+    own split rule (``data.split_sizes``), so it refuses what training would refuse, in the same words."""
+    from sparta.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        flops_command.flops_report(ROOT / "configs" / "cifar10_pgd.yaml", [override])
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+    assert flops_command.flops_report(ROOT / "configs" / "cifar10_pgd.yaml", ["data.train_subset=500"])[
+        "train_images"] == 500

@@ -13,8 +13,8 @@ from torch import nn
 
 from .. import checkpoint, fmt
 from ..config import from_saved, load_config
-from ..data import DATASET_FACTS, load_dataset
-from ..errors import CheckpointError, ConfigError, SpartaError
+from ..data import DATASET_FACTS, load_dataset, split_sizes
+from ..errors import CheckpointError, SpartaError
 from ..flops import (
     attack_steps_of,
     forward_flops_by_layer,
@@ -31,27 +31,15 @@ from ..sparse.masks import MaskSet
 __all__ = ["dataset_facts", "flops_report", "format_report", "print_flops"]
 
 
-def _train_images(cfg: Any, official: int, default_val_size: int) -> int:
-    """Training images per epoch: official training set minus validation, cut to train_subset."""
-    val = cfg.data.val_size if cfg.data.val_size is not None else default_val_size
-    if not 0 <= val < official:
-        raise ConfigError(f"data.val_size must be in [0, {official - 1}] for {cfg.data.name}; got {val}")
-    n = official - val
-    if cfg.data.train_subset is not None:
-        if not 1 <= cfg.data.train_subset <= n:
-            raise ConfigError(f"data.train_subset must be in [1, {n}] for {cfg.data.name}; got {cfg.data.train_subset}")
-        n = cfg.data.train_subset
-    return n
-
-
 def dataset_facts(cfg: Any) -> tuple[int, int, int, int, str]:
     """(in_channels, image_size, num_classes, training images, how known) of the config's dataset:
     the official release's facts for a dataset whose reader declared them (no data read), else the
     dataset itself, read from ``data.root``."""
     if cfg.data.name in DATASET_FACTS:
         f = DATASET_FACTS.get(cfg.data.name)
-        return (f.in_channels, f.image_size, f.num_classes, _train_images(cfg, f.train_images, f.default_val_size),
-                f"official {cfg.data.name} release sizes")
+        val_size = cfg.data.val_size if cfg.data.val_size is not None else f.default_val_size
+        _, n_train = split_sizes(cfg.data.name, f.train_images, val_size, cfg.data.train_subset)
+        return f.in_channels, f.image_size, f.num_classes, n_train, f"official {cfg.data.name} release sizes"
     data = load_dataset(cfg.data.name, cfg.data.root, val_size=cfg.data.val_size, train_subset=cfg.data.train_subset)
     return data.in_channels, data.image_size, data.num_classes, len(data.train), f"{cfg.data.name} read from data.root"
 

@@ -15,8 +15,9 @@ from .base import (
                    first_images,
                    load_dataset,
                    require_release,
+                   split_sizes,
 )
 from .loader import DeviceLoader
 
 __all__ = ["DATASET_FACTS", "DATASETS", "DatasetFacts", "DatasetSplits", "DeviceLoader", "ImageSet", "RawDataset",
-           "first_images", "load_dataset", "require_release"]
+           "first_images", "load_dataset", "require_release", "split_sizes"]

@@ -130,19 +130,26 @@ def load_dataset(name: str, root: str | os.PathLike | None, *, val_size: int | N
     reader = DATASETS.get(name)  # ConfigError listing valid names
     raw = reader(None if root is None else str(root))
     n = len(raw.train)
-    if val_size is None:
-        val_size = raw.default_val_size
+    val_size, n_train = split_sizes(name, n, val_size if val_size is not None else raw.default_val_size, train_subset)
+    train = raw.train.subset(0, n_train)
+    val = raw.train.subset(n - val_size, n) if val_size > 0 else None
+    return DatasetSplits(name, train, val, raw.test, raw.num_classes, tuple(raw.mean), tuple(raw.std))
+
+
+def split_sizes(name: str, n: int, val_size: int, train_subset: int | None) -> tuple[int, int]:
+    """(validation images, training images) of ``n`` official training images split as
+    :func:`load_dataset` splits them; one-line errors for sizes that do not fit. Also how ``sparta
+    flops`` counts a dataset's training images from its facts, without reading it."""
     if not _is_int(val_size) or not 0 <= val_size < n:
         raise ConfigError(f"data.val_size must be an integer in [0, {n - 1}] for {name} "
                           f"({n} official training images, at least one must stay for training); got {val_size!r}")
-    train = raw.train.subset(0, n - val_size)
-    val = raw.train.subset(n - val_size, n) if val_size > 0 else None
+    n_train = n - val_size
     if train_subset is not None:
-        if not _is_int(train_subset) or not 1 <= train_subset <= len(train):
-            raise ConfigError(f"data.train_subset must be an integer in [1, {len(train)}] for {name} "
+        if not _is_int(train_subset) or not 1 <= train_subset <= n_train:
+            raise ConfigError(f"data.train_subset must be an integer in [1, {n_train}] for {name} "
                               f"with val_size={val_size}; got {train_subset!r}")
-        train = train.subset(0, train_subset)
-    return DatasetSplits(name, train, val, raw.test, raw.num_classes, tuple(raw.mean), tuple(raw.std))
+        n_train = train_subset
+    return val_size, n_train
 
 
 def require_release(name: str, root: str | os.PathLike) -> None:
