@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .attacks import fmn
-from .attacks.autoattack import require_autoattack, run_autoattack, seeded
+from .attacks import fmn, seeded
+from .attacks.autoattack import require_autoattack, run_autoattack
 from .distributed import SINGLE, Distributed
 from .errors import ConfigError
 from .fmt import eps as format_eps

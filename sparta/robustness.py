@@ -50,8 +50,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .attacks import autoattack, build_attack  # the adapter's functions are looked up on the module at call time
-from .attacks.autoattack import seeded
+from .attacks import (  # the adapter's functions are looked up on the module at call time
+    autoattack,
+    build_attack,
+    seeded,
+)
 from .data.base import ImageSet
 from .data.loader import DeviceLoader
 from .distributed import SINGLE, Distributed

@@ -6,12 +6,14 @@ labels) and is used directly by the TRADES method: :func:`trades_attack`, :func:
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
@@ -19,7 +21,7 @@ from ..registry import Registry
 from .pgd import attack_loss, fgsm, none, pgd
 from .trades import trades_attack, trades_loss
 
-__all__ = ["ATTACKS", "build_attack", "pgd", "fgsm", "none", "attack_loss", "trades_attack", "trades_loss"]
+__all__ = ["ATTACKS", "build_attack", "seeded", "pgd", "fgsm", "none", "attack_loss", "trades_attack", "trades_loss"]
 
 Attack = Callable[[nn.Module, Tensor, Tensor], Tensor]  # (model, x, y) -> x_adv, as every caller runs one
 
@@ -76,3 +78,17 @@ def build_attack(name: str, **settings: Any) -> Attack:
         if key in settings and settings[key] not in valid:
             raise ConfigError(f"attack {key} must be one of {', '.join(valid)}, got {settings[key]!r}")
     return functools.partial(fn, **settings)
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Run the block from ``torch.manual_seed(seed)`` and restore the caller's RNG state after: the
+    attacks draw from torch's global RNG, and a chunked evaluation seeds each chunk alike."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        fork = torch.random.fork_rng(devices=[index], device_type="cuda")
+    else:
+        fork = torch.random.fork_rng(devices=[])
+    with fork:
+        torch.manual_seed(seed)
+        yield

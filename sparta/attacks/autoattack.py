@@ -3,9 +3,8 @@
 
 :func:`run_autoattack` attacks one batch of images and returns x_adv with the package's flags and
 per-attack accuracy; :func:`merge_autoattack` unites the infos of several chunks; :func:`replay`
-hands precomputed x_adv to :func:`sparta.evaluate.evaluate` as an attack. :func:`seeded` (run a
-block from a fixed torch seed, restoring the caller's RNG state) is shared with the other chunked
-evaluations (:mod:`sparta.robustness`, :mod:`sparta.attacks.fmn`). The package is imported only
+hands precomputed x_adv to :func:`sparta.evaluate.evaluate` as an attack. It runs under
+:func:`sparta.attacks.seeded`, as every chunked evaluation does. The package is imported only
 when :func:`require_autoattack` runs.
 """
 from __future__ import annotations
@@ -24,24 +23,12 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, SpartaError
+from . import seeded
 
-__all__ = ["AUTOATTACK_MISSING", "require_autoattack", "run_autoattack", "merge_autoattack", "replay", "seeded"]
+__all__ = ["AUTOATTACK_MISSING", "require_autoattack", "run_autoattack", "merge_autoattack", "replay"]
 
 AUTOATTACK_MISSING = "AutoAttack needs the pyautoattack package: pip install 'sparta[autoattack]'"
 _AFTER = re.compile(r"robust accuracy after (\S+): ([0-9.]+)%")
-
-
-@contextlib.contextmanager
-def seeded(seed: int, device: torch.device) -> Iterator[None]:
-    """Run the block from ``torch.manual_seed(seed)`` and restore the caller's RNG state after."""
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        fork = torch.random.fork_rng(devices=[index], device_type="cuda")
-    else:
-        fork = torch.random.fork_rng(devices=[])
-    with fork:
-        torch.manual_seed(seed)
-        yield
 
 
 def require_autoattack() -> Any:
