@@ -344,6 +344,21 @@ def test_digits():
     assert s.test.labels.tolist() == load_digits().target[1297:].tolist()
 
 
+def test_the_digits_read_from_sklearns_file_equal_its_loader(monkeypatch):
+    """The reader reads scikit-learn's CSV without importing scikit-learn; it holds what load_digits
+    returns, and a release that moved the file is read through load_digits."""
+    from sklearn.datasets import load_digits
+
+    from sparta.data import digits
+
+    d = load_digits()
+    assert digits._digits_csv() is not None
+    for _ in range(2):
+        images, labels = digits.load_digits_arrays()
+        assert np.array_equal(images, d.images) and np.array_equal(labels, d.target) and labels.dtype == np.int64
+        monkeypatch.setattr(digits, "_digits_csv", lambda: None)
+
+
 # ---------------------------------------------------------------- real data in ../shared/data
 
 def need(path: Path) -> Path:

@@ -4,7 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import scipy.io
 
 from ..errors import DataError
 from .base import DatasetFacts, ImageSet, RawDataset, register_reader, require_files, require_root
@@ -17,6 +16,8 @@ LAYOUT = "<root>/train_32x32.mat and test_32x32.mat (the official cropped-digits
 
 
 def _load_mat(path: Path) -> ImageSet:
+    import scipy.io  # noqa: PLC0415 (start-up: scipy.io takes ~0.2 s to import; every `import sparta.data` loads this module)
+
     try:
         d = scipy.io.loadmat(str(path), variable_names=["X", "y"])
         x, y = np.asarray(d["X"]), np.asarray(d["y"]).reshape(-1)
