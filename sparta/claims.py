@@ -194,9 +194,9 @@ def _underpowered(iv: Interval, scale: float | None, what: str) -> str:
     return f"underpowered: +-{iv.half:.2f} at 95% against {what} {abs(scale):.2f}"
 
 
-_DIRECTIONAL = ("the 95% interval of the paired difference wholly on the claimed side -> reproduced (evidence, from "
-                "one seed), wholly on the other side -> not reproduced, else inconclusive (underpowered when its "
-                "half-width is at least the paper's difference)")
+_DIRECTIONAL = ("the 95% interval of the paired difference wholly on the claimed side -> reproduced (evidence "
+                "when judged on one seed), wholly on the other side -> not reproduced, else inconclusive (underpowered "
+                "when its half-width is at least the paper's difference)")
 
 
 def smaller_than(runs: Mapping[str, Sequence[Scores]], role: str, reference: str, quantity: str,
@@ -235,9 +235,9 @@ def comparable_ra_at_fewer_flops(runs: Mapping[str, Sequence[Scores]], role: str
     return Claim(f"{LABELS[role]} keeps best RA within {bound:g} points of dense PGD-AT's with at least "
                  f"{1 - most:.0%} fewer training FLOPs", verdict, evidence,
                  f"the 95% interval of the paired best-RA difference above -{bound:g} and the FLOPs share at most "
-                 f"{most:.0%} -> reproduced (evidence, from one seed); the interval below -{bound:g} or too small a "
-                 f"saving -> not reproduced; an interval across -{bound:g} -> inconclusive (underpowered when its "
-                 f"half-width is at least {bound:g})", seeds=_k(runs, [role, "dense"]), detail=detail)
+                 f"{most:.0%} -> reproduced (evidence when judged on one seed); the interval below -{bound:g} or too "
+                 f"small a saving -> not reproduced; an interval across -{bound:g} -> inconclusive (underpowered when "
+                 f"its half-width is at least {bound:g})", seeds=_k(runs, [role, "dense"]), detail=detail)
 
 
 def highest_final_ra(runs: Mapping[str, Sequence[Scores]], role: str = "flying_bird_plus",
@@ -299,7 +299,7 @@ def boosting_budgeted(ticket: Sequence[Scores], dense: Sequence[Scores], ticket_
     return Claim("the boosting ticket (finder included) reaches the dense final RA on a shorter schedule",
                  verdict, evidence,
                  f"the 95% interval of the paired final-RA difference above -{bound:g} and a lower "
-                 "dense-equivalent cost -> reproduced (evidence, from one seed); the interval below, or no "
+                 "dense-equivalent cost -> reproduced (evidence when judged on one seed); the interval below, or no "
                  "saving -> not reproduced; else inconclusive", seeds=min(len(ticket), len(dense)), detail=detail)
 
 
