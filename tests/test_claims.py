@@ -162,3 +162,6 @@ def test_sanity_checks():
     runs["flying_bird_plus"] = [seed(density=0.2, flops=50.0)]  # the trigger never fired
     claim = C.fb_plus_sparser_and_cheaper(runs)
     assert claim.verdict == C.NOT_REPRODUCED and "did not end sparser" in claim.why
+    runs["flying_bird_plus"] = [seed(density=0.15, flops=45.0), seed(density=None, flops=45.0)]  # a seed without it
+    claim = C.fb_plus_sparser_and_cheaper(runs)
+    assert (claim.verdict, claim.detail) == (C.INCONCLUSIVE, "not measured") and "final density -" in claim.evidence[1]
