@@ -72,6 +72,7 @@ CASES = {
                                    "resume would change optim.lr, attack.steps of"),
     "checkpoint_of_another_architecture": (["eval", "{tmp}/other_arch.pt"], "does not fit its recorded architecture"),
     "truncated_checkpoint": (["eval", "{tmp}/truncated.pt"], "cannot be read"),
+    "checkpoint_without_a_config": (["eval", "{tmp}/no_config.pt"], "holds no config"),
     "not_a_checkpoint": (["eval", "{tmp}/broken.yaml"], "cannot be read"),
     "missing_checkpoint": (["eval", "{tmp}/missing.pt"], "does not exist"),
     "zero_eval_examples": (["eval", "{run}/checkpoints/best.pt", "--n-examples", "0"], "--n-examples must be >= 1"),
@@ -123,6 +124,7 @@ def world(tmp_path_factory):
     state = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
     state["model_spec"] = {**state["model_spec"], "kwargs": {"base_width": 16}}  # weights are base_width 8
     torch.save(state, tmp / "other_arch.pt")
+    torch.save({k: v for k, v in state.items() if k != "config"}, tmp / "no_config.pt")
     data = (run / "checkpoints" / "best.pt").read_bytes()
     (tmp / "truncated.pt").write_bytes(data[: len(data) // 2])
     rng = np.random.default_rng(0)
