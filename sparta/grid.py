@@ -40,6 +40,7 @@ from .fmt import eps as format_eps
 from .method_config import SparseConfig, method_as
 from .report import load_run, write_report
 from .reproduce import PRESETS, SMOKE, SMOKE_EVAL, FinalEval, PlannedRun, check_existing, exclusive, train_and_evaluate
+from .rundir import dumps, write_text_atomic
 
 UNSTRUCTURED_METHODS = ("magnitude", "hydra", "flying_bird", "flying_bird_plus", "robust_bird", "boosting_ticket")
 CHANNEL_METHODS = ("robust_bird_channel",)
@@ -106,7 +107,6 @@ def run_grid(dataset: str, model: str, data_root: str | Path, out: str | Path, *
     from .attacks.autoattack import require_autoattack  # noqa: PLC0415 (CLI start-up: imports torch; sparta.cli imports this module)
     from .data import require_release  # noqa: PLC0415 (CLI start-up: imports torch; sparta.cli imports this module)
     from .export import export_checkpoint  # noqa: PLC0415 (CLI start-up: imports torch; sparta.cli imports this module)
-    from .rundir import dumps, write_text_atomic  # noqa: PLC0415 (CLI start-up: imports torch; sparta.cli imports this module)
 
     data_root, out = Path(data_root), Path(out)
     planned = plan_grid(dataset, model, data_root, out, methods=methods, sparsities=sparsities, smoke=smoke,

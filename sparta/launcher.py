@@ -40,6 +40,7 @@ import yaml
 
 from .errors import SpartaError
 from .reproduce import FinalEval, PlannedRun, child_args, kept_final_eval, train_args
+from .rundir import RunDir, dumps, write_text_atomic
 
 LAUNCHERS = ("local", "slurm")
 CLUSTERS = ("slurm", "local")  # local: submitit's local executor (the tasks as local processes)
@@ -158,7 +159,6 @@ def read_state(path: Path) -> dict[str, Any]:
 
 
 def write_state(path: Path, **fields_: Any) -> None:
-    from .rundir import dumps, write_text_atomic  # noqa: PLC0415 (CLI start-up: imports torch; sparta.cli imports this module)
 
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, dumps({**fields_, "updated": time.strftime("%Y-%m-%d %H:%M:%S")}))
@@ -284,8 +284,8 @@ def _slurm_states(job_ids: list[str]) -> dict[str, str]:
 def run_status(planned: list[PlannedRun], out: Path, *, cluster: str | None = None,
                final: FinalEval | None = None) -> list[dict[str, Any]]:
     """One row per run: its state (done, trained, running, pending, requeued, failed, stopped, not started),
-    last epoch, job, attempts and error line. ``cluster`` "slurm": sacct corrects tasks that ended unseen."""
-    from .rundir import RunDir  # noqa: PLC0415 (CLI start-up: imports torch; sparta.cli imports this module)
+    last epoch, job, attempts and error line, and the kept final evaluation of a done run (``final_eval``,
+    else None; not a table column). ``cluster`` "slurm": sacct corrects tasks that ended unseen."""
 
     states = {run.name: read_state(state_path(out, run.name)) for run in planned}
     slurm = _slurm_states([s["job"] for s in states.values() if s.get("job") and s.get("state") in ACTIVE]) \
@@ -294,9 +294,10 @@ def run_status(planned: list[PlannedRun], out: Path, *, cluster: str | None = No
     for run in planned:
         st, rd = states[run.name], run.run_dir
         records = RunDir(rd).read_metrics()
+        kept = kept_final_eval(rd, final or FinalEval(n=None)) if (rd / "summary.json").is_file() else None
         row = {"run": run.name, "epoch": records[-1]["epoch"] if records else None, "job": st.get("job"),
-               "attempts": st.get("attempt"), "error": None}
-        if (rd / "summary.json").is_file() and kept_final_eval(rd, final or FinalEval(n=None)) is not None:
+               "attempts": st.get("attempt"), "error": None, "final_eval": kept}
+        if kept is not None:
             row["state"] = "done"
         elif st.get("state") == "failed":
             row.update(state="failed", error=st.get("error"))
@@ -354,10 +355,7 @@ class SlurmLauncher:
                                                                 final=final)):
                 time.sleep(10)
         self.rows = run_status(planned, self.out, cluster=self.settings.cluster, final=final)
-        # "done" means the kept evaluation was there a moment ago: read again, a run whose file vanished meanwhile
-        # counts as unfinished
-        return {row["run"]: kept for run, row in zip(planned, self.rows)
-                if row["state"] == "done" and (kept := kept_final_eval(run.run_dir, final)) is not None}
+        return {row["run"]: row["final_eval"] for row in self.rows if row["state"] == "done"}
 
     def submit(self, runs: list[PlannedRun], final: FinalEval, data_root: Path) -> list[Any]:
         executor = _executor(self.settings, self.out, self.parallelism)

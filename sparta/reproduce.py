@@ -41,6 +41,7 @@ from .config import load_config, smoke_settings
 from .errors import SpartaError
 from .outcomes import encode, pack
 from .report import load_run, write_report
+from .rundir import RunDir, dumps, write_text_atomic
 
 PRESETS = Path(__file__).with_name("configs")
 PROFILES = ("cpu-mini", "paper")
@@ -343,7 +344,6 @@ def evaluate_final(run_dir: Path, final: FinalEval, data_root: Path, log: Callab
     """AutoAttack and PGD-``final.steps`` of the run's final model on the same test images (cached in
     ``final-eval.json``)."""
     from .commands.evaluate import evaluate_checkpoint  # noqa: PLC0415 (CLI start-up: imports torch; sparta.cli imports this module)
-    from .rundir import dumps, write_text_atomic  # noqa: PLC0415 (CLI start-up: imports torch; sparta.cli imports this module)
 
     last = run_dir / "checkpoints" / "last.pt"
     cache = run_dir / "final-eval.json"
@@ -391,7 +391,6 @@ def evaluate_in_child(run: PlannedRun, final: FinalEval, data_root: Path, log: C
 def scores(run: Any, n_test: int) -> C.Scores:
     """What the claims read of one run (a ``sparta.report.Run``): its table numbers and the per-image
     outcomes of its best and final test evaluations and of its gap subset (None where it recorded none)."""
-    from .rundir import RunDir  # noqa: PLC0415 (CLI start-up: imports torch; sparta.cli imports this module)
 
     s, recorded = run.stats(), RunDir(run.path).read_outcomes()
     last = run.records[-1]
@@ -474,7 +473,6 @@ def reproduce(profile: str, data_root: str | Path, out: str | Path, *, dataset: 
     far (None: no run has finished)."""
     from .attacks.autoattack import require_autoattack  # noqa: PLC0415 (CLI start-up: imports torch; sparta.cli imports this module)
     from .data import require_release  # noqa: PLC0415 (CLI start-up: imports torch; sparta.cli imports this module)
-    from .rundir import dumps, write_text_atomic  # noqa: PLC0415 (CLI start-up: imports torch; sparta.cli imports this module)
 
     data_root, out = Path(data_root), Path(out)
     check_jobs(jobs, nproc)
