@@ -278,9 +278,8 @@ def default_target(groups: list[list[Run]], labels: list[str]) -> tuple[float | 
 
 
 def _ttr_section(runs: Sequence[Run], groups: list[list[Run]], glabels: list[str], target: float, why: str) -> str:
-    hits = {id(r): time_to_robustness(r.records, target) for r in runs}
-    reached = [r for r in runs if hits[id(r)] is not None]
-    hit_of = {k: h for k, h in hits.items() if h is not None}  # the runs in `reached`
+    hit_of = {id(r): hit for r in runs if (hit := time_to_robustness(r.records, target)) is not None}
+    reached = [r for r in runs if id(r) in hit_of]
     dense = [r for r in reached if r.method == "dense"]
     dense_keys = {config_key(r.config) for r in dense}
     if dense:
@@ -304,7 +303,7 @@ def _ttr_section(runs: Sequence[Run], groups: list[list[Run]], glabels: list[str
     ref_wall, ref_flops = ref_cost("wall_time_s"), ref_cost("train_flops")
     rows = []
     for r in runs:
-        hit = hits[id(r)]
+        hit = hit_of.get(id(r))
         if hit is None:
             best = max(present(finite(x.get("test_robust_acc")) for x in r.records), default=None)
             rows.append([r.label, r.method, str(r.seed),

@@ -66,7 +66,6 @@ from .fmt import parse_number
 __all__ = ["ATTACKS", "DEFAULT_EPS_LIST", "EvalSettings", "evaluate_robustness", "sanity_checks", "parse_eps_list",
            "format_eps", "large_eps"]
 
-ATTACKS = ("pgd", "cw", "autoattack", "sweep")
 DEFAULT_EPS_LIST = "0,2/255,4/255,8/255,16/255"
 LARGE_EPS_STEPS = 20  # PGD steps of the large-eps check (step = eps/4: 4 steps cross the whole box)
 _MASKING = "suspected gradient masking (obfuscated gradients, Athalye et al. 2018)"
@@ -367,9 +366,10 @@ def _autoattack(ev: _Evaluation) -> _Measured:
     return [main, reference], main, {"autoattack": info, "pgd_robust_acc": reference["robust_acc"]}
 
 
-_KINDS: dict[str, Callable[[_Evaluation], _Measured]] = {  # one per name of ATTACKS
+_KINDS: dict[str, Callable[[_Evaluation], _Measured]] = {
     "pgd": functools.partial(_pgd, loss="ce"), "cw": functools.partial(_pgd, loss="cw"),
     "autoattack": _autoattack, "sweep": _sweep}
+ATTACKS = tuple(_KINDS)  # the evaluation attacks, in the order help texts list them
 
 
 def _autoattack_checks(info: dict[str, Any], norm: str, eps: float) -> tuple[list[dict[str, Any]], list[str]]:
