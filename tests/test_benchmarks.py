@@ -4,6 +4,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,3 +46,17 @@ def test_compile_adds_the_compiled_step(tmp_path, monkeypatch):
     b7 = json.loads(out.read_text())["results"]["B7_compiled_step"]
     assert b7["ratio_compiled_over_eager"] == b7["step"]["median_s"] / b7["eager_step"]["median_s"] > 0
     assert b7["first_step_s"] > 0 and b7["peak_memory_mb"] > 0
+
+
+def test_peak_memory_counts_the_rss_above_a_lazily_updated_high_water_mark(monkeypatch):
+    """The kernel updates VmHWM lazily: read right after an allocation, the current RSS can be above it,
+    and the peak is the larger of the two, so the rise from the reset is never negative."""
+    meter = bench.PeakMemory(torch.device("cpu"))
+    meter.reset()
+    if not meter.measure.startswith("cpu peak RSS (VmHWM"):
+        pytest.skip("/proc/self/clear_refs cannot be written here")
+    status = {"VmHWM": 100.0, "VmRSS": 130.0}
+    monkeypatch.setattr(bench.PeakMemory, "_status_mb", staticmethod(lambda field: status[field]))
+    meter.start_mb = 100.0  # what reset read: VmHWM := RSS at the reset
+    read = meter.read()
+    assert (read["peak_mb"], read["increase_mb"]) == (130.0, 30.0)

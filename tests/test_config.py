@@ -165,6 +165,31 @@ def test_every_declared_range_refuses_a_value_outside_it():
     assert load_config(None, ["method.name=static", "method.density=1"]).method.density == 1.0  # ] is closed
 
 
+def test_every_range_outside_method_refuses_a_value_outside_it():
+    """Each number of ``config.RANGES`` is checked: a value just below its range is one ConfigError
+    naming the key and the range; null passes exactly where the table allows it."""
+    import re
+    import typing
+
+    from sparta.config import RANGES
+
+    cfg = load_config(None)
+    for key, must, null in RANGES:
+        section, _, name = key.rpartition(".")
+        hint = typing.get_type_hints(type(getattr(cfg, section) if section else cfg))[name]
+        low = float(re.findall(r"-?\d+(?:\.\d+)?", must)[0])
+        outside = low - 1 if must.startswith(">=") or "[" in must else low  # ">= 1" -> 0; "> 0" -> 0
+        value = outside if "float" in str(hint) else int(outside)
+        with pytest.raises(ConfigError, match=rf"^{re.escape(key)}( \(step size\))? must be {re.escape(must)}"):
+            load_config(None, [f"{key}={value}"])
+        if null is None:
+            with pytest.raises(ConfigError, match=re.escape(key)):
+                load_config(None, [f"{key}=null"])
+        else:
+            load_config(None, [f"{key}=null"])
+    assert len(RANGES) >= 25
+
+
 def test_a_saved_config_with_other_methods_settings_still_loads(tmp_path):
     """Run directories written before one class per method hold every method's settings; they load
     (the unused ones dropped) where a config written by a user would be refused."""

@@ -359,6 +359,15 @@ def test_the_digits_read_from_sklearns_file_equal_its_loader(monkeypatch):
         monkeypatch.setattr(digits, "_digits_csv", lambda: None)
 
 
+def test_loading_the_digits_imports_neither_scikit_learn_nor_scipy():
+    """Each of the ~1 s of scikit-learn and ~0.2 s of scipy.io is paid by every process that loads the
+    digits (demos, test workers, subprocess runs): neither is imported by ``import sparta.data`` or the digits."""
+    code = ("import sys, sparta.data; sparta.data.load_dataset('digits', None); "
+            "print(sorted(m for m in ('sklearn', 'scipy', 'scipy.io') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
 # ---------------------------------------------------------------- real data in ../shared/data
 
 def need(path: Path) -> Path:

@@ -369,6 +369,26 @@ def test_cli_on_sparse_config():
     assert r["train_images"] == 45_000 and r["step_multiplier"] == 23
 
 
+@pytest.mark.parametrize("overrides,densities_from,note,epochs", [
+    ([], "dense (method dense)", "", 200),
+    (["method.name=static"], "initial mask of static: igq", "", 200),
+    (["method.name=flying_bird_plus"], "initial mask of flying_bird_plus", "", 200),
+    (["method.name=robust_bird"], "estimate for robust_bird", "search (at most 50 epochs)", 200),
+    (["method.name=robust_bird", "method.pruning=channel"], "dense: a channel ticket is a smaller network",
+     "search (at most 50 epochs)", 200),
+    (["method.name=boosting_ticket"], "estimate for boosting_ticket", "finder (20 epochs)", 200),
+    (["method.name=hydra"], "estimate for hydra: the ticket's layer densities are only known once drawn; shown: "
+     "uniform", "pretrain (100 epochs), score (20 epochs)", 100),
+    (["method.name=magnitude", "method.pretrained=dense.pt"], "estimate for magnitude", "", 100),
+])
+def test_a_config_counts_what_its_method_class_plans(overrides, densities_from, note, epochs):
+    """The masks shown (none, the initial random mask, an estimate, or dense for a channel ticket), the
+    final stage's epochs and the earlier stages the run estimates leave out, as each method's class plans them."""
+    r = flops_command.flops_report(ROOT / "sparta" / "configs" / "cifar10_pgd.yaml", overrides)
+    assert r["densities_from"].startswith(densities_from) and r["epochs"] == epochs
+    assert r["note"].endswith(note) and (note == "") == (r["note"] == "")
+
+
 def test_dataset_table_matches_readers():
     from sparta.data import load_dataset
 

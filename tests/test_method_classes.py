@@ -63,8 +63,7 @@ def _with_nulls(cfg) -> dict:
 def test_derived_defaults_and_old_nulls_read_as_the_rule(preset, overrides, expected):
     """The rules are the ones the recipes applied at the point of use before the classes held them
     (``m.bn_l1 or DEFAULT_BN_L1[pruning]``, ``m.search_lr or (0.01 if vgg else 0.05)``, ...)."""
-    given = [o for o in overrides if not any(o.startswith(f"method.{k}=") for k in expected)]
-    cfg = load_config(_configs(preset), [*given, *(f"method.{k}=null" for k in expected)])
+    cfg = load_config(_configs(preset), [*overrides, *(f"method.{k}=null" for k in expected)])
     assert {k: getattr(cfg.method, k) for k in expected} == pytest.approx(expected)
     old = from_saved(_with_nulls(cfg))  # a config.yaml saved with null for every derived setting
     assert old.to_dict() == cfg.to_dict()
@@ -75,3 +74,13 @@ def test_a_given_value_wins_over_the_rule():
     cfg = load_config(_configs("robust_bird.yaml"), ["method.pruning=channel", "method.eb_threshold=0.05",
                                                      "method.channel_density=0.3", "method.bn_l1=0"])
     assert (cfg.method.eb_threshold, cfg.method.channel_density, cfg.method.bn_l1) == (0.05, 0.3, 0.0)
+
+
+def test_method_as_refuses_another_methods_settings():
+    """A recipe reading its settings from a config of another method fails at once, naming both classes."""
+    from sparta.method_config import FlyingBirdConfig, RandomMaskConfig, RobustBirdConfig, method_as
+
+    fbp = load_config(None, ["method.name=flying_bird_plus"])
+    assert method_as(fbp, FlyingBirdConfig) is fbp.method and method_as(fbp, RandomMaskConfig) is fbp.method
+    with pytest.raises(TypeError, match="'dense' has a MethodConfig, not the RobustBirdConfig expected"):
+        method_as(load_config(None), RobustBirdConfig)
