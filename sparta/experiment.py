@@ -36,9 +36,12 @@ from .summary import summarize
 from .train import SILENT, Progress, TrainState, fit
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """The network stored in a checkpoint, in eval mode, masks applied (pruned weights exactly 0)."""
-    state = checkpoint.load(path)
+def load_model(path: str | Path, device: str | torch.device = "cpu",
+               state: checkpoint.RunCheckpoint | None = None) -> nn.Module:
+    """The network stored in a checkpoint, in eval mode, masks applied (pruned weights exactly 0);
+    ``state``: the checkpoint at ``path`` already read (it is not read again)."""
+    if state is None:
+        state = checkpoint.load(path)
     model = build_model(state.model_spec)
     try:
         model.load_state_dict(state.model)

@@ -74,7 +74,7 @@ def evaluate_checkpoint(path: str | Path, *, attack: str = "pgd", overrides: lis
     # under torchrun (`sparta eval --nproc N`) every rank attacks its share of the chunks; after every check
     dist = setup(cfg, training=False)
     device = dist.device
-    model = load_model(path, device)
+    model = load_model(path, device, state)
     protocol = {**eval_protocol(cfg), "precision": "fp32"}  # evaluate_robustness always runs in float32
     e = cfg.eval
     if attack == "fmn":
@@ -138,11 +138,16 @@ def print_evaluation(result: dict[str, Any], attack: str) -> None:
             for r in result["rows"]]
     print(table(rows, [("kind", "row"), ("attack", "attack"), ("norm", "norm"), ("eps", "eps"), ("steps", "steps"),
                        ("restarts", "restarts"), ("n", "n"), ("clean_acc", "clean %"), ("robust_acc", "robust %")]))
-    for check in result["checks"]:
-        print(f"check {check['name']}: {'ok' if check['passed'] else 'FAILED'}  ({check['detail']})")
-    for message in result["warnings"]:
-        print(f"warning: {message}", file=sys.stderr)
+    _print_checks(result["checks"], result["warnings"])
     print(f"written: {result['written']}", file=sys.stderr)
+
+
+def _print_checks(checks: list[dict[str, Any]], warnings: list[str]) -> None:
+    """Each sanity check on stdout (``check NAME: ok|FAILED  (detail)``), each warning on stderr."""
+    for check in checks:
+        print(f"check {check['name']}: {'ok' if check['passed'] else 'FAILED'}  ({check['detail']})")
+    for message in warnings:
+        print(f"warning: {message}", file=sys.stderr)
 
 
 def print_min_norm(result: dict[str, Any]) -> None:
@@ -159,10 +164,7 @@ def print_min_norm(result: dict[str, Any]) -> None:
     best = result["best_setting"]
     print("best setting (" + (f"{len(result['trials'])} trials): " if result["trials"] else "default, no tuning): ") +
           "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.items()))
-    for check in result["checks"]:
-        print(f"check {check['name']}: {'ok' if check['passed'] else 'FAILED'}  ({check['detail']})")
-    for message in result["warnings"] + result["notes"]:
-        print(f"warning: {message}", file=sys.stderr)
+    _print_checks(result["checks"], result["warnings"] + result["notes"])
     for key in ("written", "distances_file", "plot"):
         if result[key]:
             print(f"written: {result[key]}", file=sys.stderr)
